@@ -1,0 +1,40 @@
+# The two commands: `make demo` and `make test`. Each sets up what it needs on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kt-installed
+FMNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: setup assets test test-slow test-all demo clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, pinned (pip takes these from the local disk here); then kt with its test and asset extras
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test,assets]'
+	touch $@
+
+assets:
+	@[ -d $(FMNIST) ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+
+setup: $(STAMP) assets
+
+test: setup
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m tools.demo $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

@@ -1,0 +1,169 @@
+"""Dataclass configs: defaults with reasons, one YAML file, command-line overrides, run records.
+
+Each component owns a dataclass whose fields carry their default and, in `metadata["help"]`, the reason
+for it (shown by `--help`). `add_config_args` turns the fields into `--field-name` flags whose default
+is "not given", so the precedence is: dataclass default < `--config FILE.yaml` < explicit flag
+(timm's `train.py` reads the YAML into parser defaults the same way). `write_run_record` puts the
+resolved config, the git revision and the package versions beside every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kt.errors import UserError
+
+T = TypeVar("T")
+_UNSET = object()
+
+PACKAGES = ("kt", "torch", "torchvision", "timm", "open_clip_torch", "webdataset", "zarr", "numcodecs",
+            "accelerate", "safetensors", "faiss-cpu", "numpy", "pillow")
+
+
+def field(default: Any, help: str, **kw) -> Any:  # noqa: A002 -- mirrors argparse's name
+    """A dataclass field with its reason; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """`int | None` -> int; `list[str]` -> list; plain types unchanged."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return origin or tp
+
+
+def _parse_value(tp: Any, text: str) -> Any:
+    base = _base_type(tp)
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+        return None
+    if base is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    if base is list:
+        return [s for s in text.split(",") if s]
+    return base(text)
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add `--field-name` flags for every field of `cls` (plus `--config`)."""
+    hints = typing.get_type_hints(cls)
+    if not any(a.dest == "config" for a in parser._actions):
+        parser.add_argument("--config", type=Path, default=None, help="YAML file setting any of these fields")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET,
+                            type=lambda s, tp=tp: _parse_value(tp, s), metavar=_base_type(tp).__name__.upper(),
+                            help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of field: value")
+    return data
+
+
+def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrides: Any) -> T:
+    """Resolve `cls` from its defaults, `args.config` (YAML), explicit flags in `args`, then `overrides`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None) if args is not None else None
+    if config_path is not None:
+        data = load_yaml(config_path)
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"unknown field(s) in {config_path}: {', '.join(unknown)} "
+                            f"(valid: {', '.join(sorted(names))})")
+        values.update(data)
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in names and v is not _UNSET})
+    values.update(overrides)
+    return cls(**values)
+
+
+def config_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+# ------------------------------------------------------------------------------------- run records
+def git_revision(path: str | Path | None = None) -> str | None:
+    """The git revision of the kt source tree (with `-dirty` when it has uncommitted changes)."""
+    root = Path(path) if path else Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not rev:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_record(cfg: Any = None) -> dict:
+    """What was run, from which code, with which packages: stored beside every output."""
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "git_revision": git_revision(),
+        "versions": package_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "pid": os.getpid(),
+    }
+    if cfg is not None:
+        record["config"] = config_dict(cfg)
+    return record
+
+
+def write_run_record(out_dir: str | Path, cfg: Any) -> dict:
+    """Write `config.yaml` (the resolved config, reusable with `--config`) and `run.json`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = run_record(cfg)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(record["config"], sort_keys=False))
+    (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+    return record

@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Anything a user can cause (a missing path, an unknown model name, a cache built for another teacher)
+raises `UserError`. Command-line entry points catch it, print its one-line message and exit 2;
+every other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error caused by the user's input; its message is one line that says what to fix."""
+
+
+def cli_entry(prog: str) -> Callable:
+    """Wrap a `main(argv) -> int` so that a `UserError` becomes one line on stderr and exit code 2."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def main(argv=None) -> int:
+            try:
+                return fn(argv) or 0
+            except UserError as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+
+        return main
+
+    return wrap

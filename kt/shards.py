@@ -1,0 +1,310 @@
+"""webdataset sources: shard specs, decoding, keys, labels and seeded labeled subsets.
+
+A shard spec is a string or a list of strings. Each string may hold several entries separated by
+`::` (webdataset's own convention), each entry a brace pattern (`train-{000000..000009}.tar`), a glob,
+a directory (all `*.tar` inside, sorted) or an fsspec URL (`s3://bucket/train-{0..9}.tar`).
+
+Samples come out in shard order, then member order, with the webdataset key (`__key__`) as the sample
+key. The key is what views, caches and retrieval manifests are keyed by, so shard makers must keep
+keys stable and unique (tools/make_shards.py does).
+
+Bad samples (a truncated image, a member that is not an image, a broken tar tail) are skipped, counted
+and reported through `BadSamples`; a run fails with one clear line when more than `max_fraction` of
+what it read is bad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import heapq
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import braceexpand
+import numpy as np
+from PIL import Image
+
+from kt.errors import UserError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+CLASSES_FILE = "classes.json"
+
+
+# ---------------------------------------------------------------------------------------- shard specs
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Expand a shard spec into a list of shard URLs; raise `UserError` when it names nothing."""
+    entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: list[str] = []
+    for entry in entries:
+        for part in str(entry).split("::"):
+            part = part.strip()
+            if not part:
+                continue
+            for item in braceexpand.braceexpand(part):
+                if is_url(item):
+                    urls.append(item)
+                    continue
+                item = _local(item)
+                if os.path.isdir(item):
+                    found = sorted(glob.glob(os.path.join(item, "*.tar")))
+                    if not found:
+                        raise UserError(f"no .tar shards in directory {item}")
+                    urls.extend(found)
+                elif any(c in item for c in "*?["):
+                    found = sorted(glob.glob(item))
+                    if not found:
+                        raise UserError(f"no shards match {item}")
+                    urls.extend(found)
+                elif os.path.isfile(item):
+                    urls.append(item)
+                else:
+                    raise UserError(f"shard not found: {item}")
+    if not urls:
+        raise UserError(f"empty shard spec: {spec!r}")
+    return urls
+
+
+def open_binary(url: str):
+    """Open a local path or fsspec URL for reading bytes."""
+    if is_url(url):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(_local(url), "rb")
+
+
+def split_urls(urls: Sequence[str], rank: int = 0, world_size: int = 1,
+               worker: int = 0, num_workers: int = 1) -> list[str]:
+    """The shards one (rank, worker) reads: disjoint, and together all of them.
+
+    Explicit arguments rather than webdataset's `split_by_node`/`split_by_worker`, which read the
+    process group and worker info implicitly; the cache build and training need the same split in
+    code paths that have neither.
+    """
+    return list(urls)[rank::world_size][worker::num_workers]
+
+
+# --------------------------------------------------------------------------------------- bad samples
+class BadSamples:
+    """Counts what was read and what was skipped, per shard, and enforces a maximum bad fraction."""
+
+    def __init__(self, max_fraction: float = 0.01):
+        self.max_fraction = max_fraction
+        self.total = 0
+        self.bad: list[dict[str, str]] = []
+
+    def ok(self) -> None:
+        self.total += 1
+
+    def record(self, shard: str, key: str, reason: str) -> None:
+        self.total += 1
+        self.bad.append({"shard": shard, "key": key, "reason": reason})
+
+    @property
+    def fraction(self) -> float:
+        return len(self.bad) / self.total if self.total else 0.0
+
+    def check(self) -> None:
+        if self.bad and self.fraction > self.max_fraction:
+            first = self.bad[0]
+            raise UserError(
+                f"{len(self.bad)} of {self.total} samples are bad ({self.fraction:.1%} > allowed "
+                f"{self.max_fraction:.1%}); first: {first['key']} in {first['shard']}: {first['reason']}")
+
+    def summary(self) -> dict[str, Any]:
+        return {"read": self.total, "bad": len(self.bad), "bad_samples": self.bad[:100]}
+
+
+# ------------------------------------------------------------------------------------------- samples
+@dataclasses.dataclass
+class Sample:
+    key: str
+    image: Image.Image | None
+    label: int | None
+    shard: str
+    raw: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes fully (so truncation is caught here, not later in a worker)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    return img
+
+
+def _image_ext(sample: dict) -> str | None:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return ext
+    return None
+
+
+def _raw_members(url: str, bad: BadSamples | None) -> Iterator[dict]:
+    """Raw webdataset samples of one shard; a broken tar is counted as one bad entry."""
+    import webdataset as wds
+
+    def handler(exn: Exception) -> bool:
+        if bad is not None:
+            bad.record(url, "<tar>", f"unreadable tar data: {exn}")
+            return False  # stop this shard: the rest of a broken tar stream is unreliable
+        raise exn
+
+    try:
+        stream = open_binary(url)
+    except OSError as e:
+        raise UserError(f"cannot open shard {url}: {e}") from None
+    with stream:
+        # at this point we have a byte stream; tar_file_expander yields members, group_by_keys samples
+        members = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from wds.tariterators.group_by_keys(members, handler=handler)
+
+
+def iter_samples(urls: Sequence[str], bad: BadSamples | None = None, decode: bool = True,
+                 keep_raw: bool = False) -> Iterator[Sample]:
+    """Samples of the given shards in order; undecodable ones are skipped and recorded in `bad`."""
+    for url in urls:
+        for raw in _raw_members(url, bad):
+            key = raw.get("__key__", "?")
+            ext = _image_ext(raw)
+            label = None
+            try:
+                if ext is None:
+                    raise ValueError(f"no image member (has: {sorted(k for k in raw if not k.startswith('__'))})")
+                if "cls" in raw:
+                    label = int(raw["cls"].decode().strip())
+                image = decode_image(raw[ext]) if decode else None
+            except Exception as e:  # noqa: BLE001 -- any decode failure is a bad sample, not a crash
+                if bad is None:
+                    raise UserError(f"bad sample {key} in {url}: {e}") from None
+                bad.record(url, key, f"{type(e).__name__}: {e}")
+                continue
+            if bad is not None:
+                bad.ok()
+            yield Sample(key, image, label, url,
+                         {k: v for k, v in raw.items() if not k.startswith("__")} if keep_raw else {})
+
+
+def load_classes(urls: Sequence[str]) -> list[str] | None:
+    """Class names from `classes.json` beside the first shard (local shards only), else None."""
+    first = urls[0]
+    if is_url(first):
+        import fsspec
+
+        path = first.rsplit("/", 1)[0] + "/" + CLASSES_FILE
+        fs, p = fsspec.core.url_to_fs(path)
+        return json.loads(fs.cat(p)) if fs.exists(p) else None
+    path = Path(_local(first)).parent / CLASSES_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# -------------------------------------------------------------------------------- labeled subsets
+def subset_rank(seed: int, key: str) -> str:
+    """Order of a key within its class for subset selection: a hash of (seed, key) alone."""
+    return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=16).hexdigest()
+
+
+def labeled_subset(urls: Sequence[str], n_per_class: int | None, seed: int,
+                   bad: BadSamples | None = None, num_classes: int | None = None) -> list[Sample]:
+    """Exactly `n_per_class` decoded images per class, chosen by `seed`.
+
+    Selection: in each class, the images whose blake2b(seed, key) is smallest. It depends on the seed
+    and the keys only, so it is the same across runs, machines, shard order and shard sizes, and a
+    larger N holds the smaller N's images. Corrupt images never enter the subset (they are skipped and
+    recorded, and the next image by rank takes their place). `n_per_class=None` takes every image.
+    Returns samples sorted by (label, key).
+    """
+    heaps: dict[int, list] = {}
+    counts: dict[int, int] = {}
+    bad = bad if bad is not None else BadSamples(max_fraction=1.0)
+    for sample in iter_samples(urls, bad=bad, decode=False, keep_raw=True):
+        if sample.label is None:
+            raise UserError(f"sample {sample.key} in {sample.shard} has no .cls label")
+        counts[sample.label] = counts.get(sample.label, 0) + 1
+        heap = heaps.setdefault(sample.label, [])
+        # max-heap on rank via negated ordering: keep the n smallest ranks
+        rank = subset_rank(seed, sample.key)
+        neg = tuple(-b for b in bytes.fromhex(rank))
+        if n_per_class is not None and len(heap) >= n_per_class and neg <= heap[0][0]:
+            continue
+        try:
+            sample.image = decode_image(sample.raw[_image_ext(sample.raw)])
+        except Exception as e:  # noqa: BLE001
+            bad.record(sample.shard, sample.key, f"{type(e).__name__}: {e}")
+            counts[sample.label] -= 1
+            continue
+        sample.raw = {}
+        item = (neg, sample.key, sample)
+        if n_per_class is None or len(heap) < n_per_class:
+            heapq.heappush(heap, item)
+        else:
+            heapq.heapreplace(heap, item)
+    bad.check()
+    if not heaps:
+        raise UserError(f"no labeled samples in {urls[0]}{' ...' if len(urls) > 1 else ''}")
+    classes = range(num_classes) if num_classes else sorted(heaps)
+    for c in classes:
+        have = len(heaps.get(c, []))
+        if n_per_class is not None and have < n_per_class:
+            raise UserError(f"--labels-per-class {n_per_class} is more than class {c} holds "
+                            f"({counts.get(c, 0)} usable images)")
+    out = [item[2] for c in sorted(heaps) for item in heaps[c]]
+    out.sort(key=lambda s: (s.label, s.key))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- writing
+def encode_image(image: Image.Image, ext: str = "png") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(ext, ext.upper()))
+    return buf.getvalue()
+
+
+def write_shards(samples: Iterable, out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000,
+                 classes: list[str] | None = None) -> list[str]:
+    """Write samples as webdataset tar shards `out_dir/prefix-000000.tar`, ...; returns their paths.
+
+    A sample is a `Sample`, a `(key, PIL.Image | bytes, label | None)` tuple, or a webdataset dict.
+    Encoded bytes are written as they are (PNG assumed when no extension is known).
+    """
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0,
+                         post=written.append) as sink:
+        for s in samples:
+            if isinstance(s, dict):
+                sink.write(s)
+                continue
+            if isinstance(s, Sample):
+                if s.raw:
+                    record = {"__key__": s.key, **s.raw}
+                    sink.write(record)
+                    continue
+                key, image, label = s.key, s.image, s.label
+            else:
+                key, image, label = s
+            record = {"__key__": key, "png": image if isinstance(image, bytes) else encode_image(image)}
+            if label is not None:
+                record["cls"] = str(int(label)).encode()
+            sink.write(record)
+    if classes is not None:
+        (out_dir / CLASSES_FILE).write_text(json.dumps(list(classes)))
+    return sorted(written)
+

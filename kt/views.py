@@ -1,0 +1,440 @@
+"""Views: augmentation that can be replayed at any resolution, months later.
+
+A view is a pure function of (spec, seed, sample key, view index). `sample_params` turns those four into a
+fixed-length float32 vector (`PARAM_DIM` slots, named by `param_names()`); `render` turns a source image and
+that vector into pixels at any output size. The teacher renders a view at, say, 224 px while building the
+cache; the student later re-renders the same vector at 256 px and sees the same region, flip, colours and
+RandAugment ops, because every geometric quantity is stored size-free: the crop box in normalised [0, 1]
+coordinates of the source, angles in degrees, shears as factors and translations as fractions of the
+output size.
+
+Randomness comes from a counter-based generator (numpy's Philox4x64-10) keyed by a blake2b hash of
+(spec fingerprint, seed, key, view index). No global RNG state is read or changed, and nothing depends on
+the worker, rank or process that asks, so any DataLoader layout gives the same views. Only the bit
+generator's raw 64-bit outputs are used (converted to doubles here), so a change in numpy's `Generator`
+methods cannot move them.
+
+The parameters are still **stored** by the cache next to the targets and replayed from storage. At read
+time the reader re-samples them and calls `check_params`: should a numpy upgrade ever change Philox (or
+this module change its sampling), that fails loudly with `ViewReplayError` instead of silently pairing
+cached targets with different views.
+
+Crop boxes are sampled assuming a square source image (the transfer sets here are square: Fashion-MNIST,
+square-resized photographs). A non-square source gets the same normalised box, so its crop is stretched
+by the source's aspect ratio; resize such sources to square before building the cache if that matters.
+
+Parameter layout (see `param_names()`):
+    0-3   crop box x0, y0, x1, y1 (normalised source coordinates)
+    4     horizontal flip (0 or 1)
+    5-7   brightness, contrast, saturation factors (1 = unchanged)
+    8     jitter order: index into `JITTER_ORDERS`
+    9-16  MAX_OPS RandAugment slots of (op id into `RANDAUG_OPS`, op argument); unused slots have id -1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from kt.errors import UserError
+
+VIEW_FORMAT_VERSION = 1
+MAX_OPS = 4  # RandAugment slots in the vector; N above this would need a new format version
+
+# Op names in id order. Ids are stored in caches: append only, never reorder.
+RANDAUG_OPS: tuple[str, ...] = (
+    "Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Color", "Posterize",
+    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
+)
+GEOMETRIC_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"})
+# Orders in which brightness (0), contrast (1) and saturation (2) are applied, as torchvision's ColorJitter.
+JITTER_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+_N_GEOM = 5
+_N_PHOTO = 4
+PARAM_DIM = _N_GEOM + _N_PHOTO + 2 * MAX_OPS
+_OPS_START = _N_GEOM + _N_PHOTO
+_CROP_TRIES = 10  # as torchvision's RandomResizedCrop, before falling back to a centre crop
+_N_UNIFORMS = 4 * _CROP_TRIES + 1 + 3 + 1 + 2 * MAX_OPS  # fixed draw count: one part never shifts another
+_FILL = (128, 128, 128)  # grey for pixels that rotate/shear/translate bring in from outside the image
+_REPLAY_ATOL = 1e-5  # far below a pixel at any size, far above libm differences between machines
+
+_KINDS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What a view may do; the parameters of one view are drawn from it by `sample_params`."""
+
+    # "train": random-resized-crop + hflip + colour jitter + RandAugment; "eval": resize + centre crop.
+    kind: str = "train"  # training is what most views are for
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area fraction range of torchvision/timm ImageNet training
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect range of torchvision/timm ImageNet training
+    hflip: float = 0.5  # natural images are mirror-symmetric in distribution
+    color_jitter: float = 0.4  # brightness/contrast/saturation factor range 1±j, timm's default strength
+    randaug_ops: int = 2  # RandAugment N (0 disables), the paper's and timm's usual N
+    randaug_magnitude: float = 9.0  # RandAugment M out of 10, timm's "rand-m9" recipe
+    crop_pct: float = 0.875  # eval view centre crop fraction, the classic 224/256
+    version: int = VIEW_FORMAT_VERSION  # bumped when the meaning of a parameter slot changes
+
+    def __post_init__(self) -> None:
+        # Coerce so that a spec read from YAML ([0.08, 1]) has the same fingerprint as the default.
+        for name in ("scale", "ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)) or len(v) != 2:
+                raise UserError(f"view spec: {name} must be a pair [low, high], got {v!r}")
+            object.__setattr__(self, name, (float(v[0]), float(v[1])))
+        for name in ("hflip", "color_jitter", "randaug_magnitude", "crop_pct"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("randaug_ops", "version"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v:
+                raise UserError(f"view spec: {name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.version != VIEW_FORMAT_VERSION:
+            raise UserError(
+                f"view spec version {self.version} is not supported (this kt reads version {VIEW_FORMAT_VERSION})"
+            )
+        if self.kind not in _KINDS:
+            raise UserError(f"view spec: kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise UserError(f"view spec: scale must satisfy 0 < low <= high <= 1, got {list(self.scale)}")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise UserError(f"view spec: ratio must satisfy 0 < low <= high, got {list(self.ratio)}")
+        if not 0 <= self.hflip <= 1:
+            raise UserError(f"view spec: hflip is a probability in [0, 1], got {self.hflip}")
+        if not 0 <= self.color_jitter <= 1:
+            raise UserError(f"view spec: color_jitter must be in [0, 1], got {self.color_jitter}")
+        if not 0 <= self.randaug_ops <= MAX_OPS:
+            raise UserError(f"view spec: randaug_ops must be in [0, {MAX_OPS}], got {self.randaug_ops}")
+        if not 0 <= self.randaug_magnitude <= 10:
+            raise UserError(f"view spec: randaug_magnitude must be in [0, 10], got {self.randaug_magnitude}")
+        if not 0 < self.crop_pct <= 1:
+            raise UserError(f"view spec: crop_pct must be in (0, 1], got {self.crop_pct}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (pairs as lists), as stored in cache attributes."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewSpec":
+        """Inverse of `to_dict`; missing fields take their defaults, unknown fields are an error."""
+        if not isinstance(d, dict):
+            raise UserError(f"view spec must be a mapping of field to value, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"view spec: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace, so equal specs give equal strings."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        """sha256 hex of `to_json`; keys the view generator and identifies the spec in caches."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+
+VIEW_PRESETS: dict[str, ViewSpec] = {
+    "train": ViewSpec(),
+    # For small or low-resolution transfer sets where strong crops and RandAugment destroy the content.
+    "light": ViewSpec(scale=(0.35, 1.0), color_jitter=0.2, randaug_ops=0),
+    "eval": ViewSpec(kind="eval"),
+}
+
+
+def load_view_spec(arg: str) -> ViewSpec:
+    """A spec from a preset name, a JSON/YAML file path, or an inline JSON object string."""
+    if arg in VIEW_PRESETS:
+        return VIEW_PRESETS[arg]
+    text = arg.strip()
+    if text.startswith("{"):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"view spec: inline JSON does not parse ({e})") from None
+        return ViewSpec.from_dict(d)
+    if os.path.isfile(arg):
+        with open(arg, encoding="utf-8") as f:
+            content = f.read()
+        if arg.endswith(".json"):
+            try:
+                d = json.loads(content)
+            except json.JSONDecodeError as e:
+                raise UserError(f"view spec file {arg}: not valid JSON ({e})") from None
+        else:
+            import yaml  # YAML is a superset of JSON, so any other extension goes here
+
+            try:
+                d = yaml.safe_load(content)
+            except yaml.YAMLError as e:
+                raise UserError(f"view spec file {arg}: not valid YAML ({e})") from None
+        return ViewSpec.from_dict(d)
+    raise UserError(
+        f"view spec {arg!r} is not a preset ({', '.join(VIEW_PRESETS)}), an existing JSON/YAML file "
+        "or an inline JSON object"
+    )
+
+
+def param_names() -> list[str]:
+    """Human-readable name of each slot of the parameter vector."""
+    names = ["crop_x0", "crop_y0", "crop_x1", "crop_y1", "flip", "brightness", "contrast", "saturation", "jitter_order"]
+    for i in range(MAX_OPS):
+        names += [f"op{i}_id", f"op{i}_arg"]
+    assert len(names) == PARAM_DIM
+    return names
+
+
+# --- sampling ------------------------------------------------------------------------------------------
+
+
+def _uniforms(spec: ViewSpec, seed: int, key: str, view: int) -> list[float]:
+    """`_N_UNIFORMS` doubles in [0, 1), a pure function of the four arguments."""
+    if isinstance(key, bytes):
+        key = key.decode("utf-8")
+    if not isinstance(key, str):
+        raise TypeError(f"sample key must be str, got {type(key).__name__}")
+    msg = json.dumps([spec.fingerprint(), int(seed), key, int(view)], separators=(",", ":")).encode("utf-8")
+    philox_key = int.from_bytes(hashlib.blake2b(msg, digest_size=16).digest(), "little")
+    raw = np.random.Philox(key=philox_key).random_raw(_N_UNIFORMS)
+    # The standard 53-bit conversion, done here so it cannot change with numpy's Generator.
+    return [int(r >> np.uint64(11)) * (1.0 / 9007199254740992.0) for r in raw]
+
+
+def _crop_box(spec: ViewSpec, u: Sequence[float]) -> tuple[float, float, float, float]:
+    """torchvision's RandomResizedCrop in normalised coordinates of a square source."""
+    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    for t in range(_CROP_TRIES):
+        ua, ur, ux, uy = u[4 * t : 4 * t + 4]
+        area = spec.scale[0] + (spec.scale[1] - spec.scale[0]) * ua
+        aspect = math.exp(log_lo + (log_hi - log_lo) * ur)
+        w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+        if 0 < w <= 1 and 0 < h <= 1:
+            x0, y0 = (1 - w) * ux, (1 - h) * uy
+            return x0, y0, min(x0 + w, 1.0), min(y0 + h, 1.0)
+    # Fallback: the largest centred crop whose aspect lies in `ratio`.
+    if spec.ratio[0] > 1:
+        w, h = 1.0, 1.0 / spec.ratio[0]
+    elif spec.ratio[1] < 1:
+        w, h = spec.ratio[1], 1.0
+    else:
+        w = h = 1.0
+    return (1 - w) / 2, (1 - h) / 2, (1 + w) / 2, (1 + h) / 2
+
+
+def _op_arg(name: str, m: float, sign: float) -> float:
+    """The op's argument at relative magnitude m in [0, 1]; signed ops take the random sign."""
+    if name in ("Identity", "AutoContrast", "Equalize"):
+        return 0.0
+    if name == "Rotate":
+        return sign * 30.0 * m  # degrees
+    if name in ("ShearX", "ShearY"):
+        return sign * 0.3 * m  # shear factor
+    if name in ("TranslateX", "TranslateY"):
+        return sign * 0.45 * m  # fraction of the output width/height
+    if name == "Solarize":
+        return 256.0 - 256.0 * m  # threshold: invert pixels at or above it
+    if name == "Posterize":
+        return float(8 - round(4 * m))  # bits kept, 8 down to 4
+    return 1.0 + sign * 0.9 * m  # Color, Contrast, Brightness, Sharpness: enhance factor
+
+
+def sample_params(spec: ViewSpec, seed: int, key: str, view: int) -> np.ndarray:
+    """The parameter vector of one view, float32 of shape (PARAM_DIM,); see the module docstring."""
+    p = np.zeros(PARAM_DIM, dtype=np.float64)
+    p[5:8] = 1.0
+    p[_OPS_START::2] = -1.0
+    if spec.kind == "eval":
+        c = spec.crop_pct
+        p[0:4] = ((1 - c) / 2, (1 - c) / 2, (1 + c) / 2, (1 + c) / 2)
+        return p.astype(np.float32)
+    u = _uniforms(spec, seed, key, view)
+    p[0:4] = _crop_box(spec, u)
+    i = 4 * _CROP_TRIES
+    p[4] = 1.0 if u[i] < spec.hflip else 0.0
+    j = spec.color_jitter
+    for s in range(3):
+        p[5 + s] = max(0.0, 1 - j) + (1 + j - max(0.0, 1 - j)) * u[i + 1 + s]
+    p[8] = min(int(u[i + 4] * len(JITTER_ORDERS)), len(JITTER_ORDERS) - 1)
+    m = spec.randaug_magnitude / 10.0
+    i += 5
+    for k in range(spec.randaug_ops):
+        op = min(int(u[i + 2 * k] * len(RANDAUG_OPS)), len(RANDAUG_OPS) - 1)
+        sign = -1.0 if u[i + 2 * k + 1] < 0.5 else 1.0
+        p[_OPS_START + 2 * k] = op
+        p[_OPS_START + 2 * k + 1] = _op_arg(RANDAUG_OPS[op], m, sign)
+    return p.astype(np.float32)
+
+
+def sample_params_batch(spec: ViewSpec, seed: int, keys: Sequence[str], views: int | Sequence[int]) -> np.ndarray:
+    """`sample_params` for each (key, view) pair, shape (N, PARAM_DIM); an int `views` applies to every key."""
+    if isinstance(views, (int, np.integer)):
+        views = [int(views)] * len(keys)
+    if len(views) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(views)} view indices")
+    out = np.empty((len(keys), PARAM_DIM), dtype=np.float32)
+    for n, (k, v) in enumerate(zip(keys, views)):
+        out[n] = sample_params(spec, seed, k, int(v))
+    return out
+
+
+class ViewReplayError(UserError):
+    """Stored view parameters differ from re-sampling them: targets and views would be out of sync."""
+
+
+def check_params(spec: ViewSpec, seed: int, key: str, view: int, stored: np.ndarray) -> None:
+    """Raise `ViewReplayError` unless re-sampling (spec, seed, key, view) gives the stored vector."""
+    stored = np.asarray(stored, dtype=np.float32)
+    if stored.shape != (PARAM_DIM,):
+        raise ViewReplayError(
+            f"key {key!r} view {view}: stored view parameters have shape {stored.shape}, expected ({PARAM_DIM},) "
+            f"(view format version {VIEW_FORMAT_VERSION})"
+        )
+    fresh = sample_params(spec, seed, key, view)
+    diff = np.abs(fresh.astype(np.float64) - stored.astype(np.float64))
+    if not np.all(diff <= _REPLAY_ATOL):
+        slot = int(np.argmax(np.where(np.isnan(diff), np.inf, diff)))
+        raise ViewReplayError(
+            f"key {key!r} view {view}: stored view parameters differ from re-sampling with seed {seed} "
+            f"(first at {param_names()[slot]}: stored {stored[slot]:.6g}, re-sampled {fresh[slot]:.6g}); "
+            f"the cache was built with another view spec, seed or numpy RNG (numpy here: {np.__version__})"
+        )
+
+
+def check_params_batch(
+    spec: ViewSpec, seed: int, keys: Sequence[str], views: Sequence[int], stored: np.ndarray
+) -> None:
+    """`check_params` for each row of `stored`, shape (N, PARAM_DIM)."""
+    stored = np.asarray(stored)
+    if stored.ndim != 2 or len(stored) != len(keys) or len(views) != len(keys):
+        raise ViewReplayError(
+            f"stored view parameters have shape {stored.shape} for {len(keys)} keys and {len(views)} views"
+        )
+    for k, v, row in zip(keys, views, stored):
+        check_params(spec, seed, k, int(v), row)
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+
+def _out_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    w, h = (size, size) if isinstance(size, (int, np.integer)) else size
+    if int(w) < 1 or int(h) < 1:
+        raise ValueError(f"output size must be positive, got {size!r}")
+    return int(w), int(h)
+
+
+def _as_params(params) -> np.ndarray:
+    p = np.asarray(params, dtype=np.float32).astype(np.float64)
+    if p.shape != (PARAM_DIM,):
+        raise ValueError(f"view parameters must have shape ({PARAM_DIM},), got {p.shape}")
+    return p
+
+
+def _ops(p: np.ndarray) -> list[tuple[str, float]]:
+    ops = []
+    for k in range(MAX_OPS):
+        op = int(round(p[_OPS_START + 2 * k]))
+        if op >= 0:
+            ops.append((RANDAUG_OPS[op], float(p[_OPS_START + 2 * k + 1])))
+    return ops
+
+
+def _crop_flip(img: Image.Image, p: np.ndarray, size: tuple[int, int], resample: int) -> Image.Image:
+    """Crop and resize in one step, so a fractional box shows the same region at any output size."""
+    W, H = img.size
+    x0, y0, x1, y1 = (float(np.clip(v, 0.0, 1.0)) for v in p[0:4])
+    out = img.resize(size, resample=resample, box=(x0 * W, y0 * H, x1 * W, y1 * H))
+    if p[4] >= 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
+
+
+def _geometric(img: Image.Image, name: str, arg: float, resample: int, fill) -> Image.Image:
+    """Size-free geometric ops: affine maps about the image centre in units of the output size."""
+    w, h = img.size
+    if name == "Rotate":
+        return img.rotate(arg, resample=resample, fillcolor=fill)
+    if name == "ShearX":
+        coeffs = (1, arg, -arg * h / 2, 0, 1, 0)
+    elif name == "ShearY":
+        coeffs = (1, 0, 0, arg, 1, -arg * w / 2)
+    elif name == "TranslateX":
+        coeffs = (1, 0, arg * w, 0, 1, 0)
+    else:  # TranslateY
+        coeffs = (1, 0, 0, 0, 1, arg * h)
+    return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=resample, fillcolor=fill)
+
+
+_ENHANCE = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
+            "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}
+_JITTER = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def _photometric(img: Image.Image, name: str, arg: float) -> Image.Image:
+    if name == "Identity":
+        return img
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Solarize":
+        return ImageOps.solarize(img, threshold=int(round(arg)))
+    if name == "Posterize":
+        return ImageOps.posterize(img, int(round(arg)))
+    return _ENHANCE[name](img).enhance(arg)
+
+
+def render(image: Image.Image, params: np.ndarray, size: int | tuple[int, int]) -> Image.Image:
+    """The view described by `params` of `image`, RGB at `size` (an int for square, or (width, height))."""
+    p = _as_params(params)
+    img = image if image.mode == "RGB" else image.convert("RGB")
+    out = _crop_flip(img, p, _out_size(size), Image.Resampling.BICUBIC)
+    # At this point we have the crop at output size; colours are changed at output size, cheapest.
+    for s in JITTER_ORDERS[int(round(p[8]))]:
+        if p[5 + s] != 1.0:
+            out = _JITTER[s](out).enhance(float(p[5 + s]))
+    for name, arg in _ops(p):
+        if name in GEOMETRIC_OPS:
+            out = _geometric(out, name, arg, Image.Resampling.BILINEAR, _FILL)
+        else:
+            out = _photometric(out, name, arg)
+    return out
+
+
+def render_mask(mask: Image.Image, params: np.ndarray, size: int | tuple[int, int], fill: int = 255) -> Image.Image:
+    """The geometric part of `render` on a label mask, nearest-neighbour so no new labels appear.
+
+    Pixels brought in from outside by rotate/shear/translate get `fill` (255, the usual ignore index).
+    """
+    p = _as_params(params)
+    out = _crop_flip(mask, p, _out_size(size), Image.Resampling.NEAREST)
+    for name, arg in _ops(p):
+        if name in GEOMETRIC_OPS:
+            out = _geometric(out, name, arg, Image.Resampling.NEAREST, fill)
+    return out
+
+
+def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]):
+    """A rendered RGB view as a normalised float tensor (3, H, W): the model input."""
+    import torch
+
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(m).div_(s)

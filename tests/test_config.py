@@ -1,0 +1,51 @@
+import argparse
+import json
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+from kt.config import add_config_args, build_config, field, write_run_record
+from kt.errors import UserError
+
+
+@dataclass
+class Cfg:
+    lr: float = field(0.1, "reason")
+    epochs: int = field(3, "reason")
+    name: str = field("a", "reason")
+    n: int | None = field(None, "reason")
+    tags: list = field([], "reason")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_config_args(p, Cfg)
+    return p.parse_args(argv)
+
+
+def test_precedence_default_yaml_flag(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"lr": 0.5, "epochs": 7}))
+    assert build_config(Cfg, parse([])) == Cfg()
+    assert build_config(Cfg, parse(["--config", str(y)])) == Cfg(lr=0.5, epochs=7)
+    cfg = build_config(Cfg, parse(["--config", str(y), "--lr", "0.01", "--n", "4", "--tags", "x,y"]))
+    assert (cfg.lr, cfg.epochs, cfg.n, cfg.tags) == (0.01, 7, 4, ["x", "y"])
+    assert build_config(Cfg, parse(["--n", "none"])).n is None
+
+
+def test_unknown_yaml_field_and_missing_file(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lrr: 1\n")
+    with pytest.raises(UserError, match="unknown field"):
+        build_config(Cfg, parse(["--config", str(y)]))
+    with pytest.raises(UserError, match="not found"):
+        build_config(Cfg, parse(["--config", str(tmp_path / "nope.yaml")]))
+
+
+def test_run_record_written(tmp_path):
+    write_run_record(tmp_path, Cfg(lr=0.2))
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lr"] == 0.2
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert {"git_revision", "versions", "config", "created"} <= set(record)
+    assert "torch" in record["versions"] and "timm" in record["versions"]

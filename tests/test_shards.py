@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kt.errors import UserError
+from kt.shards import (BadSamples, expand_shards, iter_samples, labeled_subset, load_classes, split_urls,
+                       write_shards)
+from tools.make_shards import make_imagefolder
+
+
+def test_expand_brace_dir_glob_and_url(fmnist):
+    d = fmnist["root"] / "train"
+    by_dir = expand_shards(str(d))
+    assert [p.rsplit("/", 1)[1] for p in by_dir] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert expand_shards(f"{d}/train-{{000000..000002}}.tar") == by_dir
+    assert expand_shards(f"{d}/train-*.tar") == by_dir
+    assert expand_shards(f"{d}/train-000000.tar::{d}/train-000001.tar") == by_dir[:2]
+    url = expand_shards(f"file://{d}/train-000000.tar")
+    assert url == by_dir[:1]
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent/x.tar", "/nonexistent/{0..2}.tar", "", "/tmp/none-*.tar"])
+def test_expand_missing_is_user_error(spec):
+    with pytest.raises(UserError):
+        expand_shards(spec)
+
+
+def test_samples_keys_labels_and_order(fmnist):
+    urls = expand_shards(str(fmnist["root"] / "train"))
+    samples = list(iter_samples(urls))
+    assert [s.key for s in samples] == [f"train-{i:05d}" for i in range(300)]
+    from tools.make_shards import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("train")
+    assert [s.label for s in samples] == labels[:300].tolist()
+    assert np.array_equal(np.asarray(samples[7].image), images[7])
+    assert load_classes(urls)[0] == "T-shirt/top"
+
+
+def test_fsspec_url_reads_same_samples(fmnist):
+    url = fmnist["train"][0]
+    a = [s.key for s in iter_samples([url])]
+    b = [s.key for s in iter_samples(["file://" + url])]
+    assert a == b and len(a) == 100
+
+
+def test_corrupt_members_are_skipped_counted_reported(corrupt_shard):
+    bad = BadSamples(max_fraction=0.5)
+    got = list(iter_samples(corrupt_shard, bad=bad))
+    assert [s.key for s in got] == ["s0", "s1", "s2", "s4", "s6", "s7"]
+    assert bad.total == 8 and sorted(b["key"] for b in bad.bad) == ["s3", "s5"]
+    bad.check()  # 25% <= 50%
+    strict = BadSamples(max_fraction=0.1)
+    list(iter_samples(corrupt_shard, bad=strict))
+    with pytest.raises(UserError, match="2 of 8 samples are bad"):
+        strict.check()
+
+
+def test_labeled_subset_exact_seeded_stable(fmnist, tmp_path):
+    urls = fmnist["train"]
+    a = labeled_subset(urls, 5, seed=1)
+    counts = np.bincount([s.label for s in a])
+    assert counts.tolist() == [5] * 10
+    assert [s.key for s in labeled_subset(urls, 5, seed=1)] == [s.key for s in a]
+    assert [s.key for s in labeled_subset(urls, 5, seed=2)] != [s.key for s in a]
+    # same images re-sharded differently and in another order: same subset
+    resharded = write_shards(reversed(list(iter_samples(urls))), tmp_path / "re", prefix="re", maxcount=37)
+    assert [s.key for s in labeled_subset(resharded, 5, seed=1)] == [s.key for s in a]
+    # a larger N holds the smaller N's images
+    assert {s.key for s in a} <= {s.key for s in labeled_subset(urls, 8, seed=1)}
+
+
+def test_labeled_subset_too_large_and_corrupt(fmnist, corrupt_shard):
+    with pytest.raises(UserError, match="more than class"):
+        labeled_subset(fmnist["train"], 1000, seed=0)
+    bad = BadSamples(max_fraction=0.5)
+    subset = labeled_subset(corrupt_shard, None, seed=0, bad=bad)
+    assert sorted(s.key for s in subset) == ["s0", "s1", "s2", "s4", "s6", "s7"]
+    assert {b["key"] for b in bad.bad} == {"s3", "s5"}
+    # class 1 holds two good images (s1, s7): both are taken, the broken ones never
+    two = labeled_subset(corrupt_shard, 2, seed=0, bad=BadSamples(0.5))
+    assert {s.key for s in two if s.label == 1} == {"s1", "s7"} and len(two) == 4
+
+
+def test_split_urls_disjoint_and_complete():
+    urls = [f"u{i}" for i in range(10)]
+    parts = [split_urls(urls, r, 2, w, 3) for r in range(2) for w in range(3)]
+    flat = [u for p in parts for u in p]
+    assert sorted(flat) == sorted(urls) and len(flat) == len(set(flat))
+
+
+def test_imagefolder_to_shards(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / "in" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / "in" / c / f"img {i}.png")
+    written = make_imagefolder(tmp_path / "in", tmp_path / "out", shard_size=4)
+    assert len(written) == 2
+    samples = list(iter_samples(written))
+    assert [s.key for s in samples][:2] == ["cat/img_0", "cat/img_1"] and [s.label for s in samples] == [0] * 3 + [1] * 3
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["cat", "dog"]

@@ -1,0 +1,115 @@
+"""Make webdataset shards: the embedded Fashion-MNIST default, or any ImageFolder tree.
+
+    python -m tools.make_shards fashion-mnist --out data/fashion-mnist          # train/ and test/ shards
+    python -m tools.make_shards imagefolder --root PATH --out data/mine --shard-size 5000
+
+Keys are stable: Fashion-MNIST `train-00042` (split and index in the idx file); ImageFolder
+`<class>/<file stem>` made filesystem-safe. Each output folder gets a `classes.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kt.errors import UserError, cli_entry
+from kt.shards import IMAGE_EXTS, write_shards
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format: big-endian dims after a magic number) as a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    _, _, dtype, ndim = struct.unpack(">BBBB", data[:4])
+    if dtype != 0x08:
+        raise UserError(f"{path}: only uint8 idx files are supported")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    images_file, labels_file = FASHION_MNIST_FILES[split]
+    if not (root / images_file).exists():
+        raise UserError(f"Fashion-MNIST not found in {root} (apt-get install dataset-fashion-mnist)")
+    return read_idx(root / images_file), read_idx(root / labels_file)
+
+
+def make_fashion_mnist(out: Path, shard_size: int = 10000, root: Path = FASHION_MNIST_DIR,
+                       limit: int | None = None) -> dict[str, list[str]]:
+    written = {}
+    for split in ("train", "test"):
+        images, labels = load_fashion_mnist(split, root)
+        n = len(images) if limit is None else min(limit, len(images))
+        samples = ((f"{split}-{i:05d}", Image.fromarray(images[i], mode="L"), int(labels[i])) for i in range(n))
+        written[split] = write_shards(samples, out / split, prefix=split, maxcount=shard_size,
+                                      classes=FASHION_MNIST_CLASSES)
+    return written
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+def make_imagefolder(root: Path, out: Path, shard_size: int = 5000, prefix: str = "shard") -> list[str]:
+    if not root.is_dir():
+        raise UserError(f"not a directory: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise UserError(f"{root} has no class subdirectories")
+
+    def samples():
+        for label, name in enumerate(classes):
+            for f in sorted((root / name).iterdir()):
+                if f.suffix.lower().lstrip(".") in IMAGE_EXTS:
+                    ext = f.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+                    yield {"__key__": f"{_safe(name)}/{_safe(f.stem)}", ext: f.read_bytes(),
+                           "cls": str(label).encode()}
+
+    return write_shards(samples(), out, prefix=prefix, maxcount=shard_size, classes=classes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="make_shards", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="source", required=True)
+    f = sub.add_parser("fashion-mnist", help="Fashion-MNIST idx files -> train/ and test/ shards")
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--root", type=Path, default=FASHION_MNIST_DIR)
+    f.add_argument("--shard-size", type=int, default=10000)
+    f.add_argument("--limit", type=int, default=None, help="first N images per split (tests)")
+    i = sub.add_parser("imagefolder", help="ROOT/<class>/<image> -> shards")
+    i.add_argument("--root", type=Path, required=True)
+    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--shard-size", type=int, default=5000)
+    i.add_argument("--prefix", default="shard")
+    return p
+
+
+@cli_entry("make_shards")
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.source == "fashion-mnist":
+        written = make_fashion_mnist(args.out, args.shard_size, args.root, args.limit)
+        print(json.dumps({k: len(v) for k, v in written.items()}))
+    else:
+        written = make_imagefolder(args.root, args.out, args.shard_size, args.prefix)
+        print(json.dumps({"shards": len(written)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
