@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import braceexpand
-import numpy as np
 from PIL import Image
 
 from kt.errors import UserError

@@ -49,10 +49,10 @@ def load_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.n
     return read_idx(root / images_file), read_idx(root / labels_file)
 
 
-def make_fashion_mnist(out: Path, shard_size: int = 10000, root: Path = FASHION_MNIST_DIR,
-                       limit: int | None = None) -> dict[str, list[str]]:
+def make_fashion_mnist(out: Path, shard_size: int = 2000, root: Path = FASHION_MNIST_DIR,
+                       limit: int | None = None, splits: tuple[str, ...] = ("train", "test")) -> dict[str, list[str]]:
     written = {}
-    for split in ("train", "test"):
+    for split in splits:
         images, labels = load_fashion_mnist(split, root)
         n = len(images) if limit is None else min(limit, len(images))
         samples = ((f"{split}-{i:05d}", Image.fromarray(images[i], mode="L"), int(labels[i])) for i in range(n))
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fashion-mnist", help="Fashion-MNIST idx files -> train/ and test/ shards")
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--root", type=Path, default=FASHION_MNIST_DIR)
-    f.add_argument("--shard-size", type=int, default=10000)
+    f.add_argument("--shard-size", type=int, default=2000)
     f.add_argument("--limit", type=int, default=None, help="first N images per split (tests)")
     i = sub.add_parser("imagefolder", help="ROOT/<class>/<image> -> shards")
     i.add_argument("--root", type=Path, required=True)

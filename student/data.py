@@ -1,0 +1,87 @@
+"""Training and evaluation data: labeled subsets in memory, evaluation streams over shards.
+
+Every batch is a pure function of (seed, epoch, position): the epoch's order is a permutation drawn
+from (seed, epoch), and each image's view is `kt.views` view `epoch` of (spec, seed, key). Worker
+count and process count change nothing, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from kt.shards import BadSamples, Sample, iter_samples, split_urls
+from kt.views import VIEW_PRESETS, ViewSpec, render, sample_params, to_tensor
+
+
+class EpochOrder(Sampler):
+    """Yields `(index, epoch)` in a permutation drawn from (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        return iter([(int(i), self.epoch) for i in order])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class LabeledViews(Dataset):
+    """In-memory labeled images; item `(i, epoch)` is image i's view `epoch`, rendered and normalised."""
+
+    def __init__(self, samples: Sequence[Sample], spec: ViewSpec, seed: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.samples, self.spec, self.seed = list(samples), spec, seed
+        self.image_size, self.mean, self.std = image_size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, int]):
+        i, epoch = item
+        s = self.samples[i]
+        params = sample_params(self.spec, self.seed, s.key, epoch)
+        x = to_tensor(render(s.image, params, self.image_size), self.mean, self.std)
+        return x, s.label
+
+
+def labeled_loader(dataset: LabeledViews, epoch: int, batch_size: int, workers: int,
+                   shuffle: bool = True, drop_last: bool = True) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochOrder(len(dataset), dataset.seed, epoch, shuffle),
+                      num_workers=workers, drop_last=drop_last, persistent_workers=False)
+
+
+class EvalStream(IterableDataset):
+    """Eval views of every sample in a list of shards: `(image tensor, label, key)`.
+
+    Shards are split across DataLoader workers (and, when given, processes), so order within a batch
+    varies with the worker count; consumers key results by sample key.
+    """
+
+    def __init__(self, urls: Sequence[str], image_size: int, mean, std, spec: ViewSpec | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.urls, self.image_size, self.mean, self.std = list(urls), image_size, mean, std
+        self.spec = spec or VIEW_PRESETS["eval"]
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        bad = BadSamples(max_fraction=1.0)
+        for s in iter_samples(split_urls(self.urls, self.rank, self.world_size, wid, nw), bad=bad):
+            params = sample_params(self.spec, 0, s.key, 0)
+            x = to_tensor(render(s.image, params, self.image_size), self.mean, self.std)
+            yield x, -1 if s.label is None else s.label, s.key
+
+
+def eval_loader(urls: Sequence[str], image_size: int, mean, std, batch_size: int = 256, workers: int = 2,
+                rank: int = 0, world_size: int = 1) -> DataLoader:
+    workers = min(workers, max(1, len(split_urls(urls, rank, world_size))))
+    return DataLoader(EvalStream(urls, image_size, mean, std, rank=rank, world_size=world_size),
+                      batch_size=batch_size, num_workers=workers)
+

@@ -1,0 +1,77 @@
+"""Evaluation: top-1, per-class accuracy and confusion matrix; mean +- std over repeated runs.
+
+    kt-student eval --checkpoint runs/ft/checkpoint --data data/fashion-mnist/test
+    kt-student eval --runs runs/ft-seed0 runs/ft-seed1 runs/ft-seed2
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kt.errors import UserError
+from student.data import eval_loader
+
+METRICS_FILE = "eval.json"
+
+
+@torch.no_grad()
+def evaluate(model, urls: Sequence[str], batch_size: int = 256, workers: int = 2,
+             classes: Sequence[str] | None = None) -> dict:
+    """Classify every sample of `urls` with the eval view at the model's input size."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    k = model.num_classes
+    if k <= 0:
+        raise UserError(f"model {model.arch} has no task head to evaluate")
+    confusion = np.zeros((k, k), dtype=np.int64)
+    for x, y, _ in tqdm(eval_loader(urls, model.image_size, model.mean, model.std, batch_size, workers),
+                        desc="eval", unit="batch", mininterval=1.0, leave=False):
+        pred = model(x).argmax(1).numpy()
+        y = y.numpy()
+        if (y < 0).any() or (y >= k).any():
+            raise UserError(f"evaluation data has labels outside 0..{k - 1} (or none)")
+        np.add.at(confusion, (y, pred), 1)
+    n = int(confusion.sum())
+    if n == 0:
+        raise UserError("evaluation data holds no decodable samples")
+    support = confusion.sum(1)
+    per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    names = list(classes) if classes else [str(i) for i in range(k)]
+    return {
+        "top1": float(np.trace(confusion) / n),
+        "n": n,
+        "per_class_accuracy": {names[i]: (None if np.isnan(a) else float(a)) for i, a in enumerate(per_class)},
+        "confusion_matrix": confusion.tolist(),
+        "classes": names,
+    }
+
+
+def load_run_metrics(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise UserError(f"{run_dir} has no {METRICS_FILE} (was it finetuned with --val-data, or evaluated?)")
+    return json.loads(path.read_text())
+
+
+def aggregate(results: Sequence[dict]) -> dict:
+    """Mean and sample standard deviation of top-1 (and per class) over repeated runs."""
+    if not results:
+        raise UserError("no runs to aggregate")
+    top1 = np.array([r["top1"] for r in results])
+    out = {"runs": len(results), "top1_mean": float(top1.mean()),
+           "top1_std": float(top1.std(ddof=1)) if len(top1) > 1 else 0.0, "top1": top1.tolist()}
+    classes = results[0].get("classes")
+    if classes and all(r.get("classes") == classes for r in results):
+        per = np.array([[r["per_class_accuracy"][c] for c in classes] for r in results], dtype=float)
+        out["per_class_mean"] = dict(zip(classes, per.mean(0).tolist()))
+    return out
+
+
+def format_mean_std(agg: dict, scale: float = 100.0) -> str:
+    return f"{agg['top1_mean'] * scale:.2f} ± {agg['top1_std'] * scale:.2f}"

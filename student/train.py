@@ -1,0 +1,194 @@
+"""One Accelerate loop for every kt training job: finetuning (any model, the teacher included) and
+distillation from the cache.
+
+A job hands `fit` its trainable modules, a loader factory `make_loader(epoch)` whose batches are a pure
+function of (seed, epoch, position), and a loss function. `fit` owns everything else: AdamW, cosine decay
+with linear warm-up (per step), mixed precision and gradient accumulation through `accelerate`, a
+progress bar, metrics as JSONL plus TensorBoard through accelerate's trackers, and exact resume: the
+accelerate state (model, optimizer, scheduler, RNG) and the position (epoch, step in epoch) are saved
+every `save_every` optimizer steps and at every epoch end, and a rerun of the same command continues
+from the last save, skipping the batches of the interrupted epoch it had already taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from kt.config import field
+
+STATE_DIR = "state"
+
+
+@dataclass
+class OptimConfig:
+    """What `fit` needs: the optimisation and bookkeeping half of every training config."""
+
+    epochs: int = field(30, "passes over the data; small labeled sets need many")
+    lr: float = field(1e-3, "AdamW peak learning rate after warm-up")
+    weight_decay: float = field(0.05, "AdamW decoupled weight decay, the usual value for small nets")
+    warmup_epochs: float = field(1.0, "linear warm-up length; keeps early steps from wrecking pretrained weights")
+    min_lr_ratio: float = field(0.01, "cosine decays to this fraction of lr")
+    grad_accum: int = field(1, "optimizer step every N batches (effective batch = batch_size * N * processes)")
+    grad_clip: float = field(0.0, "max gradient norm; 0 disables")
+    mixed_precision: str = field("no", "accelerate mixed precision: no | fp16 | bf16")
+    save_every: int = field(0, "also save resumable state every N optimizer steps (0: at epoch ends only)")
+    stop_after_steps: int = field(0, "stop (as if killed) after N optimizer steps; 0 runs to the end (tests, smoke runs)")
+    log_every: int = field(10, "optimizer steps between metric log lines")
+    seed: int = field(0, "seeds data order, views and initialisation")
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _read_progress(out_dir: Path) -> dict | None:
+    path = out_dir / STATE_DIR / "progress.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _save_state(accelerator, out_dir: Path, progress: dict) -> None:
+    """Save to a fresh folder, then swap it in, so a kill during the save keeps the previous state."""
+    accelerator.wait_for_everyone()
+    final, tmp = out_dir / STATE_DIR, out_dir / (STATE_DIR + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(progress))
+        old = out_dir / (STATE_DIR + ".old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+@dataclass
+class FitResult:
+    completed: bool
+    global_step: int
+    epoch: int
+    last_metrics: dict
+    is_main_process: bool = True
+
+
+def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Iterable], steps_per_epoch: int,
+        loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], out_dir: str | Path,
+        accelerator=None, desc: str = "train", prepare_loader: bool = True) -> FitResult:
+    """Train `modules` to minimise `loss_fn`; resumable from `out_dir/state`.
+
+    Args:
+        modules: everything with trainable parameters (model plus any projection heads).
+        make_loader: epoch -> iterable of batches (a DataLoader; it is passed through accelerate).
+        steps_per_epoch: batches per epoch for this process (sets the schedule length).
+        loss_fn: (prepared modules, batch) -> (scalar loss, dict of float metrics).
+        prepare_loader: pass each epoch's loader through accelerate (map-style data: accelerate shards
+            the batches across processes). False for streams that already split shards per rank.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                                  log_with="tensorboard", project_dir=str(out_dir))
+    set_seed(cfg.seed)
+
+    params = [p for p in modules.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # norms and biases, as timm's param_groups_weight_decay
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    updates_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
+    total = updates_per_epoch * cfg.epochs
+    schedule = cosine_with_warmup(total, int(cfg.warmup_epochs * updates_per_epoch), cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    modules, optimizer = accelerator.prepare(modules, optimizer)
+    # the scheduler steps once per optimizer update on every process; registered so save_state keeps it
+    accelerator.register_for_checkpointing(scheduler)
+
+    progress = _read_progress(out_dir)
+    start_epoch, skip, global_step = 0, 0, 0
+    if progress is not None:
+        accelerator.load_state(str(out_dir / STATE_DIR))
+        start_epoch, skip, global_step = progress["epoch"], progress["batches_in_epoch"], progress["global_step"]
+        accelerator.print(f"{desc}: resuming at epoch {start_epoch}, batch {skip}, step {global_step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers(desc.replace(" ", "_"))
+    log_path = out_dir / "metrics.jsonl"
+    bar = tqdm(total=total, initial=global_step, desc=desc, disable=not accelerator.is_main_process,
+               dynamic_ncols=True, mininterval=1.0)
+    last: dict = {}
+    running: dict[str, float] = {}
+    n_running = 0
+
+    def save(epoch: int, batches_in_epoch: int) -> None:
+        _save_state(accelerator, out_dir, {"epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                                           "global_step": global_step})
+
+    for epoch in range(start_epoch, cfg.epochs):
+        loader = make_loader(epoch)
+        loader = accelerator.prepare_data_loader(loader) if prepare_loader else loader
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batch_index = skip
+        skip = 0
+        modules.train()
+        for batch in batches:
+            with accelerator.accumulate(modules):
+                loss, metrics = loss_fn(modules, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(modules.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_index += 1
+            metrics = {"loss": float(loss.detach()), **metrics}
+            for k, v in metrics.items():
+                running[k] = running.get(k, 0.0) + v
+            n_running += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            global_step += 1
+            bar.update(1)
+            if global_step % cfg.log_every == 0 or batch_index == steps_per_epoch:
+                last = {k: v / n_running for k, v in running.items()}
+                last.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step=global_step)
+                running, n_running = {}, 0
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                accelerator.log({k: v for k, v in last.items() if k not in ("epoch", "step")}, step=global_step)
+                if accelerator.is_main_process:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+            if cfg.save_every and global_step % cfg.save_every == 0:
+                save(epoch, batch_index)
+            if cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
+                save(epoch, batch_index)
+                bar.close()
+                accelerator.end_training()
+                return FitResult(False, global_step, epoch, last, accelerator.is_main_process)
+        save(epoch + 1, 0)
+    bar.close()
+    accelerator.end_training()
+    return FitResult(True, global_step, cfg.epochs, last, accelerator.is_main_process)

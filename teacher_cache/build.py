@@ -1,0 +1,361 @@
+"""The one-time teacher job: every view of every transfer-set image through the teacher, into the cache.
+
+    kt-cache build --teacher runs/teacher/checkpoint --data 'data/fashion-mnist/train' \
+        --out runs/cache.zarr --views 4 --seed 0 --targets logits,embedding,patches
+    accelerate launch -m teacher_cache.cli build ...        # ranks take disjoint input shards
+
+Pipeline, per process:
+- DataLoader workers read this rank's incomplete input shards (one worker per shard at a time), decode,
+  sample each view's parameters from (spec, seed, key, view) and render the teacher's input. At this
+  point we have batches that each belong to one input shard, in sample order, views consecutive.
+- The main thread only runs the teacher (one backbone pass gives logits, embedding and grid).
+- One writer thread encodes each batch as it comes and, at a shard's end, writes the shard and its
+  completion marker (`teacher_cache.store`), so neither encoding nor I/O stalls the teacher; a bounded
+  queue keeps the teacher from running away from a slow store.
+
+Resume is the store's: complete shards are skipped, the rest are redone from their first sample. Codecs
+that need fitting (PCA) are fitted once, by rank 0, on the teacher's outputs for the first views of the
+first input shards, and stored; every rank and every resumed run decodes with that stored state.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kt.config import config_dict, field, run_record
+from kt.errors import UserError
+from kt.models import TaskModel, create_model, load_checkpoint, model_fingerprint
+from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
+from kt.views import ViewSpec, load_view_spec, render, sample_params, to_tensor
+from teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
+from teacher_cache.store import CacheStore, shard_id_for
+
+TARGETS = ("logits", "embedding", "patches")
+
+
+@dataclass
+class BuildConfig:
+    teacher: str = field("", "teacher checkpoint folder (finetuned) or a model name (with --pretrained)")
+    pretrained: str = field("none", "weights when --teacher is a model name: none | package | hub | PATH")
+    data: str = field("", "transfer-set shards (shard spec)")
+    out: str = field("", "cache store: local path or fsspec URL")
+    views: int = field(4, "views per image; students cycle through them across epochs")
+    seed: int = field(0, "view seed; the student replays views from it")
+    targets: list = field(["logits"], "what to cache: logits,embedding,patches")
+    view_spec: str = field("train", "view preset name, JSON or file; the student must train with the same")
+    image_size: int = field(0, "teacher input size (0: the checkpoint's)")
+    batch_size: int = field(64, "teacher batch size")
+    workers: int = field(2, "DataLoader workers decoding and rendering")
+    codec: list = field([], "TARGET=SPEC overrides of the default codecs, e.g. logits=topk:k=10")
+    max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt")
+    fit_views: int = field(256, "teacher outputs sampled to fit PCA codecs")
+    overwrite: bool = field(False, "replace a cache of another teacher/view spec at --out")
+
+
+# -------------------------------------------------------------------------------------------- teacher
+def load_teacher(teacher: str, pretrained: str = "none", image_size: int = 0) -> TaskModel:
+    """A checkpoint folder (or its card/weights file) when the path exists, else a model name."""
+    path = Path(teacher)
+    if path.exists():
+        model = load_checkpoint(path)
+        if image_size and image_size != model.image_size:
+            model.image_size = image_size  # CNNs take any size; ViTs were built for the card's size
+        return model
+    if "/" in teacher or teacher.endswith((".safetensors", ".json")):
+        raise UserError(f"teacher not found: {teacher}")
+    return create_model(teacher, num_classes=0, pretrained=pretrained, image_size=image_size or 224)
+
+
+def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str]) -> dict[str, np.ndarray]:
+    """Raw float32 targets of one batch: logits (B, K), embedding (B, D), patches (B, h, w, C)."""
+    feats = model.forward_features(x)
+    out = {}
+    for t in targets:
+        if t == "patches":
+            out[t] = feats["grid"].permute(0, 2, 3, 1).float().cpu().numpy()
+        else:
+            out[t] = feats[t].float().cpu().numpy()
+    return out
+
+
+def parse_targets(targets: Sequence[str] | str, model: TaskModel) -> list[str]:
+    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    if not names:
+        raise UserError("no --targets given")
+    for t in names:
+        if t not in TARGETS:
+            raise UserError(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
+    if "logits" in names and model.num_classes <= 0:
+        raise UserError(f"target logits needs a teacher with a task head; {model.arch} has none "
+                        "(finetune it first, or cache embedding/patches)")
+    return names
+
+
+def parse_codecs(specs: Sequence[str], targets: Sequence[str]) -> dict[str, Codec]:
+    chosen = {t: DEFAULT_CODECS[t] for t in targets}
+    for item in specs:
+        if "=" not in item:
+            raise UserError(f"--codec takes TARGET=SPEC, got {item!r}")
+        target, spec = item.split("=", 1)
+        if target not in chosen:
+            raise UserError(f"--codec for {target!r}, which is not among --targets ({', '.join(targets)})")
+        chosen[target] = spec
+    return {t: parse_codec(spec, t) for t, spec in chosen.items()}
+
+
+def item_shapes(model: TaskModel, targets: Sequence[str], image_size: int) -> dict[str, tuple[int, ...]]:
+    with torch.inference_mode():
+        out = teacher_outputs(model.eval(), torch.zeros(1, 3, image_size, image_size), targets)
+    return {t: tuple(v.shape[1:]) for t, v in out.items()}
+
+
+def cache_attributes(model: TaskModel, spec: ViewSpec, cfg: BuildConfig, codecs: dict[str, Codec],
+                     shapes: dict[str, tuple], urls: Sequence[str]) -> dict:
+    record = run_record(cfg)
+    return {
+        "teacher": model_fingerprint(model),
+        "view": {"spec": spec.to_dict(), "seed": cfg.seed, "views_per_image": cfg.views,
+                 "image_size": cfg.image_size or model.image_size},
+        "targets": {t: {"codec": c.spec, "item_shape": list(shapes[t])} for t, c in codecs.items()},
+        "input_shards": {shard_id_for(u): u for u in urls},
+        "versions": record["versions"],
+        "git_revision": record["git_revision"],
+        "build_config": config_dict(cfg),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- data
+class ShardViewBatches(IterableDataset):
+    """Batches of rendered teacher views, each batch from one input shard.
+
+    Yields ("batch", url, sample_indices, view_indices, keys, params (b, P), x (b, 3, S, S)) and, after a
+    shard's last batch, ("end", url, keys, bad, n_read).
+    """
+
+    def __init__(self, urls: Sequence[str], spec: ViewSpec, seed: int, views: int, image_size: int,
+                 mean, std, batch_size: int):
+        self.urls, self.spec, self.seed, self.views = list(urls), spec, seed, views
+        self.image_size, self.mean, self.std, self.batch_size = image_size, mean, std, batch_size
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for url in split_urls(self.urls, worker=wid, num_workers=nw):
+            yield from self.shard_batches(url)
+
+    def shard_batches(self, url: str) -> Iterator[tuple]:
+        bad = BadSamples(max_fraction=1.0)
+        keys: list[str] = []
+        buf: list[tuple] = []
+        for sample in iter_samples([url], bad=bad):
+            i = len(keys)
+            keys.append(sample.key)
+            for v in range(self.views):
+                params = sample_params(self.spec, self.seed, sample.key, v)
+                x = to_tensor(render(sample.image, params, self.image_size), self.mean, self.std)
+                buf.append((i, v, params, x))
+                if len(buf) == self.batch_size:
+                    yield self._batch(url, buf, keys)
+                    buf = []
+        if buf:
+            yield self._batch(url, buf, keys)
+        yield ("end", url, keys, bad.bad, bad.total)
+
+    @staticmethod
+    def _batch(url: str, buf: list[tuple], keys: list[str]) -> tuple:
+        idx = np.array([b[0] for b in buf])
+        return ("batch", url, idx, np.array([b[1] for b in buf]), [keys[i] for i in idx],
+                np.stack([b[2] for b in buf]), torch.stack([b[3] for b in buf]))
+
+
+def view_loader(urls, spec, seed, views, image_size, mean, std, batch_size, workers) -> DataLoader:
+    dataset = ShardViewBatches(urls, spec, seed, views, image_size, mean, std, batch_size)
+    workers = min(workers, len(urls))
+    return DataLoader(dataset, batch_size=None, num_workers=workers,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+# -------------------------------------------------------------------------------------------- writer
+class ShardAssembler:
+    """Encoded parts of one input shard, filled batch by batch, stacked to (N, V, ...) at the end."""
+
+    def __init__(self, views: int, codecs: dict[str, Codec]):
+        self.views, self.codecs = views, codecs
+        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, dict]] = []
+
+    def add(self, idx, vidx, params, raw: dict[str, np.ndarray]) -> None:
+        self.rows.append((idx, vidx, params, {t: self.codecs[t].encode(raw[t]) for t in self.codecs}))
+
+    def finish(self, n: int) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+        idx = np.concatenate([r[0] for r in self.rows]) if self.rows else np.zeros(0, int)
+        vidx = np.concatenate([r[1] for r in self.rows]) if self.rows else np.zeros(0, int)
+        if len(idx) != n * self.views:
+            raise RuntimeError(f"shard assembled {len(idx)} views, expected {n} x {self.views}")
+        order = np.lexsort((vidx, idx))  # batches arrive in order already; this makes it a checked fact
+        params = np.concatenate([r[2] for r in self.rows])[order].reshape(n, self.views, -1)
+        targets = {}
+        for t in self.codecs:
+            targets[t] = {}
+            for part in self.rows[0][3][t] if self.rows else {}:
+                stacked = np.concatenate([r[3][t][part] for r in self.rows])[order]
+                targets[t][part] = stacked.reshape(n, self.views, *stacked.shape[1:])
+        return params, targets
+
+
+class Writer(threading.Thread):
+    """Encodes batches and writes finished shards off the teacher's thread, in arrival order."""
+
+    def __init__(self, store: CacheStore, views: int, codecs: dict[str, Codec], rank: int, max_pending: int = 8):
+        super().__init__(daemon=True)
+        self.store, self.views, self.codecs, self.rank = store, views, codecs, rank
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.shards: dict[str, ShardAssembler] = {}
+        self.error: BaseException | None = None
+        self.written: list[dict] = []
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the main thread raises it
+            try:
+                self._do(job)
+            except BaseException as e:  # noqa: BLE001 -- handed to the main thread
+                self.error = e
+
+    def _do(self, job: tuple) -> None:
+        if job[0] == "batch":
+            _, url, idx, vidx, params, raw = job
+            self.shards.setdefault(url, ShardAssembler(self.views, self.codecs)).add(idx, vidx, params, raw)
+            return
+        _, url, keys, bad, n_read = job
+        assembler = self.shards.pop(url, ShardAssembler(self.views, self.codecs))
+        params, targets = assembler.finish(len(keys))
+        if not keys:
+            targets = {t: {} for t in self.codecs}
+        self.store.write_shard(shard_id_for(url), url, keys, params, targets, bad, rank=self.rank)
+        self.written.append({"url": url, "samples": len(keys), "bad": len(bad), "read": n_read})
+
+    def put(self, job) -> None:
+        self.check()
+        self.jobs.put(job)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        self.check()
+
+
+# ----------------------------------------------------------------------------------------- the build
+def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], spec: ViewSpec, seed: int,
+               views: int, image_size: int, batch_size: int, n_views: int) -> None:
+    """Fit codecs that learn from data (PCA) on the teacher's outputs for the first views of the data."""
+    needs = [t for t, c in codecs.items() if type(c).fit is not Codec.fit]
+    if not needs:
+        return
+    dataset = ShardViewBatches(urls, spec, seed, views, image_size, model.mean, model.std, batch_size)
+    got: dict[str, list[np.ndarray]] = {t: [] for t in needs}
+    n = 0
+    for item in dataset:
+        if item[0] != "batch":
+            continue
+        with torch.inference_mode():
+            raw = teacher_outputs(model, item[6], needs)
+        for t in needs:
+            got[t].append(raw[t])
+        n += len(item[2])
+        if n >= n_views:
+            break
+    for t in needs:
+        codecs[t].fit(np.concatenate(got[t])[:n_views])
+
+
+def build_cache(cfg: BuildConfig) -> dict:
+    """Run the build for this process's share of the input shards; returns a summary."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    for name in ("teacher", "data", "out"):
+        if not getattr(cfg, name):
+            raise UserError(f"--{name} is required")
+    if cfg.views < 1:
+        raise UserError("--views must be at least 1")
+    state = PartialState()
+    urls = expand_shards(cfg.data)
+    ids = [shard_id_for(u) for u in urls]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"two input shards map to the cache shard id {dup!r}; give shards distinct names")
+    spec = load_view_spec(cfg.view_spec)
+    model = load_teacher(cfg.teacher, cfg.pretrained, cfg.image_size).eval()
+    image_size = cfg.image_size or model.image_size
+    targets = parse_targets(cfg.targets, model)
+    codecs = parse_codecs(cfg.codec, targets)
+    shapes = item_shapes(model, targets, image_size)
+    classes = load_classes(urls)  # recorded for the reader's "which transfer set" message only
+    attrs = cache_attributes(model, spec, cfg, codecs, shapes, urls)
+    attrs["transfer_classes"] = classes
+
+    if state.is_main_process:
+        store = CacheStore.create(cfg.out, attrs, overwrite=cfg.overwrite)
+        if any(store.read_codec_state(t) is None for t in targets):  # a fresh cache (not a resumed one)
+            fit_codecs(model, codecs, urls, spec, cfg.seed, cfg.views, image_size, cfg.batch_size, cfg.fit_views)
+            for t, codec in codecs.items():
+                codec.item_shape = shapes[t]
+                store.write_codec_state(t, *codec.state())
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        store = CacheStore.open(cfg.out, mode="r+")
+    codecs = store.load_codecs()
+
+    done = store.completed()
+    mine = [u for u in split_urls(urls, state.process_index, state.num_processes) if shard_id_for(u) not in done]
+    summary = {"out": cfg.out, "rank": state.process_index, "shards_total": len(urls),
+               "shards_skipped": len(split_urls(urls, state.process_index, state.num_processes)) - len(mine),
+               "shards_written": 0, "samples": 0, "bad": 0, "views_per_s": 0.0}
+    if mine:
+        writer = Writer(store, cfg.views, codecs, state.process_index)
+        writer.start()
+        bar = tqdm(desc=f"kt-cache build (rank {state.process_index})", unit="view", mininterval=1.0,
+                   disable=not state.is_local_main_process, dynamic_ncols=True)
+        start, n_views = time.perf_counter(), 0
+        try:
+            for item in view_loader(mine, spec, cfg.seed, cfg.views, image_size, model.mean, model.std,
+                                    cfg.batch_size, cfg.workers):
+                if item[0] == "batch":
+                    _, url, idx, vidx, keys, params, x = item
+                    with torch.inference_mode():
+                        raw = teacher_outputs(model, x, targets)
+                    writer.put(("batch", url, idx, vidx, params, raw))
+                    n_views += len(idx)
+                    bar.update(len(idx))
+                else:
+                    writer.put(item)
+                    bar.set_postfix(shards=f"{len(writer.written)}/{len(mine)}")
+        finally:
+            bar.close()
+            writer.close()
+        elapsed = time.perf_counter() - start
+        summary.update(shards_written=len(writer.written), samples=sum(w["samples"] for w in writer.written),
+                       bad=sum(w["bad"] for w in writer.written), views_per_s=n_views / max(elapsed, 1e-9))
+        read = sum(w["read"] for w in writer.written)
+        if read and summary["bad"] / read > cfg.max_bad_fraction:
+            raise UserError(f"{summary['bad']} of {read} samples were bad (> {cfg.max_bad_fraction:.1%}); "
+                            f"they are recorded per shard in {cfg.out} (kt-cache info)")
+    state.wait_for_everyone()
+    return summary

@@ -1,0 +1,99 @@
+"""kt-student finetune / eval: exact resume, the run folder contract, CLI refusals (in-process)."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from student.cli import main
+
+TINY = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+        "--labels-per-class", "3", "--epochs", "2", "--lr", "0.01", "--log-every", "1"]
+
+
+def finetune(fmnist, out, *extra):
+    return main(["finetune", "--data", str(fmnist["root"] / "train"), *TINY, "--out", str(out), *extra])
+
+
+def weights(run):
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def test_resume_mid_epoch_equals_uninterrupted(fmnist, tmp_path, capsys):
+    assert finetune(fmnist, tmp_path / "a") == 0
+    # killed after 4 of 6 optimizer steps (mid second epoch), then the same command again
+    assert finetune(fmnist, tmp_path / "b", "--stop-after-steps", "4") == 0
+    assert not (tmp_path / "b" / "checkpoint").exists()
+    progress = json.loads((tmp_path / "b" / "state" / "progress.json").read_text())
+    assert progress == {"epoch": 1, "batches_in_epoch": 1, "global_step": 4}
+    assert finetune(fmnist, tmp_path / "b") == 0
+    assert "resuming at epoch 1, batch 1, step 4" in capsys.readouterr().out
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+    la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in la] == [x["loss"] for x in lb]
+
+
+def test_finetune_eval_and_aggregate(fmnist, tmp_path, capsys):
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"s{seed}"
+        assert finetune(fmnist, run, "--val-data", str(fmnist["root"] / "test"), "--seed", str(seed)) == 0
+        runs.append(str(run))
+    capsys.readouterr()
+    card = json.loads((tmp_path / "s0" / "checkpoint" / "card.json").read_text())
+    assert card["arch"] == "test_efficientnet" and card["classes"][0] == "T-shirt/top"
+    assert main(["eval", "--checkpoint", runs[0], "--data", str(fmnist["root"] / "test"), "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "s0" / "eval.json").read_text())
+    assert result["top1"] == saved["top1"] and result["n"] == 100
+    assert sum(map(sum, result["confusion_matrix"])) == 100
+    assert main(["eval", "--runs", *runs]) == 0
+    agg = json.loads(capsys.readouterr().out)
+    assert agg["runs"] == 2 and len(agg["top1"]) == 2
+    assert abs(agg["top1_mean"] - sum(agg["top1"]) / 2) < 1e-12
+
+
+def test_corrupt_images_are_skipped(corrupt_shard, tmp_path, capsys):
+    code = main(["finetune", "--data", corrupt_shard[0], "--model", "test_efficientnet", "--image-size", "32",
+                 "--labels-per-class", "2", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                 "--max-bad-fraction", "0.5", "--out", str(tmp_path / "r")])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["labeled_images"] == 4 and summary["completed"]
+
+
+def assert_user_error(capsys, argv, pattern):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert pattern in err, err
+
+
+def test_cli_refusals(fmnist, tmp_path, capsys):
+    data = str(fmnist["root"] / "train")
+    assert_user_error(capsys, ["finetune", "--data", "/nonexistent/{0..3}.tar", *TINY, "--out", str(tmp_path / "x")],
+                      "shard not found")
+    assert_user_error(capsys, ["finetune", "--data", data, *TINY, "--model", "fastvit_s1200", "--out",
+                               str(tmp_path / "x")], "fastvit_s1200")
+    assert_user_error(capsys, ["finetune", "--data", data, *TINY, "--labels-per-class", "500", "--out",
+                               str(tmp_path / "x")], "--labels-per-class 500")
+    # an output folder holding another run is refused and left as it was
+    assert finetune(fmnist, tmp_path / "run") == 0
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    assert_user_error(capsys, ["finetune", "--data", data, *TINY, "--lr", "0.5", "--out", str(tmp_path / "run")],
+                      "holds another run (lr: 0.01 there, 0.5 now)")
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert_user_error(capsys, ["finetune", "--data", data, *TINY, "--out", str(tmp_path / "other")], "holds no kt run")
+    bad_ckpt = tmp_path / "ckpt"
+    bad_ckpt.mkdir()
+    (bad_ckpt / "card.json").write_text("{not json")
+    assert_user_error(capsys, ["eval", "--checkpoint", str(bad_ckpt), "--data", data], "")
+    assert_user_error(capsys, ["eval", "--checkpoint", str(tmp_path / "missing"), "--data", data], "")
+    assert_user_error(capsys, ["eval", "--runs", str(tmp_path / "other")], "eval.json")
