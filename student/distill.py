@@ -1,0 +1,272 @@
+"""`kt-student train`: train a student from the teacher cache (or, as a baseline, with the teacher online).
+
+    kt-student train --model mobilevitv2_050 --cache runs/cache.zarr --data data/fashion-mnist/train \
+        --objective task --epochs 10 --out runs/student-distill
+    kt-student train --model mobilevitv2_050 --teacher runs/teacher/checkpoint --data ... --objective task ...
+    kt-student finetune --init runs/student-distill --data ... --labels-per-class 50 --out runs/student
+
+The student sees each cached view re-rendered at its own input size from the stored parameters, so it
+never loads the teacher; one cache serves any student architecture. The online mode renders the same
+views (sampled from the seed) for both models and runs the teacher in the step: the baseline one would
+write by hand, and the reference for `tools/bench.py distill`.
+
+Outputs in `--out`: `checkpoint/` (the student with its task head when the objective has one),
+`objective.safetensors` (projection heads and temperature), config/run records, metrics, `state/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kt.config import config_dict, field, write_run_record
+from kt.errors import UserError
+from kt.models import TaskModel, create_model, save_checkpoint
+from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
+from kt.views import load_view_spec
+from student.finetune import CHECKPOINT_DIR, check_out_dir
+from student.losses import OBJECTIVES, DistillObjective, create_objective
+from student.stream import VIEW_POLICIES, ReplayStream, StreamSpec, steps_per_epoch, stream_loader
+from student.train import OptimConfig, fit
+
+
+@dataclass
+class DistillConfig(OptimConfig):
+    model: str = field("mobilevitv2_050", "the student: any timm name")
+    pretrained: str = field("none", "student initial weights: none | package | hub | PATH")
+    cache: str = field("", "teacher cache (kt-cache build); or use --teacher for the online baseline")
+    teacher: str = field("", "online-teacher mode: teacher checkpoint folder or model name (no cache)")
+    teacher_pretrained: str = field("none", "weights when --teacher is a model name")
+    data: str = field("", "transfer-set shards (the ones the cache was built from)")
+    objective: str = field("task", "task | embedding-contrastive | patch-cosine")
+    temperature: float = field(1.0, "task objective: KL temperature (the loss is scaled by T^2)")
+    project_teacher: bool = field(False, "embedding-contrastive: also project the teacher side (DINOv2 variant)")
+    view_policy: str = field("cycle", "which cached view an epoch uses: cycle (epoch mod V) | random (seeded)")
+    views: int = field(4, "online mode: views per image to draw from (a cache fixes its own)")
+    view_spec: str = field("", "expected view spec ('' accepts the cache's; online mode default: train)")
+    view_seed: int = field(0, "online mode: view seed (a cache fixes its own)")
+    expect_teacher: str = field("", "teacher checkpoint the cache must have been built from ('' skips)")
+    expect_classes: str = field("", "classes.json or shard dir whose classes the teacher must have ('' skips)")
+    image_size: int = field(64, "student input size; views are re-rendered at it")
+    batch_size: int = field(64, "images per process per step")
+    workers: int = field(2, "DataLoader workers rendering views")
+    out: str = field("", "run folder")
+
+
+class Distiller(nn.Module):
+    """Student + objective as one module, so that DDP sees a single forward per step."""
+
+    def __init__(self, student: TaskModel, objective: DistillObjective, teacher: TaskModel | None = None):
+        super().__init__()
+        self.student, self.objective = student, objective
+        self.teacher = [teacher]  # a list keeps it out of parameters(), state_dict() and DDP
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        out = self.student.forward_features(batch["x"])
+        targets = batch.get("targets")
+        if targets is None:
+            teacher = self.teacher[0]
+            with torch.inference_mode():
+                feats = teacher.forward_features(batch["teacher_x"])
+            targets = {"logits": feats.get("logits"), "embedding": feats["embedding"],
+                       "patches": feats["grid"].permute(0, 2, 3, 1)}
+            targets = {k: v.clone() for k, v in targets.items() if v is not None and k in self.objective.needs}
+        return self.objective(out, targets)
+
+
+class CacheSource:
+    """Per input shard: cached keys, stored view parameters, and a per-batch target decoder."""
+
+    def __init__(self, reader, targets: list[str]):
+        self.reader, self.targets = reader, targets
+
+    def __call__(self, url: str):
+        # views are checked per used (key, view) by the stream, not all V per sample here
+        shard = self.reader.shard(url, self.targets, check_views=False)
+        codecs = self.reader.codecs
+
+        def targets_fn(rows: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+            # decode only the (row, view) pairs of the batch
+            return {t: codecs[t].decode({p: a[rows, views] for p, a in shard.encoded[t].items()})
+                    .astype(np.float32, copy=False) for t in self.targets}
+
+        return shard.keys, shard.params, targets_fn
+
+
+def target_dims(reader) -> dict[str, int]:
+    """Sizes of what the cache holds, in `create_objective`'s terms (absent targets left out)."""
+    shapes = {t: e["item_shape"] for t, e in reader.attrs["targets"].items()}
+    dims = {}
+    if "logits" in shapes:
+        dims["num_classes"] = shapes["logits"][0]
+    if "embedding" in shapes:
+        dims["embedding"] = shapes["embedding"][0]
+    if "patches" in shapes:
+        dims["patches"] = shapes["patches"][-1]
+    return dims
+
+
+class FreshSource:
+    """Online mode: keys of a data shard, views sampled from the seed, targets from the teacher in the step."""
+
+    def __init__(self, keys_by_url: dict[str, list[str]]):
+        self.keys_by_url = keys_by_url
+
+    def __call__(self, url: str):
+        return self.keys_by_url[url], None, None
+
+
+def shard_keys(urls) -> dict[str, list[str]]:
+    """Keys of the decodable samples of each shard (one decoding pass; online mode and key checks)."""
+    bad = BadSamples(max_fraction=1.0)
+    out: dict[str, list[str]] = {u: [] for u in urls}
+    for s in iter_samples(urls, bad=bad):
+        out[s.shard].append(s.key)
+    return out
+
+
+def check_data_matches_cache(reader, urls) -> list[int]:
+    """Samples per shard as cached; refuses data whose keys the cache lacks (naming a few), reading keys only."""
+    sizes = []
+    for url in urls:
+        shard = reader.shard(url, [], check_views=False)
+        known = set(shard.keys) | {b["key"] for b in shard.bad}
+        extra = [s.key for s in iter_samples([url], decode=False, bad=BadSamples(1.0)) if s.key not in known]
+        if extra:
+            raise UserError(f"{len(extra)} samples of {url} are not in the cache, e.g. {', '.join(extra[:3])}; "
+                            "rebuild the cache for this data or pass the shards it was built from")
+        sizes.append(len(shard.keys))
+    return sizes
+
+
+def reader_targets(url: str) -> list[str]:
+    from teacher_cache.reader import CacheReader
+
+    return list(CacheReader(url).attrs["targets"])
+
+
+def load_expected_classes(arg: str) -> list[str] | None:
+    """Class names from a classes.json file or from the classes.json beside a shard spec."""
+    if not arg:
+        return None
+    if arg.endswith(".json"):
+        if not Path(arg).exists():
+            raise UserError(f"classes file not found: {arg}")
+        return json.loads(Path(arg).read_text())
+    classes = load_classes(expand_shards(arg))
+    if classes is None:
+        raise UserError(f"no classes.json beside {arg}")
+    return classes
+
+
+def run_distill(cfg: DistillConfig) -> dict:
+    from accelerate import Accelerator
+
+    for name in ("data", "out"):
+        if not getattr(cfg, name):
+            raise UserError(f"--{name} is required")
+    if bool(cfg.cache) == bool(cfg.teacher):
+        raise UserError("give exactly one of --cache (cached targets) and --teacher (online teacher)")
+    if cfg.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if cfg.view_policy not in VIEW_POLICIES:
+        raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
+    out = Path(cfg.out)
+    resuming = check_out_dir(out, cfg)
+    urls = expand_shards(cfg.data)
+    needs = OBJECTIVES[cfg.objective].needs
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with="tensorboard", project_dir=str(out))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    expected_classes = load_expected_classes(cfg.expect_classes)
+
+    teacher = None
+    if cfg.cache:
+        from teacher_cache.reader import CacheReader
+
+        expect = {}
+        if cfg.view_spec:
+            expect["view"] = {"spec": load_view_spec(cfg.view_spec).to_dict()}
+        if expected_classes is not None:
+            expect["classes"] = expected_classes
+        if cfg.expect_teacher:
+            from kt.models import checkpoint_fingerprint
+
+            expect["teacher"] = checkpoint_fingerprint(cfg.expect_teacher)
+        held = list(reader_targets(cfg.cache))
+        missing = [t for t in needs if t not in held]
+        if missing:
+            raise UserError(f"objective {cfg.objective} needs cached {', '.join(missing)}; "
+                            f"the cache holds {', '.join(held)}")
+        reader = CacheReader(cfg.cache, targets=list(needs), expect=expect or None)
+        reader.require_complete(urls)
+        sizes = check_data_matches_cache(reader, urls)
+        view_spec, view_seed, views = reader.view_spec, reader.seed, reader.views_per_image
+        teacher_dims = target_dims(reader)
+        source = CacheSource(reader, list(needs))
+        teacher_classes = reader.classes
+    else:
+        from teacher_cache.build import load_teacher
+
+        teacher = load_teacher(cfg.teacher, cfg.teacher_pretrained).eval()
+        if expected_classes is not None and teacher.classes != expected_classes:
+            raise UserError(f"teacher classes {teacher.classes} differ from the expected {expected_classes}")
+        view_spec = load_view_spec(cfg.view_spec or "train")
+        view_seed, views = cfg.view_seed, cfg.views
+        keys = shard_keys(urls)
+        sizes = [len(keys[u]) for u in urls]
+        source = FreshSource(keys)
+        teacher_dims = {"num_classes": teacher.num_classes, "embedding": teacher.embedding_dim,
+                        "patches": teacher.grid_dim}
+        teacher_classes = teacher.classes
+
+    num_classes = teacher_dims.get("num_classes", 0) if cfg.objective == "task" else 0
+    torch.manual_seed(cfg.seed)
+    student = create_model(cfg.model, num_classes=num_classes or 0, pretrained=cfg.pretrained,
+                           image_size=cfg.image_size)
+    student_dims = {"embedding": student.embedding_dim, "grid": student.grid_dim, "num_classes": student.num_classes}
+    options = {"temperature": cfg.temperature} if cfg.objective == "task" else \
+        {"project_teacher": cfg.project_teacher} if cfg.objective == "embedding-contrastive" else {}
+    objective = create_objective(cfg.objective, student_dims, teacher_dims, **options)
+    model = Distiller(student, objective, teacher)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    if not resuming and accelerator.is_main_process:
+        write_run_record(out, cfg)
+
+    spec = StreamSpec(tuple(urls), tuple(sizes), cfg.batch_size, cfg.seed, rank, world, cfg.workers)
+    steps = steps_per_epoch(spec)
+    if steps == 0:
+        raise UserError("the transfer set is empty (or smaller than one batch per process)")
+
+    def make_loader(epoch: int, skip: int):
+        return stream_loader(ReplayStream(
+            spec, epoch, skip, source, view_spec, view_seed, views, cfg.view_policy, cfg.image_size,
+            student.mean, student.std, teacher_size=teacher.image_size if teacher is not None else 0,
+            teacher_norm=(teacher.mean, teacher.std) if teacher is not None else None))
+
+    def loss_fn(modules, batch):
+        device = accelerator.device
+        batch = {k: (v.to(device) if torch.is_tensor(v) else
+                     {t: a.to(device) for t, a in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
+        return modules(batch)
+
+    result = fit(cfg, model, make_loader, steps, loss_fn, out, accelerator=accelerator,
+                 desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True)
+    summary = {"out": str(out), "model": cfg.model, "objective": cfg.objective, "completed": result.completed,
+               "steps": result.global_step, "steps_per_epoch": steps, "last": result.last_metrics}
+    if result.completed and result.is_main_process:
+        from safetensors.torch import save_file
+
+        student = student.float().eval()
+        classes = teacher_classes if num_classes and teacher_classes and len(teacher_classes) == num_classes else None
+        save_checkpoint(student, out / CHECKPOINT_DIR, classes=classes,
+                        extra={"run": config_dict(cfg), "distilled_from": cfg.cache or cfg.teacher})
+        save_file({k: v.detach().contiguous() for k, v in objective.state_dict().items()},
+                  str(out / "objective.safetensors"))
+    return summary

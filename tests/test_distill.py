@@ -1,0 +1,183 @@
+"""kt-student train: objectives from the cache, replay alignment, resume, reuse, online mode, refusals."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kt.models import load_checkpoint
+from kt.shards import iter_samples
+from kt.views import render, to_tensor
+from student.cli import main
+from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.reader import CacheReader
+
+
+@pytest.fixture(scope="module")
+def teacher(fmnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    assert main(["finetune", "--model", "test_efficientnet", "--data", str(fmnist["root"] / "train"),
+                 "--labels-per-class", "3", "--epochs", "1", "--image-size", "32", "--batch-size", "10",
+                 "--workers", "0", "--out", str(out)]) == 0
+    return out / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def cache(fmnist, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "c.zarr"
+    build_cache(BuildConfig(teacher=str(teacher), data=str(fmnist["root"] / "train"), out=str(out), views=2,
+                            targets=["logits", "embedding", "patches"], image_size=32, batch_size=50, workers=0,
+                            codec=["logits=fp16", "embedding=fp16", "patches=fp16"]))
+    return out
+
+
+def train(fmnist, cache, out, *extra, student="test_vit"):
+    return main(["train", "--model", student, "--cache", str(cache), "--data", str(fmnist["root"] / "train"),
+                 "--image-size", "32", "--batch-size", "32", "--epochs", "2", "--workers", "0",
+                 "--log-every", "1", "--out", str(out), *extra])
+
+
+def losses(run):
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["task", "embedding-contrastive", "patch-cosine"])
+def test_each_objective_trains_from_cache(fmnist, cache, tmp_path, objective, capsys):
+    assert train(fmnist, cache, tmp_path / "r", "--objective", objective, "--lr", "0.003") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["completed"] and summary["steps"] == 2 * 10  # 300 samples / 32 -> 10 batches per epoch
+    model = load_checkpoint(tmp_path / "r" / "checkpoint")
+    assert model.num_classes == (10 if objective == "task" else 0)
+    heads = load_file(str(tmp_path / "r" / "objective.safetensors"))
+    assert heads or objective == "task"
+    assert all(np.isfinite(losses(tmp_path / "r")))
+
+
+def test_student_view_replays_what_the_teacher_saw(fmnist, cache, teacher):
+    """Stream batches carry the stored params; rendered at the teacher's size they give the cached targets."""
+    from student.distill import CacheSource
+    from student.stream import ReplayStream, StreamSpec
+
+    reader = CacheReader(str(cache))
+    urls = fmnist["train"]
+    spec = StreamSpec(tuple(urls), (100, 100, 100), 16, seed=0, workers=0)
+    model = load_checkpoint(teacher)
+    stream = ReplayStream(spec, 1, 0, CacheSource(reader, ["logits", "patches"]), reader.view_spec, reader.seed,
+                          reader.views_per_image, "cycle", 24, model.mean, model.std)
+    batch = next(iter(stream))
+    images = {s.key: s.image for s in iter_samples(urls)}
+    for i, key in enumerate(batch["keys"][:6]):
+        shard = reader.shard(next(u for u in urls if key in reader.shard(u, []).rows), ["logits"])
+        row, v = shard.rows[key], int(batch["views"][i])
+        assert v == 1  # epoch 1 with the cycle policy
+        assert np.array_equal(batch["params"][i].numpy(), shard.params[row, v])
+        # the student's pixels: the stored view at its own size
+        student_x = to_tensor(render(images[key], shard.params[row, v], 24), model.mean, model.std)
+        assert torch.equal(batch["x"][i], student_x)
+        # the teacher's pixels: the same view at the teacher's size reproduce the cached targets
+        with torch.no_grad():
+            fresh = model.forward_features(to_tensor(render(images[key], shard.params[row, v], 32),
+                                                     model.mean, model.std)[None])
+        np.testing.assert_allclose(batch["targets"]["logits"][i].numpy(), fresh["logits"][0].numpy(),
+                                   rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(batch["targets"]["patches"][i].numpy(),
+                                   fresh["grid"][0].permute(1, 2, 0).numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_resume_mid_epoch_equals_uninterrupted(fmnist, cache, tmp_path):
+    assert train(fmnist, cache, tmp_path / "a", "--objective", "patch-cosine") == 0
+    assert train(fmnist, cache, tmp_path / "b", "--objective", "patch-cosine", "--stop-after-steps", "13") == 0
+    assert json.loads((tmp_path / "b" / "state" / "progress.json").read_text())["batches_in_epoch"] == 3
+    assert train(fmnist, cache, tmp_path / "b", "--objective", "patch-cosine") == 0
+    for name in ("checkpoint/model.safetensors", "objective.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_one_cache_trains_two_architectures(fmnist, cache, tmp_path):
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    for student in ("test_vit", "test_convnext"):
+        assert train(fmnist, cache, tmp_path / student, "--objective", "task", "--epochs", "1",
+                     student=student) == 0
+        assert load_checkpoint(tmp_path / student / "checkpoint").arch == student
+    assert before == {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+
+
+def test_online_teacher_matches_cached(fmnist, cache, teacher, tmp_path):
+    """Same views, same student init: the online baseline's losses equal the cached run's (fp16 targets)."""
+    assert train(fmnist, cache, tmp_path / "cached", "--objective", "task", "--epochs", "1") == 0
+    assert main(["train", "--model", "test_vit", "--teacher", str(teacher), "--views", "2",
+                 "--data", str(fmnist["root"] / "train"), "--image-size", "32", "--batch-size", "32",
+                 "--epochs", "1", "--workers", "0", "--log-every", "1", "--objective", "task",
+                 "--out", str(tmp_path / "online")]) == 0
+    np.testing.assert_allclose(losses(tmp_path / "online"), losses(tmp_path / "cached"), rtol=5e-3, atol=1e-4)
+
+
+def test_finetune_init_from_distilled(fmnist, cache, tmp_path, capsys):
+    assert train(fmnist, cache, tmp_path / "d", "--objective", "patch-cosine", "--epochs", "1") == 0
+    assert main(["finetune", "--init", str(tmp_path / "d"), "--data", str(fmnist["root"] / "train"),
+                 "--labels-per-class", "2", "--epochs", "1", "--image-size", "32", "--batch-size", "10",
+                 "--workers", "0", "--out", str(tmp_path / "f")]) == 0
+    distilled = load_file(str(tmp_path / "d" / "checkpoint" / "model.safetensors"))
+    model = load_checkpoint(tmp_path / "f" / "checkpoint")
+    assert model.arch == "test_vit" and model.num_classes == 10
+    # started from the distilled backbone: some weights moved, the embedding table shape is the same
+    final = load_file(str(tmp_path / "f" / "checkpoint" / "model.safetensors"))
+    assert {k for k in distilled if k.startswith("backbone.")} == {k for k in final if k.startswith("backbone.")}
+
+
+def refuse(capsys, argv, pattern):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and pattern in err, err
+
+
+def test_refusals(fmnist, cache, teacher, tmp_path, capsys):
+    base = ["train", "--model", "test_vit", "--cache", str(cache), "--image-size", "32", "--workers", "0"]
+    data = ["--data", str(fmnist["root"] / "train")]
+    refuse(capsys, base + data + ["--objective", "distill", "--out", str(tmp_path / "x")], "unknown objective")
+    refuse(capsys, base + data + ["--view-spec", "light", "--out", str(tmp_path / "x")], "view")
+    other_classes = tmp_path / "classes.json"
+    other_classes.write_text(json.dumps([f"c{i}" for i in range(10)]))
+    refuse(capsys, base + data + ["--expect-classes", str(other_classes), "--out", str(tmp_path / "x")], "classes")
+    # another teacher: same card, other weights
+    other = tmp_path / "other"
+    model = load_checkpoint(teacher)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    from kt.models import save_checkpoint
+
+    save_checkpoint(model, other, classes=model.classes)
+    refuse(capsys, base + data + ["--expect-teacher", str(other), "--out", str(tmp_path / "x")], "weights_sha256")
+    # data the cache was not built from (Fashion-MNIST test keys)
+    refuse(capsys, base + ["--data", fmnist["test"][0], "--out", str(tmp_path / "x")], "")
+    # an objective whose target the cache lacks
+    small = tmp_path / "logits.zarr"
+    build_cache(BuildConfig(teacher=str(teacher), data=fmnist["train"][0], out=str(small), views=1,
+                            targets=["logits"], image_size=32, workers=0))
+    refuse(capsys, ["train", "--model", "test_vit", "--cache", str(small), "--data", fmnist["train"][0],
+                    "--objective", "patch-cosine", "--out", str(tmp_path / "x")], "the cache holds logits")
+    # shards the cache has not completed
+    refuse(capsys, ["train", "--model", "test_vit", "--cache", str(small), "--data", str(fmnist["root"] / "train"),
+                    "--objective", "task", "--out", str(tmp_path / "x")], "incomplete")
+    refuse(capsys, ["train", "--model", "test_vit", "--data", fmnist["train"][0], "--out", str(tmp_path / "x")],
+           "exactly one of --cache")
+
+
+@pytest.mark.slow
+def test_two_process_training(fmnist, cache, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "-m", "student.cli", "train", "--model", "test_vit", "--cache", str(cache),
+           "--data", str(fmnist["root"] / "train"), "--image-size", "32", "--batch-size", "16", "--epochs", "1",
+           "--workers", "0", "--objective", "task", "--out", str(tmp_path / "ddp")]
+    subprocess.run(cmd, check=True, timeout=600)
+    progress = json.loads((tmp_path / "ddp" / "state" / "progress.json").read_text())
+    # 3 shards over 2 ranks: the shorter rank sets the common step count
+    assert progress["global_step"] > 0
+    assert (tmp_path / "ddp" / "checkpoint" / "model.safetensors").exists()
