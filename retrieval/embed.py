@@ -1,0 +1,218 @@
+"""Embedding stores from images, from files computed elsewhere, and from class-name prompts.
+
+    kt-retrieve embed --encoder open_clip:ViT-L-14@openai --pretrained hub --data 'shards/{0..99}.tar' --out g.emb
+    kt-retrieve import --embeddings img_emb_0.npy --keys keys.txt --encoder open_clip:ViT-L-14@openai --out g.emb
+    kt-retrieve embed-text --encoder open_clip:ViT-L-14@openai --classes classes.json --out q.emb
+
+Image embeddings are the model's global feature of the deterministic `eval` view, L2-normalised by
+default (the usual space for CLIP retrieval). `embed` commits shard by shard, so `--resume` continues a
+killed run at the first unfinished shard. Text queries average the normalised embeddings of every
+template's prompt per class and normalise the mean (CLIP's zero-shot classifier recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kt.errors import UserError
+from retrieval.store import StoreWriter, from_arrays, is_normalized, l2_normalize, write_store
+from retrieval.templates import TEMPLATES
+
+DEFAULT_ENCODER = "open_clip:ViT-L-14@openai"  # the paper's retrieval encoder
+RANDOM_INIT_SEED = 0  # random-init encoders (tests, smoke runs) are reproducible across runs
+
+
+def _batches(items: Iterable, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encoder_fingerprint(name: str, pretrained: str, modality: str, model_fp: dict | None) -> dict:
+    return {"name": name, "pretrained": pretrained, "modality": modality, "model": model_fp}
+
+
+def _to_tensor(images: Sequence, mean, std):
+    import torch
+
+    x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # (B, H, W, 3)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", image_size: int = 224,
+                 batch_size: int = 64, normalize: bool = True, resume: bool = False, device: str = "cpu") -> str:
+    """Embed every sample of the shards `data` into the store `out`, shard by shard."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from kt.models import create_model, model_fingerprint
+    from kt.shards import BadSamples, expand_shards, is_url, iter_samples
+    from kt.views import VIEW_PRESETS, render, sample_params
+
+    urls = [u if is_url(u) else os.path.abspath(u) for u in expand_shards(data)]
+    if pretrained == "none":
+        torch.manual_seed(RANDOM_INIT_SEED)
+    model = create_model(encoder, num_classes=0, pretrained=pretrained, image_size=image_size).eval().to(device)
+    fp = encoder_fingerprint(encoder, pretrained, "image", model_fingerprint(model))
+    writer = StoreWriter(out, model.embedding_dim, fp, normalize, {"kind": "shards", "shards": urls},
+                         resume=resume)
+    if resume and writer.group.attrs["source"].get("shards") != urls:
+        raise UserError(f"{out} was embedded from other shards; --resume needs the same --data")
+    done = set(writer.shards_done)
+    spec = VIEW_PRESETS["eval"]
+    bad = BadSamples()
+    todo = [(i, u) for i, u in enumerate(urls) if u not in done]
+    bar = tqdm(desc="embed", unit="img", total=None, mininterval=2.0, disable=None)
+    for shard_idx, url in todo:
+        for batch in _batches(iter_samples([url], bad=bad), batch_size):
+            views = [render(s.image, sample_params(spec, 0, s.key, 0), model.image_size) for s in batch]
+            with torch.inference_mode():
+                emb = model.forward_features(_to_tensor(views, model.mean, model.std).to(device))["embedding"]
+            emb = emb.float().cpu().numpy()
+            writer.append(l2_normalize(emb) if normalize else emb, [s.key for s in batch],
+                          [s.label for s in batch], shard=shard_idx)
+            bar.update(len(batch))
+        writer.commit(shard_done=url)  # the shard's rows become visible together
+    bar.close()
+    bad.check()
+    return out
+
+
+def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pretrained: str = "hub",
+                      normalize: bool = False, block_size: int = 65536) -> str:
+    """A store from an (N, D) .npy (memmapped, copied in blocks) and a keys file, one key per line."""
+    if not Path(embeddings).is_file():
+        raise UserError(f"embeddings file not found: {embeddings}")
+    if not Path(keys).is_file():
+        raise UserError(f"keys file not found: {keys}")
+    try:
+        arr = np.load(embeddings, mmap_mode="r")
+    except ValueError as e:
+        raise UserError(f"cannot read {embeddings} as a .npy array: {e}") from e
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise UserError(f"{embeddings} must hold a non-empty (rows, dim) array, got shape {arr.shape}")
+    key_list = Path(keys).read_text().splitlines()
+    if len(key_list) != arr.shape[0]:
+        raise UserError(f"{keys} has {len(key_list)} keys for {arr.shape[0]} embeddings; need one per row")
+    sample = np.asarray(arr[: min(len(arr), 10000)], dtype=np.float32)
+    fp = encoder_fingerprint(encoder, pretrained, "image", None)
+    writer = StoreWriter(out, arr.shape[1], fp, normalize or is_normalized(sample),
+                         {"kind": "import", "embeddings": os.path.abspath(embeddings), "keys": os.path.abspath(keys)})
+    all_normalized = True
+    for start in range(0, arr.shape[0], block_size):
+        block = np.asarray(arr[start:start + block_size], dtype=np.float32)
+        if normalize:
+            block = l2_normalize(block)
+        all_normalized &= is_normalized(block)
+        writer.append(block, key_list[start:start + block_size])
+    writer.commit(normalized=all_normalized)
+    return out
+
+
+def load_class_names(path: str) -> list[str]:
+    """Class names from JSON: a list, {"classes": [...]}, or {"0": name, "1": name, ...}."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"classes file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and "classes" in data:
+        data = data["classes"]
+    if isinstance(data, dict):
+        try:
+            idx = {int(k): v for k, v in data.items()}
+        except ValueError:
+            raise UserError(f"{path}: class indices must be integers, got {sorted(data)[:3]}") from None
+        missing = [i for i in range(max(idx, default=-1) + 1) if i not in idx]
+        if missing:
+            raise UserError(f"{path}: no class name for index {missing[0]} ({len(missing)} missing)")
+        data = [idx[i] for i in range(len(idx))]
+    if not isinstance(data, list) or not data:
+        raise UserError(f"{path} must hold a non-empty list of class names")
+    for i, name in enumerate(data):
+        if not isinstance(name, str) or not name.strip():
+            raise UserError(f"{path}: class {i} has no name ({name!r})")
+    return data
+
+
+def load_templates(arg: str) -> list[str]:
+    """A named template list (imagenet, simple) or a text file with one `{}` template per line."""
+    if arg in TEMPLATES:
+        return TEMPLATES[arg]
+    if not Path(arg).is_file():
+        raise UserError(f"unknown templates {arg!r}: use {', '.join(TEMPLATES)} or a file with one template per line")
+    templates = [t for t in Path(arg).read_text().splitlines() if t.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise UserError(f"{arg}: every template needs a '{{}}' for the class name" if bad else f"{arg} is empty")
+    return templates
+
+
+def create_text_encoder(encoder: str, pretrained: str):
+    """The full open_clip model (text tower used) and its tokenizer, for `open_clip:ARCH[@TAG]`."""
+    import open_clip
+    import torch
+
+    if not encoder.startswith("open_clip:"):
+        raise UserError(f"embed-text needs an open_clip encoder (open_clip:ARCH@TAG), got {encoder}")
+    arch, _, tag = encoder[len("open_clip:"):].partition("@")
+    if arch not in open_clip.list_models():
+        raise UserError(f"unknown open_clip model {arch}")
+    if pretrained == "hub":
+        if not tag:
+            raise UserError(f"--pretrained hub needs the weights named: open_clip:{arch}@TAG")
+        weights = tag
+    elif pretrained == "none":
+        weights = None
+        torch.manual_seed(RANDOM_INIT_SEED)
+    else:
+        if not Path(pretrained).is_file():
+            raise UserError(f"weights file not found: {pretrained}")
+        weights = pretrained
+    try:
+        model = open_clip.create_model(arch, pretrained=weights)
+    except Exception as e:  # hub or file errors
+        raise UserError(f"cannot create {encoder} ({pretrained}): {str(e).splitlines()[0]}") from e
+    return model.eval(), open_clip.get_tokenizer(arch)
+
+
+def embed_text(encoder: str, classes: str, out: str, *, templates: str = "imagenet", pretrained: str = "hub",
+               device: str = "cpu") -> str:
+    """One L2-normalised query per class: the mean of its prompts' normalised text embeddings."""
+    import hashlib
+
+    import torch
+
+    names = load_class_names(classes)
+    prompts = load_templates(templates)
+    model, tokenizer = create_text_encoder(encoder, pretrained)
+    model = model.to(device)
+    rows = []
+    with torch.inference_mode():
+        for name in names:
+            tokens = tokenizer([t.format(name) for t in prompts]).to(device)
+            e = model.encode_text(tokens).float()
+            e = e / e.norm(dim=-1, keepdim=True)
+            rows.append(e.mean(0).cpu().numpy())
+    digest = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if not k.startswith("visual."):
+            digest.update(k.encode())
+            digest.update(v.detach().cpu().numpy().tobytes())
+    fp = encoder_fingerprint(encoder, pretrained, "text", {"text_weights_sha256": digest.hexdigest()})
+    emb = from_arrays(l2_normalize(np.stack(rows)), names, fp, labels=np.arange(len(names)), normalized=True)
+    write_store(out, emb, {"kind": "text", "classes": os.path.abspath(classes), "templates": templates,
+                           "prompts": len(prompts)})
+    return out

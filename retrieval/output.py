@@ -1,0 +1,108 @@
+"""Writes a curated selection: manifest, summary, coverage plot and the selected images as shards.
+
+    DIR/manifest.csv   key,query,rank,distance  (one row per selected image; rank is 1-based, empty for
+                       `random`, where query is the nearest query and distance its distance)
+    DIR/summary.json   strategy, sizes, guard counts, k, timings, per-query and per-class counts
+    DIR/coverage.png   how many images each class (or query) brought in
+    DIR/shards/*.tar   the selected images copied from the gallery's source shards (webdataset), when the
+                       gallery store records them (stores from `kt-retrieve embed`)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from kt.errors import UserError
+from retrieval.curate import Selection
+from retrieval.store import Embeddings
+
+
+def write_manifest(path: Path, sel: Selection, queries: Embeddings, gallery: Embeddings) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "query", "rank", "distance"])
+        for g, q, r, d in zip(sel.ids, sel.query, sel.rank, sel.distance):
+            w.writerow([gallery.keys[g], queries.keys[q] if q >= 0 else "", int(r) if r > 0 else "",
+                        f"{d:.6g}"])
+
+
+def coverage(sel: Selection, queries: Embeddings) -> dict:
+    """Selected images per query key and, when the queries have labels, per class."""
+    picked = sel.query[sel.rank > 0] if (sel.rank > 0).any() else sel.query
+    per_query = Counter(queries.keys[q] for q in picked[picked >= 0])
+    out = {"per_query": {str(k): int(v) for k, v in per_query.items()},
+           "queries_with_none": int(len(queries) - len(per_query))}
+    if queries.labels is not None:
+        per_class = Counter(int(queries.labels[q]) for q in picked[picked >= 0])
+        out["per_class"] = {str(k): int(v) for k, v in sorted(per_class.items())}
+    return out
+
+
+def plot_coverage(path: Path, cov: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if "per_class" in cov:
+        classes = list(cov["per_class"])
+        ax.bar(range(len(classes)), [cov["per_class"][c] for c in classes])
+        ax.set_xlabel("class")
+        ax.set_ylabel("selected images")
+        if len(classes) <= 30:
+            ax.set_xticks(range(len(classes)), classes)
+    else:
+        counts = list(cov["per_query"].values()) + [0] * cov["queries_with_none"]
+        ax.hist(counts, bins=min(50, max(1, len(set(counts)))))
+        ax.set_xlabel("selected images per query")
+        ax.set_ylabel("queries")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def copy_images(out_dir: Path, sel: Selection, gallery: Embeddings, maxcount: int = 1000) -> list[str]:
+    """Copy the selected samples, raw bytes unchanged, from the gallery's shards into `out_dir`."""
+    from kt.shards import iter_samples, write_shards
+
+    shards = list(gallery.source.get("shards") or [])
+    if not shards or gallery.shard is None:
+        return []
+    wanted_rows = np.asarray(sel.ids)
+    wanted_shards = sorted({int(s) for s in gallery.shard[wanted_rows] if s >= 0})
+    wanted = set(gallery.keys[wanted_rows].tolist())
+    found: set[str] = set()
+
+    def samples():
+        # at this point we have the selected keys; stream only the shards that hold them
+        for s in iter_samples([shards[i] for i in wanted_shards], decode=False, keep_raw=True):
+            if s.key in wanted and s.key not in found:
+                found.add(s.key)
+                yield s
+
+    written = write_shards(samples(), out_dir, prefix="curated", maxcount=maxcount)
+    if len(found) != len(wanted):
+        raise UserError(f"{len(wanted) - len(found)} selected images are missing from the gallery shards "
+                        f"({shards[wanted_shards[0]] if wanted_shards else '?'} ...); were they moved?")
+    return written
+
+
+def write_outputs(out_dir: str | Path, sel: Selection, queries: Embeddings, gallery: Embeddings,
+                  shards: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out / "manifest.csv", sel, queries, gallery)
+    cov = coverage(sel, queries)
+    plot_coverage(out / "coverage.png", cov, f"{sel.stats.get('strategy')}: {len(sel.ids)} images")
+    written = copy_images(out / "shards", sel, gallery) if shards else []
+    summary = {**sel.stats, "coverage": cov, "shards": [str(Path(p).name) for p in written],
+               "queries_store": queries.path, "gallery_store": gallery.path}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
