@@ -32,7 +32,7 @@ from kt.views import load_view_spec
 from student.finetune import CHECKPOINT_DIR, check_out_dir
 from student.losses import OBJECTIVES, DistillObjective, create_objective
 from student.stream import VIEW_POLICIES, ReplayStream, StreamSpec, steps_per_epoch, stream_loader
-from student.train import OptimConfig, fit
+from student.train import OptimConfig, create_accelerator, fit
 
 
 @dataclass
@@ -165,8 +165,6 @@ def load_expected_classes(arg: str) -> list[str] | None:
 
 
 def run_distill(cfg: DistillConfig) -> dict:
-    from accelerate import Accelerator
-
     for name in ("data", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
@@ -180,8 +178,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     resuming = check_out_dir(out, cfg)
     urls = expand_shards(cfg.data)
     needs = OBJECTIVES[cfg.objective].needs
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              log_with="tensorboard", project_dir=str(out))
+    accelerator = create_accelerator(cfg, out)
     rank, world = accelerator.process_index, accelerator.num_processes
     expected_classes = load_expected_classes(cfg.expect_classes)
 

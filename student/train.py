@@ -56,6 +56,18 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) ->
     return factor
 
 
+def create_accelerator(cfg: OptimConfig, out_dir: str | Path):
+    """An Accelerator for one run. accelerate keeps its settings in a process-wide singleton; resetting
+    it (but not the distributed state) lets one process run several jobs with different precision,
+    as the demo harness, notebooks and in-process tests do."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                       log_with="tensorboard", project_dir=str(out_dir))
+
+
 def _read_progress(out_dir: Path) -> dict | None:
     path = out_dir / STATE_DIR / "progress.json"
     if not path.exists():
@@ -107,15 +119,13 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
         loader_skips: `make_loader(epoch, skip)` starts the epoch at batch `skip` itself (a stream that can
             seek); otherwise accelerate skips the first batches by reading them.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                                  log_with="tensorboard", project_dir=str(out_dir))
+        accelerator = create_accelerator(cfg, out_dir)
     set_seed(cfg.seed)
 
     params = [p for p in modules.parameters() if p.requires_grad]

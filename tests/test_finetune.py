@@ -97,3 +97,13 @@ def test_cli_refusals(fmnist, tmp_path, capsys):
     assert_user_error(capsys, ["eval", "--checkpoint", str(bad_ckpt), "--data", data], "")
     assert_user_error(capsys, ["eval", "--checkpoint", str(tmp_path / "missing"), "--data", data], "")
     assert_user_error(capsys, ["eval", "--runs", str(tmp_path / "other")], "eval.json")
+
+
+def test_grad_accumulation_and_mixed_precision(fmnist, tmp_path, capsys):
+    base = ["finetune", "--data", str(fmnist["root"] / "train"), "--model", "test_efficientnet", "--image-size", "32",
+            "--labels-per-class", "4", "--epochs", "1", "--workers", "0"]
+    # 40 images in batches of 4 -> 10 batches -> 5 optimizer steps with accumulation 2
+    assert main(base + ["--batch-size", "4", "--grad-accum", "2", "--out", str(tmp_path / "ga")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 5
+    assert main(base + ["--batch-size", "8", "--mixed-precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completed"]

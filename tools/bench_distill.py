@@ -187,7 +187,9 @@ def bench_online_vs_cached(args, tmp: Path) -> dict:
             "student_vit": args.vit_student, "vit_image_size": size, "vit_batch_size": batch}
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench distill", description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--student", default="mobilevitv2_050")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
@@ -199,6 +201,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vit-size", type=int, default=56, help="teacher and student input (a multiple of 14)")
     p.add_argument("--vit-batch", type=int, default=8)
     p.add_argument("--vit-steps", type=int, default=4)
+    return p
 
 
 def run(args) -> dict:
@@ -211,6 +214,4 @@ def run(args) -> dict:
 if __name__ == "__main__":
     import json
 
-    parser = argparse.ArgumentParser()
-    add_args(parser)
-    print(json.dumps(run(parser.parse_args()), indent=2))
+    print(json.dumps(run(build_parser().parse_args()), indent=2))
