@@ -1,6 +1,7 @@
 """kt-retrieve: embed a gallery and queries, then curate a transfer set from the gallery.
 
     kt-retrieve embed --encoder open_clip:ViT-L-14@openai --data 'gallery/{000..099}.tar' --out gallery.emb
+    accelerate launch --multi_gpu --num_processes 8 -m retrieval.cli embed ...   # ranks take disjoint shards
     kt-retrieve embed --encoder open_clip:ViT-L-14@openai --data labeled/ --out queries.emb
     kt-retrieve import --embeddings img_emb.npy --keys keys.txt --encoder open_clip:ViT-L-14@openai --out g.emb
     kt-retrieve embed-text --encoder open_clip:ViT-L-14@openai --classes classes.json --templates imagenet --out q.emb
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from kt.errors import cli_entry
 from retrieval import embed as E
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep raw feature norms")
     e.add_argument("--resume", action="store_true", help="continue a store at its first unfinished shard")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help="auto (accelerate's device for this process) | cpu | cuda")
     e.set_defaults(fn=embed_command)
 
     i = sub.add_parser("import", help="import embeddings computed elsewhere (.npy + keys.txt)")
@@ -81,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def embed_command(args) -> None:
-    E.embed_images(args.encoder, args.data, args.out, pretrained=args.pretrained, image_size=args.image_size,
+    summary = E.embed_images(args.encoder, args.data, args.out, pretrained=args.pretrained, image_size=args.image_size,
                    batch_size=args.batch_size, normalize=args.normalize, resume=args.resume, device=args.device)
+    sys.stdout.write(json.dumps(summary) + "\n")  # one line per process, in one write: ranks share stdout
+    sys.stdout.flush()
 
 
 def import_command(args) -> None:

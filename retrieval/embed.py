@@ -1,12 +1,22 @@
 """Embedding stores from images, from files computed elsewhere, and from class-name prompts.
 
     kt-retrieve embed --encoder open_clip:ViT-L-14@openai --pretrained hub --data 'shards/{0..99}.tar' --out g.emb
+    accelerate launch --multi_gpu --num_processes 8 -m retrieval.cli embed ...   # ranks take disjoint shards
     kt-retrieve import --embeddings img_emb_0.npy --keys keys.txt --encoder open_clip:ViT-L-14@openai --out g.emb
     kt-retrieve embed-text --encoder open_clip:ViT-L-14@openai --classes classes.json --out q.emb
 
 Image embeddings are the model's global feature of the deterministic `eval` view, L2-normalised by
 default (the usual space for CLIP retrieval). `embed` commits shard by shard, so `--resume` continues a
-killed run at the first unfinished shard. Text queries average the normalised embeddings of every
+killed run at the first unfinished shard.
+
+Several processes: each rank embeds its own input shards (`kt.shards.split_urls`, rank and world size
+from `accelerate.PartialState`), holds one shard's rows in memory and writes them as one part; the main
+process appends parts to the store in input-shard order as they arrive, and after all ranks finish
+(`wait_for_everyone`) the store holds every shard, exactly as a single process writes it (see
+`retrieval.store` for why readers never see half a shard). The store is the only coordination. On a
+host without GPUs, `accelerate launch --cpu --num_processes N` starts one process unless accelerate is
+given an MPI hostfile; `accelerate launch --multi_gpu --num_processes N` (torchrun underneath) starts N
+CPU processes that talk over gloo. Text queries average the normalised embeddings of every
 template's prompt per class and normalise the mean (CLIP's zero-shot classifier recipe).
 """
 
@@ -20,7 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from kt.errors import UserError
-from retrieval.store import StoreWriter, from_arrays, is_normalized, l2_normalize, write_store
+from retrieval.store import (
+    StoreWriter,
+    check_writable,
+    from_arrays,
+    is_normalized,
+    l2_normalize,
+    load_shards_done,
+    parts_written,
+    write_part,
+    write_store,
+)
 from retrieval.templates import TEMPLATES
 
 DEFAULT_ENCODER = "open_clip:ViT-L-14@openai"  # the paper's retrieval encoder
@@ -51,42 +71,75 @@ def _to_tensor(images: Sequence, mean, std):
 
 
 def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", image_size: int = 224,
-                 batch_size: int = 64, normalize: bool = True, resume: bool = False, device: str = "cpu") -> str:
-    """Embed every sample of the shards `data` into the store `out`, shard by shard."""
+                 batch_size: int = 64, normalize: bool = True, resume: bool = False, device: str = "auto") -> dict:
+    """Embed every sample of the shards `data` into the store `out`: this process's share of the shards.
+
+    `device` "auto" is accelerate's device for this process (its own GPU under `accelerate launch`).
+    Returns this process's summary; every process returns once the whole store is committed.
+    """
     import torch
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from kt.models import create_model, model_fingerprint
-    from kt.shards import BadSamples, expand_shards, is_url, iter_samples
+    from kt.shards import BadSamples, expand_shards, is_url, iter_samples, split_urls
     from kt.views import VIEW_PRESETS, render, sample_params
 
+    # cpu=True lets torchrun-started ranks without GPUs form a gloo group instead of running alone
+    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+    device = state.device if device == "auto" else torch.device(device)
     urls = [u if is_url(u) else os.path.abspath(u) for u in expand_shards(data)]
     if pretrained == "none":
-        torch.manual_seed(RANDOM_INIT_SEED)
+        torch.manual_seed(RANDOM_INIT_SEED)  # every rank draws the same random weights
     model = create_model(encoder, num_classes=0, pretrained=pretrained, image_size=image_size).eval().to(device)
     fp = encoder_fingerprint(encoder, pretrained, "image", model_fingerprint(model))
-    writer = StoreWriter(out, model.embedding_dim, fp, normalize, {"kind": "shards", "shards": urls},
-                         resume=resume)
-    if resume and writer.group.attrs["source"].get("shards") != urls:
-        raise UserError(f"{out} was embedded from other shards; --resume needs the same --data")
-    done = set(writer.shards_done)
+    source = {"kind": "shards", "shards": urls}
+    check_writable(out, model.embedding_dim, fp, resume, source)  # every rank refuses, before any writes
+    state.wait_for_everyone()
+    writer = None
+    if state.is_main_process:
+        writer = StoreWriter(out, model.embedding_dim, fp, normalize, source, resume=resume)
+        writer.consolidate(urls)  # parts a killed run left behind
+    state.wait_for_everyone()
+
+    # parts before commits: the main process commits a part before deleting it, so no shard slips between
+    parts = parts_written(out)
+    done = set(load_shards_done(out))
+    # (index, url) pairs: shards are split by position, and the index orders the store's rows
+    share = split_urls(list(enumerate(urls)), state.process_index, state.num_processes)
+    mine = [(i, u) for i, u in share if u not in done and i not in parts]
+    summary = {"out": out, "rank": state.process_index, "processes": state.num_processes,
+               "shards_total": len(urls), "shards_skipped": len(share) - len(mine), "shards_embedded": 0,
+               "samples": 0}
     spec = VIEW_PRESETS["eval"]
     bad = BadSamples()
-    todo = [(i, u) for i, u in enumerate(urls) if u not in done]
-    bar = tqdm(desc="embed", unit="img", total=None, mininterval=2.0, disable=None)
-    for shard_idx, url in todo:
+    rank = f" (rank {state.process_index})" if state.num_processes > 1 else ""
+    bar = tqdm(desc=f"embed{rank}", unit="img", total=None, mininterval=2.0, disable=None,
+               position=state.process_index)
+    for shard_idx, url in mine:
+        vectors, keys, labels = [], [], []
         for batch in _batches(iter_samples([url], bad=bad), batch_size):
             views = [render(s.image, sample_params(spec, 0, s.key, 0), model.image_size) for s in batch]
             with torch.inference_mode():
                 emb = model.forward_features(_to_tensor(views, model.mean, model.std).to(device))["embedding"]
             emb = emb.float().cpu().numpy()
-            writer.append(l2_normalize(emb) if normalize else emb, [s.key for s in batch],
-                          [s.label for s in batch], shard=shard_idx)
+            vectors.append(l2_normalize(emb) if normalize else emb)
+            keys += [s.key for s in batch]
+            labels += [s.label for s in batch]
             bar.update(len(batch))
-        writer.commit(shard_done=url)  # the shard's rows become visible together
+        rows = np.concatenate(vectors) if vectors else np.zeros((0, model.embedding_dim), np.float32)
+        write_part(out, shard_idx, url, rows, keys, labels)  # the shard is done, all at once
+        summary["shards_embedded"] += 1
+        summary["samples"] += len(keys)
+        if writer is not None:
+            writer.consolidate(urls)  # this and other ranks' finished shards that continue the store
     bar.close()
+    state.wait_for_everyone()
+    if writer is not None:
+        writer.consolidate(urls, require_all=True)
+    state.wait_for_everyone()  # every rank returns with the store complete
     bad.check()
-    return out
+    return {**summary, "bad": len(bad.bad)}
 
 
 def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pretrained: str = "hub",

@@ -12,13 +12,31 @@ Layout: a Zarr v3 group (a directory, e.g. `gallery.emb`)
            sha256 when known), dim, normalized (rows are L2-normalised), source ({kind: shards | import |
            text, shards: [...], ...}), rows (committed rows), shards_done (for `embed --resume`).
 
-Rows past attrs["rows"] are an interrupted append and are cut on the next open for writing, so a
-killed `embed` resumes at the first shard not in `shards_done`.
+    parts/<i>.npz  only while `embed` runs (or after it was killed): input shard i's rows (embeddings,
+                   keys, labels, url), written by whichever process embedded it
+
+Rows past attrs["rows"] are an interrupted append and are cut on the next open for writing; only one
+process (the main one) ever appends or writes attributes, so `rows` and `shards_done` change together in
+one atomic write of the group's zarr.json and a reader never sees part of a shard.
+
+Several processes (`embed` under `accelerate launch`) share a store through parts: each process embeds
+its input shards and writes each as one part file, made visible in one step (written to a temporary
+name, then renamed). The main process appends parts to the arrays strictly in input-shard order, each
+followed by its commit, and deletes them once committed (`StoreWriter.consolidate`). So the arrays always
+hold a prefix of the input shards in order, `shards_done` is that prefix, and the finished store is the
+one a single process writes, row for row: readers (`curate`'s blocked reads of the gallery) only ever see
+the plain arrays. A killed run leaves committed shards plus complete parts; a rerun with `--resume`
+consolidates the parts and embeds only what has neither. A single process takes the same path (one extra
+local write of each shard's rows buys one code path); a part holds one input shard, so a process never
+holds more than one shard's embeddings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +47,7 @@ from kt.errors import UserError
 
 FORMAT = "kt-embeddings"
 VERSION = 1
+PARTS = "parts"  # folder of per-input-shard parts inside the store (see the module docstring)
 CHUNK_ROWS = 16384  # 32 MiB per chunk at D=512: small enough to stream, large enough for fast reads
 NORM_ATOL = 1e-3  # |norm - 1| below this on every row counts as L2-normalised
 
@@ -102,29 +121,53 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- writing
+def check_writable(path: str | Path, dim: int, encoder: dict, resume: bool, source: dict | None = None) -> bool:
+    """Refuse a store that may not be written as asked; True when it exists and will be resumed.
+
+    Read-only, so every process of a multi-process `embed` can run it before any of them writes.
+    """
+    import zarr
+
+    path = str(path)
+    if not (Path(path) / "zarr.json").exists():
+        return False
+    if not resume:
+        raise UserError(f"{path} already exists; pass --resume to continue it or choose a new --out")
+    attrs = dict(zarr.open_group(path, mode="r").attrs)
+    _check_format(attrs, path)
+    if attrs["dim"] != dim or not encoders_compatible(attrs["encoder"], encoder):
+        raise UserError(f"{path} was written with another encoder or dimension; use a new --out or drop --resume")
+    if source is not None and attrs["source"].get("shards") != source.get("shards"):
+        raise UserError(f"{path} was embedded from other shards; --resume needs the same --data")
+    return True
+
+
+def _labels_array(labels: Sequence[int | None] | None, n: int) -> np.ndarray:
+    if labels is None:
+        return np.full(n, -1, dtype=np.int64)
+    return np.asarray([-1 if v is None else int(v) for v in labels], dtype=np.int64)
+
+
 class StoreWriter:
-    """Appends rows to a store; `commit` makes them visible (attrs["rows"]) as one step."""
+    """Appends rows to a store; `commit` makes them visible (attrs["rows"]) as one step.
+
+    One writer per store: in a multi-process `embed` only the main process holds one, and the others
+    hand their rows over as parts (`write_part`).
+    """
 
     def __init__(self, path: str | Path, dim: int, encoder: dict, normalized: bool, source: dict,
                  resume: bool = False):
         import zarr
 
         self.path = str(path)
-        exists = (Path(self.path) / "zarr.json").exists()
-        if exists and resume:
+        if check_writable(self.path, dim, encoder, resume):
             self.group = zarr.open_group(self.path, mode="r+")
-            attrs = dict(self.group.attrs)
-            _check_format(attrs, self.path)
-            if attrs["dim"] != dim or not encoders_compatible(attrs["encoder"], encoder):
-                raise UserError(f"{self.path} was written with another encoder or dimension; "
-                                "use a new --out or drop --resume")
-            rows = int(attrs["rows"])
+            rows = int(self.group.attrs["rows"])
             for name in ("embeddings", "keys", "labels", "shard"):  # cut an interrupted append
                 arr = self.group[name]
                 arr.resize((rows,) + tuple(arr.shape[1:]))
             return
-        if exists and not resume:
-            raise UserError(f"{self.path} already exists; pass --resume to continue it or choose a new --out")
+        shutil.rmtree(Path(self.path) / PARTS, ignore_errors=True)  # parts of no store are no one's
         self.group = zarr.open_group(self.path, mode="w")
         self.group.create_array("embeddings", shape=(0, dim), dtype="float32", chunks=(CHUNK_ROWS, dim),
                                 compressors=None)
@@ -144,11 +187,9 @@ class StoreWriter:
         n = len(vectors)
         if n == 0:
             return
-        labels_arr = np.full(n, -1, dtype=np.int64) if labels is None else \
-            np.asarray([-1 if v is None else int(v) for v in labels], dtype=np.int64)
         self.group["embeddings"].append(np.asarray(vectors, dtype=np.float32))
         self.group["keys"].append(np.asarray(list(keys), dtype=str))
-        self.group["labels"].append(labels_arr)
+        self.group["labels"].append(_labels_array(labels, n))
         self.group["shard"].append(np.full(n, shard, dtype=np.int32))
 
     def commit(self, shard_done: str | None = None, normalized: bool | None = None) -> None:
@@ -158,6 +199,69 @@ class StoreWriter:
         if normalized is not None:
             attrs["normalized"] = bool(normalized)
         self.group.attrs.update(attrs)
+
+    def consolidate(self, urls: Sequence[str], require_all: bool = False) -> int:
+        """Append the parts that continue the committed prefix of `urls`, in order; returns how many.
+
+        Stops at the first shard that is neither committed nor has a part (another process may still
+        be embedding it) unless `require_all`, when that is an error. Parts are deleted once committed,
+        and the parts folder once every shard is.
+        """
+        done = set(self.shards_done)
+        appended = 0
+        for idx, url in enumerate(urls):
+            part = part_path(self.path, idx)
+            if url in done:
+                part.unlink(missing_ok=True)  # committed by a run killed before it deleted the part
+                continue
+            if not part.exists():
+                if require_all:
+                    raise RuntimeError(f"input shard {idx} ({url}) was neither committed nor written as a part")
+                return appended
+            with np.load(part, allow_pickle=False) as data:
+                if str(data["url"]) != url:
+                    raise UserError(f"{part} holds rows of {data['url']}, not of input shard {idx} ({url}); "
+                                    "embed into a new --out")
+                self.append(data["embeddings"], data["keys"].tolist(), data["labels"], shard=idx)
+            self.commit(shard_done=url)
+            done.add(url)
+            part.unlink()
+            appended += 1
+        shutil.rmtree(Path(self.path) / PARTS, ignore_errors=True)  # stray temporaries of killed writers
+        return appended
+
+
+def part_path(path: str | Path, shard: int) -> Path:
+    return Path(path) / PARTS / f"{shard:06d}.npz"
+
+
+def write_part(path: str | Path, shard: int, url: str, vectors: np.ndarray, keys: Sequence[str],
+               labels: Sequence[int | None] | None = None) -> None:
+    """Input shard `shard`'s rows as one part file, visible all at once (temporary file, then rename)."""
+    final = part_path(path, shard)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.stem}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, embeddings=np.asarray(vectors, dtype=np.float32), keys=np.asarray(list(keys), dtype=str),
+                 labels=_labels_array(labels, len(vectors)), url=np.asarray(url))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)  # atomic on POSIX: the part is absent or whole
+
+
+def parts_written(path: str | Path) -> set[int]:
+    """Input-shard indices with a complete part (written, not yet consolidated)."""
+    folder = Path(path) / PARTS
+    return {int(p.stem) for p in folder.glob("*.npz")} if folder.is_dir() else set()
+
+
+def load_shards_done(path: str | Path) -> list[str]:
+    """The input shards committed to a store (read-only; empty when there is no store yet)."""
+    import zarr
+
+    if not (Path(path) / "zarr.json").exists():
+        return []
+    return list(zarr.open_group(str(path), mode="r").attrs.get("shards_done", []))
 
 
 def write_store(path: str | Path, emb: Embeddings, source: dict, block_size: int = 65536) -> str:

@@ -1,9 +1,14 @@
-"""kt-retrieve end to end through `main([...])`: embed, import, embed-text, curate, and the refusals."""
+"""kt-retrieve end to end through `main([...])`: embed, import, embed-text, curate, and the refusals;
+multi-process and killed `embed` runs as `accelerate launch` subprocesses."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from retrieval.cli import main
 from retrieval.store import load_embeddings
 
 ENCODER = "test_efficientnet"  # timm's tiny test model: the architecture does not matter here
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_npy_store(tmp_path, name, vectors, keys=None, encoder="enc-a"):
@@ -159,6 +165,145 @@ def test_embed_resume_after_interrupted_shard(tmp_path):
     got = load_embeddings(part)
     assert list(got.keys) == list(ref.keys)
     np.testing.assert_allclose(got.read(0, 10), ref.read(0, 10), atol=1e-6)
+
+
+def assert_same_store(got_path, ref_path):
+    got, ref = load_embeddings(got_path), load_embeddings(ref_path)
+    assert list(got.keys) == list(ref.keys)
+    assert got.shard.tolist() == ref.shard.tolist() and got.labels.tolist() == ref.labels.tolist()
+    np.testing.assert_allclose(got.read(0, len(got)), ref.read(0, len(ref)), atol=1e-6)
+    assert got.source == ref.source and got.encoder == ref.encoder
+    assert not (Path(got_path) / "parts").exists()  # consolidated and cleaned up
+
+
+EMBED = ["--encoder", ENCODER, "--pretrained", "none", "--image-size", "32", "--batch-size", "4"]
+
+
+@pytest.fixture
+def four_shards(tmp_path):
+    """22 images in 4 shards (the last one short) and the store one uninterrupted process writes."""
+    make_shards(tmp_path, "gal", 22, per_shard=6)
+    ref = tmp_path / "ref.emb"
+    assert main(["embed", *EMBED, "--data", str(tmp_path / "gal"), "--out", str(ref)]) == 0
+    assert len(load_embeddings(ref)) == 22
+    return tmp_path, str(tmp_path / "gal"), ref
+
+
+def test_embed_resumes_what_killed_processes_left(four_shards):
+    """The state a killed 2-process run can leave: shard 0 committed, shard 1 half appended by the main
+    process, complete parts for shards 1 and 3 from rank 1, a part's temporary file; shard 2 missing."""
+    from retrieval.store import StoreWriter, write_part
+
+    tmp_path, data, ref_path = four_shards
+    ref = load_embeddings(ref_path)
+    urls, rows = ref.source["shards"], lambda i: np.flatnonzero(ref.shard == i)
+    out = tmp_path / "killed.emb"
+    w = StoreWriter(out, ref.dim, ref.encoder, True, {"kind": "shards", "shards": urls})
+    r0 = rows(0)
+    w.append(ref.take(r0), ref.keys[r0], ref.labels[r0], shard=0)
+    w.commit(shard_done=urls[0])
+    for i in (1, 3):
+        write_part(out, i, urls[i], ref.take(rows(i)), ref.keys[rows(i)], ref.labels[rows(i)])
+    w.append(ref.take(rows(1))[:2], ref.keys[rows(1)][:2], shard=1)
+    (out / "parts" / ".000002.0123.tmp").write_bytes(b"half a part")
+    assert len(load_embeddings(out)) == len(r0)  # readers see committed shards only
+    assert main(["embed", *EMBED, "--data", data, "--out", str(out)]) == 2  # protected without --resume
+    assert main(["embed", *EMBED, "--data", data, "--out", str(out), "--resume"]) == 0
+    assert_same_store(out, ref_path)
+
+
+def test_embed_crashed_after_some_shards_resumes(four_shards, monkeypatch, capsys):
+    import retrieval.embed as E
+
+    class Killed(BaseException):
+        pass
+
+    tmp_path, data, ref_path = four_shards
+    written = []
+    real_write_part = E.write_part
+
+    def write_part_then_die(*args, **kwargs):
+        real_write_part(*args, **kwargs)
+        written.append(args[1])
+        if len(written) == 3:  # shard 2's part is on disk, not yet in the store
+            raise Killed
+
+    out = tmp_path / "crashed.emb"
+    monkeypatch.setattr(E, "write_part", write_part_then_die)
+    with pytest.raises(Killed):
+        main(["embed", *EMBED, "--data", data, "--out", str(out)])
+    assert load_embeddings(out).shard.tolist() == [0] * 6 + [1] * 6
+    monkeypatch.setattr(E, "write_part", real_write_part)
+    capsys.readouterr()
+    assert main(["embed", *EMBED, "--data", data, "--out", str(out), "--resume"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["shards_skipped"] == 3 and summary["shards_embedded"] == 1 and summary["samples"] == 4
+    assert_same_store(out, ref_path)
+
+
+# `accelerate launch --cpu --num_processes 2` starts ONE process without an MPI hostfile (accelerate's
+# multi-CPU launcher is mpirun); `--multi_gpu` goes through torchrun, and on a host without GPUs the ranks
+# form a gloo group (embed asks PartialState for cpu when there is no GPU).
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch(args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([*LAUNCH, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def rank_summaries(stdout):
+    return sorted((json.loads(line) for line in stdout.splitlines() if line.startswith("{")),
+                  key=lambda s: s["rank"])
+
+
+@pytest.mark.slow
+def test_two_processes_embed_the_same_store(four_shards):
+    tmp_path, data, ref_path = four_shards
+    out = tmp_path / "two.emb"
+    result = launch(["-m", "retrieval.cli", "embed", *EMBED, "--data", data, "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = rank_summaries(result.stdout)
+    assert [(s["rank"], s["processes"]) for s in summaries] == [(0, 2), (1, 2)]
+    assert [s["samples"] for s in summaries] == [12, 10]  # shards 0, 2 and 1, 3: disjoint, all of them
+    assert_same_store(out, ref_path)
+
+
+KILL_MAIN_AFTER_ITS_FIRST_PART = """
+import os, signal
+import retrieval.embed as E
+from accelerate import PartialState
+
+real_write_part = E.write_part
+
+def write_part(*args, **kwargs):
+    real_write_part(*args, **kwargs)
+    if PartialState().is_main_process:
+        os.kill(os.getpid(), signal.SIGKILL)  # before it commits anything
+
+E.write_part = write_part
+from retrieval.cli import main
+raise SystemExit(main())
+"""
+
+
+@pytest.mark.slow
+def test_killed_two_process_embed_resumes(four_shards):
+    tmp_path, data, ref_path = four_shards
+    script = tmp_path / "kill_main.py"
+    script.write_text(KILL_MAIN_AFTER_ITS_FIRST_PART)
+    out = tmp_path / "killed.emb"
+    args = ["embed", *EMBED, "--data", data, "--out", str(out)]
+    killed = launch([str(script), *args])
+    assert killed.returncode != 0
+    assert len(load_embeddings(out)) == 0 and (out / "parts" / "000000.npz").exists()
+    result = launch(["-m", "retrieval.cli", *args, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = rank_summaries(result.stdout)
+    assert summaries[0]["shards_skipped"] >= 1 and sum(s["shards_embedded"] for s in summaries) <= 3
+    assert_same_store(out, ref_path)
 
 
 # ----------------------------------------------------------------------------------------- text queries
