@@ -256,7 +256,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     result = fit(cfg, model, make_loader, steps, loss_fn, out, accelerator=accelerator,
                  desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True)
     summary = {"out": str(out), "model": cfg.model, "objective": cfg.objective, "completed": result.completed,
-               "steps": result.global_step, "steps_per_epoch": steps, "last": result.last_metrics}
+               "processes": world, "steps": result.global_step, "steps_per_epoch": steps,
+               "last": result.last_metrics}
     if result.completed and result.is_main_process:
         from safetensors.torch import save_file
 

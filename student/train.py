@@ -64,8 +64,9 @@ def create_accelerator(cfg: OptimConfig, out_dir: str | Path):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+    # without CUDA, accelerate only forms a multi-process (gloo) group when told it runs on CPU
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                       log_with="tensorboard", project_dir=str(out_dir))
+                       log_with="tensorboard", project_dir=str(out_dir), cpu=not torch.cuda.is_available())
 
 
 def _read_progress(out_dir: Path) -> dict | None:

