@@ -29,7 +29,7 @@ from kt.errors import UserError
 from kt.models import TaskModel, create_model, save_checkpoint
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import load_view_spec
-from student.finetune import CHECKPOINT_DIR, check_out_dir
+from student.finetune import CHECKPOINT_DIR, RESUMABLE_CHANGES, check_out_dir
 from student.losses import OBJECTIVES, DistillObjective, create_objective
 from student.stream import VIEW_POLICIES, ReplayStream, StreamSpec, steps_per_epoch, stream_loader
 from student.train import OptimConfig, create_accelerator, fit
@@ -175,7 +175,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cfg.view_policy not in VIEW_POLICIES:
         raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
     out = Path(cfg.out)
-    resuming = check_out_dir(out, cfg)
+    # the worker count is part of a distillation run: it decides the batch order (student.stream)
+    resuming = check_out_dir(out, cfg, resumable=RESUMABLE_CHANGES - {"workers"})
     urls = expand_shards(cfg.data)
     needs = OBJECTIVES[cfg.objective].needs
     accelerator = create_accelerator(cfg, out)

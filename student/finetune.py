@@ -55,7 +55,7 @@ class FinetuneConfig(OptimConfig):
 RESUMABLE_CHANGES = {"workers", "out", "val_data", "log_every", "save_every", "stop_after_steps"}
 
 
-def check_out_dir(out: Path, cfg) -> bool:
+def check_out_dir(out: Path, cfg, resumable: set[str] = RESUMABLE_CHANGES) -> bool:
     """True when `out` holds this same run (resume); raises `UserError` when it holds anything else."""
     if not out.exists() or not any(out.iterdir()):
         return False
@@ -64,7 +64,7 @@ def check_out_dir(out: Path, cfg) -> bool:
         raise UserError(f"output folder {out} is not empty and holds no kt run; choose another --out")
     before = yaml.safe_load(saved.read_text()) or {}
     now = config_dict(cfg)
-    diff = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+    diff = [k for k in sorted(set(before) | set(now)) if k not in resumable and before.get(k) != now.get(k)]
     if diff:
         k = diff[0]
         raise UserError(f"output folder {out} holds another run ({k}: {before.get(k)!r} there, {now.get(k)!r} now); "

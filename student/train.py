@@ -145,6 +145,13 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
     progress = _read_progress(out_dir)
     start_epoch, skip, global_step = 0, 0, 0
     if progress is not None:
+        saved_world = progress.get("world_size", accelerator.num_processes)
+        if progress["batches_in_epoch"] and saved_world != accelerator.num_processes:
+            from kt.errors import UserError
+
+            raise UserError(f"{out_dir} stopped mid-epoch with {saved_world} processes; resume it with "
+                            f"{saved_world} (the batch order of an epoch depends on it), not "
+                            f"{accelerator.num_processes}")
         accelerator.load_state(str(out_dir / STATE_DIR))
         start_epoch, skip, global_step = progress["epoch"], progress["batches_in_epoch"], progress["global_step"]
         accelerator.print(f"{desc}: resuming at epoch {start_epoch}, batch {skip}, step {global_step}")
@@ -159,7 +166,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
 
     def save(epoch: int, batches_in_epoch: int) -> None:
         _save_state(accelerator, out_dir, {"epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                                           "global_step": global_step})
+                                           "global_step": global_step, "world_size": accelerator.num_processes})
 
     for epoch in range(start_epoch, cfg.epochs):
         if loader_skips:

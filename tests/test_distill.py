@@ -92,6 +92,8 @@ def test_resume_mid_epoch_equals_uninterrupted(fmnist, cache, tmp_path):
     assert train(fmnist, cache, tmp_path / "a", "--objective", "patch-cosine") == 0
     assert train(fmnist, cache, tmp_path / "b", "--objective", "patch-cosine", "--stop-after-steps", "13") == 0
     assert json.loads((tmp_path / "b" / "state" / "progress.json").read_text())["batches_in_epoch"] == 3
+    # the worker count decides the batch order: resuming with another one is refused, not silently inexact
+    assert train(fmnist, cache, tmp_path / "b", "--objective", "patch-cosine", "--workers", "2") == 2
     assert train(fmnist, cache, tmp_path / "b", "--objective", "patch-cosine") == 0
     for name in ("checkpoint/model.safetensors", "objective.safetensors"):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))

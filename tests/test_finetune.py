@@ -25,7 +25,7 @@ def test_resume_mid_epoch_equals_uninterrupted(fmnist, tmp_path, capsys):
     assert finetune(fmnist, tmp_path / "b", "--stop-after-steps", "4") == 0
     assert not (tmp_path / "b" / "checkpoint").exists()
     progress = json.loads((tmp_path / "b" / "state" / "progress.json").read_text())
-    assert progress == {"epoch": 1, "batches_in_epoch": 1, "global_step": 4}
+    assert progress == {"epoch": 1, "batches_in_epoch": 1, "global_step": 4, "world_size": 1}
     assert finetune(fmnist, tmp_path / "b") == 0
     assert "resuming at epoch 1, batch 1, step 4" in capsys.readouterr().out
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
