@@ -118,6 +118,16 @@ def config_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def accelerate_cpu() -> bool:
+    """Whether accelerate should run on CPU processes: asked for (ACCELERATE_USE_CPU), or no CUDA. Without
+    `cpu=True` on a CUDA-less machine, accelerate ignores torchrun's ranks and every process thinks it
+    is alone."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
 # ------------------------------------------------------------------------------------- run records
 def git_revision(path: str | Path | None = None) -> str | None:
     """The git revision of the kt source tree (with `-dirty` when it has uncommitted changes)."""

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from kt.config import field
+from kt.config import accelerate_cpu, field
 
 STATE_DIR = "state"
 
@@ -66,7 +66,7 @@ def create_accelerator(cfg: OptimConfig, out_dir: str | Path):
     AcceleratorState._reset_state(reset_partial_state=False)
     # without CUDA, accelerate only forms a multi-process (gloo) group when told it runs on CPU
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                       log_with="tensorboard", project_dir=str(out_dir), cpu=not torch.cuda.is_available())
+                       log_with="tensorboard", project_dir=str(out_dir), cpu=accelerate_cpu())
 
 
 def _read_progress(out_dir: Path) -> dict | None:

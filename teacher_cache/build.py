@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kt.config import config_dict, field, run_record
+from kt.config import accelerate_cpu, config_dict, field, run_record
 from kt.errors import UserError
 from kt.models import TaskModel, create_model, load_checkpoint, model_fingerprint
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
@@ -87,17 +87,20 @@ def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str]) -
     return out
 
 
-def parse_targets(targets: Sequence[str] | str, model: TaskModel) -> list[str]:
+def parse_targets(targets: Sequence[str] | str) -> list[str]:
     names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
     if not names:
         raise UserError("no --targets given")
     for t in names:
         if t not in TARGETS:
             raise UserError(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
+    return names
+
+
+def check_teacher_targets(names: Sequence[str], model: TaskModel) -> None:
     if "logits" in names and model.num_classes <= 0:
         raise UserError(f"target logits needs a teacher with a task head; {model.arch} has none "
                         "(finetune it first, or cache embedding/patches)")
-    return names
 
 
 def parse_codecs(specs: Sequence[str], targets: Sequence[str]) -> dict[str, Codec]:
@@ -295,17 +298,18 @@ def build_cache(cfg: BuildConfig) -> dict:
             raise UserError(f"--{name} is required")
     if cfg.views < 1:
         raise UserError("--views must be at least 1")
-    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo across launched processes
+    state = PartialState(cpu=accelerate_cpu())
     urls = expand_shards(cfg.data)
     ids = [shard_id_for(u) for u in urls]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise UserError(f"two input shards map to the cache shard id {dup!r}; give shards distinct names")
     spec = load_view_spec(cfg.view_spec)
+    targets = parse_targets(cfg.targets)
+    codecs = parse_codecs(cfg.codec, targets)  # bad specs fail before the teacher loads
     model = load_teacher(cfg.teacher, cfg.pretrained, cfg.image_size).eval()
     image_size = cfg.image_size or model.image_size
-    targets = parse_targets(cfg.targets, model)
-    codecs = parse_codecs(cfg.codec, targets)
+    check_teacher_targets(targets, model)
     shapes = item_shapes(model, targets, image_size)
     classes = load_classes(urls)  # recorded for the reader's "which transfer set" message only
     attrs = cache_attributes(model, spec, cfg, codecs, shapes, urls)
@@ -353,9 +357,19 @@ def build_cache(cfg: BuildConfig) -> dict:
         elapsed = time.perf_counter() - start
         summary.update(shards_written=len(writer.written), samples=sum(w["samples"] for w in writer.written),
                        bad=sum(w["bad"] for w in writer.written), views_per_s=n_views / max(elapsed, 1e-9))
-        read = sum(w["read"] for w in writer.written)
-        if read and summary["bad"] / read > cfg.max_bad_fraction:
-            raise UserError(f"{summary['bad']} of {read} samples were bad (> {cfg.max_bad_fraction:.1%}); "
-                            f"they are recorded per shard in {cfg.out} (kt-cache info)")
     state.wait_for_everyone()
+    check_bad_fraction(store, urls, cfg.max_bad_fraction)
     return summary
+
+
+def check_bad_fraction(store: CacheStore, urls: Sequence[str], max_fraction: float) -> None:
+    """Over every input shard's completion marker (this run's, earlier runs', other ranks'), so that a rerun
+    of a failed build fails again instead of skipping the shards that made it fail."""
+    markers = store.completed()
+    done = [markers[shard_id_for(u)] for u in urls if shard_id_for(u) in markers]
+    bad = sum(m["n_bad"] for m in done)
+    read = bad + sum(m["n_samples"] for m in done)
+    if read and bad / read > max_fraction:
+        first = next(b for m in done for b in m["bad"])
+        raise UserError(f"{bad} of {read} samples are bad ({bad / read:.1%} > --max-bad-fraction "
+                        f"{max_fraction:.1%}), e.g. {first['key']}: {first['reason']}; see kt-cache info")

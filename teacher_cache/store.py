@@ -134,10 +134,12 @@ class CacheStore:
     # -- codec state -------------------------------------------------------------------------------
     def write_codec_state(self, target: str, attrs: dict, arrays: dict[str, np.ndarray]) -> None:
         """Store what rebuilds `target`'s codec (see `Codec.state`), replacing what was there."""
-        group = self.group.create_group(f"codecs/{target}", overwrite=True, attributes=_jsonable(attrs))
+        # arrays first, attributes last: a kill in between leaves a state that reads as absent (refitted)
+        group = self.group.create_group(f"codecs/{target}", overwrite=True)
         for name, value in arrays.items():
             value = np.ascontiguousarray(value)
             group.create_array(name, data=value, compressors=_compressor(value.dtype))
+        group.attrs.update({**_jsonable(attrs), "complete": True})
 
     def load_codecs(self) -> dict[str, Codec]:
         """target -> its codec, ready to decode: from the stored state where there is one (PCA),
@@ -159,7 +161,10 @@ class CacheStore:
             group = self.group[f"codecs/{target}"]
         except KeyError:
             return None
-        return group.attrs.asdict(), {name: array[...] for name, array in group.arrays()}
+        attrs = group.attrs.asdict()
+        if not attrs.pop("complete", False):
+            return None
+        return attrs, {name: array[...] for name, array in group.arrays()}
 
     # -- shards ------------------------------------------------------------------------------------
     def write_shard(self, shard_id: str, url: str, keys: list[str], params: np.ndarray,

@@ -233,6 +233,18 @@ def test_codec_state_round_trip(cache):
     np.testing.assert_array_equal(restored.decode(codec.encode(x)), codec.decode(codec.encode(x)))
 
 
+def test_half_written_codec_state_reads_as_absent(cache):
+    """A kill after the PCA arrays but before the attributes leaves a state the build refits, not one it trusts."""
+    codec = parse_codec("pca:d=4,int8", "patches")
+    codec.fit(np.random.default_rng(0).normal(size=(3, 2, 2, 8)).astype(np.float32))
+    attrs, arrays = codec.state()
+    group = cache.group.create_group("codecs/patches", overwrite=True)
+    group.create_array("mean", data=arrays["mean"])  # killed here: no basis, no attributes
+    assert cache.read_codec_state("patches") is None
+    cache.write_codec_state("patches", attrs, arrays)
+    assert cache.read_codec_state("patches") is not None
+
+
 @pytest.mark.parametrize(
     "expected,message",
     [

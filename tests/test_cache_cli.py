@@ -1,0 +1,258 @@
+"""kt-cache in-process through `main([...])`, and as killed / multi-process subprocesses.
+
+Subprocess builds run with one thread (OMP_NUM_THREADS=1), as does their in-process reference, so that
+"the same arrays" means bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from kt.shards import write_shards
+from teacher_cache.cli import main, split_codec_flags
+from teacher_cache.store import CacheStore, shard_id_for
+from tests.test_reader import build_args, tiny_teacher  # noqa: F401 -- the fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small_shards(fmnist, tmp_path_factory) -> list[str]:
+    """Four shards of 12 Fashion-MNIST images: resume and multi-rank need several shards."""
+    from tools.make_shards import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    return write_shards(((f"s-{i:05d}", Image.fromarray(images[i], mode="L"), int(labels[i])) for i in range(48)),
+                        tmp_path_factory.mktemp("small"), prefix="small", maxcount=12,
+                        classes=FASHION_MNIST_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_teacher, fmnist, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("built") / "cache.zarr"
+    assert main(build_args(tiny_teacher, fmnist["train"][:2], out, "--codec", "patches=pca:d=16,int8")) == 0
+    return out
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if "\r" not in line and line.strip()]  # minus the progress bar
+    assert len(lines) == 1 and lines[0].startswith("kt-cache: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def arrays(url) -> dict[str, np.ndarray]:
+    """Every array of every shard, plus the codec state: what "the same store" compares."""
+    store = CacheStore.open(str(url))
+    out = {}
+    for sid, marker in store.completed().items():
+        for path in marker["checksums"]:
+            out[f"{sid}/{path}"] = store.group[f"shards/{sid}/{path}"][...]
+        out[f"{sid}/checksums"] = np.array(sorted(marker["checksums"].items()))
+    for target in store.attrs["targets"]:
+        state = store.read_codec_state(target)
+        for name, value in (state[1] if state else {}).items():
+            out[f"codecs/{target}/{name}"] = value
+    return out
+
+
+def assert_same_store(a, b) -> None:
+    x, y = arrays(a), arrays(b)
+    assert sorted(x) == sorted(y)
+    for path in x:
+        assert x[path].dtype == y[path].dtype and np.array_equal(x[path], y[path]), path
+
+
+def single_thread_build(argv) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+# ---------------------------------------------------------------------------------------------- build
+def test_codec_flags_split_on_target_names_only():
+    assert split_codec_flags(["logits=topk:k=10,patches=pca:d=64,int8", "embedding=int8"]) == \
+        ["logits=topk:k=10", "patches=pca:d=64,int8", "embedding=int8"]
+
+
+def test_build_info_plan_agree(built, tiny_teacher, fmnist, capsys):  # noqa: F811
+    capsys.readouterr()
+    assert main(["info", str(built), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shards"] == {"complete": 2, "expected": 2, "incomplete": [], "written_without_marker": []}
+    assert info["samples"] == 200 and info["bad"]["count"] == 0
+    assert info["targets"]["patches"]["codec"] == "pca:d=16,int8"
+    assert info["teacher"]["arch"] == "test_vit" and info["view"]["views_per_image"] == 2
+    data = "::".join(fmnist["train"][:2])
+    assert main(["plan", "--teacher", tiny_teacher, "--targets", "logits,embedding,patches", "--views", "2",
+                 "--codec", "patches=pca:d=16,int8", "--data", data, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # logits topk:k=10 of 10 classes: 10 fp16 values + 10 uint8 indices + fp16 tail
+    assert plan["targets"]["logits"]["bytes_per_view"] == 32
+    assert plan["targets"]["patches"]["bytes_per_view"] == 2 * 2 * (16 + 2)
+    assert plan["total_bytes"] == info["bytes"]["predicted"]
+    assert 0.2 < info["bytes"]["stored"] / plan["total_bytes"] < 2.0
+    assert main(["info", str(built)]) == 0
+    human = capsys.readouterr().out
+    assert "2 / 2 complete" in human and "pca:d=16,int8" in human
+
+
+def test_plan_with_num_samples_prints_a_table(tiny_teacher, capsys):  # noqa: F811
+    assert main(["plan", "--teacher", tiny_teacher, "--targets", "logits,patches", "--views", "4",
+                 "--num-samples", "1000000"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted size" in out and "topk:k=10" in out and "pca:d=64,int8" in out
+
+
+def test_verify_clean_then_damaged(built, tiny_teacher, tmp_path, capsys):  # noqa: F811
+    assert main(["verify", str(built), "--samples", "12", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["samples_checked"] == 12
+    assert report["fidelity"]["logits"]["top1_agreement"] == 1.0
+    assert report["fidelity"]["embedding"]["cosine_min"] > 0.999
+    assert report["consistency"]["patches"]["cosine_min"] > 0.999
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(built, damaged)
+    sid = min(CacheStore.open(str(damaged)).completed())
+    zarr.open_group(str(damaged), mode="r+")[f"shards/{sid}/targets/embedding/values"][0, 0, :4] = 7.0
+    os.remove(damaged / "complete" / f"{sorted(CacheStore.open(str(damaged)).completed())[1]}.json")
+    assert main(["verify", str(damaged), "--samples", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "checksum mismatch in targets/embedding/values" in out and "1 of 2 input shards incomplete" in out
+
+
+def test_verify_refuses_another_teacher(built, tmp_path, capsys):
+    from kt.models import create_model, save_checkpoint
+
+    other = save_checkpoint(create_model("test_vit", num_classes=10, image_size=32), tmp_path / "other")
+    err = one_line_error(capsys, ["verify", str(built), "--teacher", str(other), "--samples", "4"])
+    assert "weights_sha256 differs" in err
+
+
+def test_bad_samples_recorded_and_counted(tiny_teacher, corrupt_shard, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "bad.zarr"
+    assert main(build_args(tiny_teacher, corrupt_shard, out, "--max-bad-fraction", "0.5", "--codec", "patches=fp16",
+                           views=1)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 6 and summary["bad"] == 2
+    marker = CacheStore.open(str(out)).completed()[shard_id_for(corrupt_shard[0])]
+    assert marker["n_samples"] == 6 and marker["n_bad"] == 2
+    reasons = {b["key"]: b["reason"] for b in marker["bad"]}
+    assert sorted(reasons) == ["s3", "s5"]
+    assert "no image member" in reasons["s5"] and reasons["s3"]
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bad"]["count"] == 2 and {b["key"] for b in info["bad"]["first"]} == {"s3", "s5"}
+    err = one_line_error(capsys, build_args(tiny_teacher, corrupt_shard, tmp_path / "strict.zarr", "--codec", "patches=fp16",
+                                                  views=1))
+    assert "2 of 8 samples are bad" in err
+    # the same command again: its shards are complete, but the build still fails (markers keep the counts)
+    err = one_line_error(capsys, build_args(tiny_teacher, corrupt_shard, tmp_path / "strict.zarr", "--codec", "patches=fp16",
+                                            views=1))
+    assert "2 of 8 samples are bad" in err
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_bad_input_is_one_line_exit_2(built, tiny_teacher, fmnist, tmp_path, capsys):  # noqa: F811
+    data = fmnist["train"][0]
+    cases = [
+        (build_args(str(tmp_path / "no" / "teacher"), data, tmp_path / "a.zarr"), "teacher not found"),
+        (build_args(tiny_teacher, str(tmp_path / "missing.tar"), tmp_path / "a.zarr"), "shard not found"),
+        (build_args(tiny_teacher, data, tmp_path / "a.zarr", "--codec", "logits=topk:k=x"), "positive integer k"),
+        (build_args(tiny_teacher, data, tmp_path / "a.zarr", "--codec", "patches=zip"), "unknown codec 'zip'"),
+        (build_args(tiny_teacher, data, tmp_path / "a.zarr", "--codec", "logits=pca:d=4"), "unknown codec"),
+        (build_args(tiny_teacher, data, tmp_path / "a.zarr")[:-2] + ["--targets", "logits,depth"],
+         "unknown target 'depth'"),
+        (["build", "--teacher", "test_vit", "--data", data, "--out", str(tmp_path / "a.zarr"),
+          "--image-size", "32", "--targets", "logits"], "needs a teacher with a task head"),
+        (build_args(tiny_teacher, data, built, "--codec", "patches=pca:d=16,int8")[:-2] + ["--seed", "5"],
+         "holds another cache"),
+        (["info", str(tmp_path / "nothing")], "no kt cache"),
+        (["plan", "--teacher", tiny_teacher, "--codec", "logits=topk", "--num-samples", "5"], "positive integer k"),
+        (["verify", str(tmp_path / "nothing.zarr")], "no kt cache"),
+    ]
+    for argv, needle in cases:
+        err = one_line_error(capsys, argv)
+        assert needle in err, (argv, err)
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    assert "not a kt cache" in one_line_error(capsys, ["info", str(tmp_path / "plain.zarr")])
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def test_overwrite_replaces_a_cache_of_another_view_spec(tiny_teacher, small_shards, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "cache.zarr"
+    assert main(build_args(tiny_teacher, small_shards[0], out, "--codec", "patches=fp16", views=1)) == 0
+    argv = build_args(tiny_teacher, small_shards[0], out, "--codec", "patches=fp16", "--view-spec", "light", views=1)
+    assert "view.spec" in one_line_error(capsys, argv)
+    assert main(argv + ["--overwrite", "true"]) == 0
+    assert CacheStore.open(str(out)).attrs["view"]["spec"]["randaug_ops"] == 0
+
+
+# ------------------------------------------------------------------------------------ resume, ranks
+def test_killed_build_resumes_to_the_same_arrays(tiny_teacher, small_shards, tmp_path):  # noqa: F811
+    argv = build_args(tiny_teacher, small_shards, tmp_path / "ref.zarr", "--batch-size", "4",
+                      "--codec", "patches=pca:d=16,int8", views=3)
+    single_thread_build(argv)
+    out = tmp_path / "killed.zarr"
+    argv[argv.index("--out") + 1] = str(out)
+    cmd = [sys.executable, "-m", "teacher_cache.cli", *argv]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "complete").glob("*.json")) if (out / "complete").exists() else True:
+        assert proc.poll() is None, "the build ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.15))  # somewhere in a later shard
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    complete = len(list((out / "complete").glob("*.json")))
+    assert 1 <= complete <= len(small_shards)
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["shards_skipped"] == complete and summary["shards_written"] == len(small_shards) - complete
+    assert_same_store(tmp_path / "ref.zarr", out)
+
+
+def test_two_processes_build_the_same_store(tiny_teacher, small_shards, tmp_path):  # noqa: F811
+    argv = build_args(tiny_teacher, small_shards, tmp_path / "one.zarr", "--batch-size", "4",
+                      "--codec", "patches=pca:d=16,int8", views=2)
+    single_thread_build(argv)
+    argv[argv.index("--out") + 1] = str(tmp_path / "two.zarr")
+    # torchrun with gloo: `accelerate launch --num_processes 2 --cpu` starts one process without an MPI hostfile
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+           "-m", "teacher_cache.cli", *argv]
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    assert sum(s["shards_written"] for s in summaries) == len(small_shards)
+    ranks = {m["rank"] for m in CacheStore.open(str(tmp_path / "two.zarr")).completed().values()}
+    assert ranks == {0, 1}
+    assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")

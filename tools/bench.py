@@ -1,0 +1,56 @@
+"""Benchmarks, one entry point: `python -m tools.bench {cache,distill,retrieval} [--json] [...]`.
+
+    python -m tools.bench cache --json          # teacher cache: build overhead, bytes, fidelity, reader
+    python -m tools.bench distill --json        # student distillation from the cache
+    python -m tools.bench retrieval             # curate time / memory, IVF-PQ recall
+
+Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
+when asked for, so one benchmark's heavy imports never slow another. Results are recorded with their
+command in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "cache": "tools.bench_cache",
+    "distill": "tools.bench_distill",
+    "retrieval": "tools.bench_retrieval",
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown benchmark {argv[0]!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        print(f"usage: python -m tools.bench {{{','.join(BENCHMARKS)}}} [--json] [options]\n{__doc__}",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name, rest = argv[0], argv[1:]
+    try:
+        module = importlib.import_module(BENCHMARKS[name])
+    except ModuleNotFoundError as e:
+        if e.name != BENCHMARKS[name]:
+            raise
+        print(f"benchmark {name!r} is not available yet ({BENCHMARKS[name].replace('.', '/')}.py does not exist)",
+              file=sys.stderr)
+        return 2
+    module.run(_parse(module, rest))
+    return 0
+
+
+def _parse(module, rest: list[str]):
+    """The module's own parser, when it has one; `--json` is accepted by every benchmark."""
+    if not hasattr(module, "build_parser"):
+        return rest
+    parser = module.build_parser()
+    if not any(a.dest == "json" for a in parser._actions):
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser.parse_args(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
