@@ -12,6 +12,7 @@ command in docs/benchmarks.md.
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 BENCHMARKS = {
@@ -38,7 +39,9 @@ def main(argv=None) -> int:
         print(f"benchmark {name!r} is not available yet ({BENCHMARKS[name].replace('.', '/')}.py does not exist)",
               file=sys.stderr)
         return 2
-    module.run(_parse(module, rest))
+    args = _parse(module, rest)
+    result = module.run(args)  # every benchmark returns one dict; printing is done here, once
+    print(json.dumps(result, indent=None if getattr(args, "json", False) else 2))
     return 0
 
 

@@ -77,7 +77,6 @@ def run(args=None) -> dict:
             result["reader"] = bench_reader(args, work)
             result["reader_samples_per_s"] = {t: r["samples_per_s"] for t, r in result["reader"].items()}
     result["machine"]["load_avg_end"] = list(os.getloadavg())
-    print(json.dumps(result, indent=2 if getattr(args, "json", False) else None))
     return result
 
 
@@ -342,4 +341,4 @@ def bench_reader(args, work: str, batch: int = 256) -> dict:
 
 
 if __name__ == "__main__":
-    run()
+    print(json.dumps(run(), indent=2))

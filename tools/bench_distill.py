@@ -19,7 +19,9 @@ step of each mode is reported.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -123,6 +125,7 @@ def bench_cached_vs_supervised(args, tmp: Path) -> dict:
     for _ in range(args.rounds):
         supervised += timed_steps(supervised_loader, supervised_step, args.steps)
         cached += timed_steps(cached_loader, cached_step, args.steps)
+    print(json.dumps({"supervised_steps_s": supervised, "cached_steps_s": cached}), file=sys.stderr)
     c, s = statistics.median(cached), statistics.median(supervised)
     return {"cached_over_supervised": c / s, "cached_step_s": c, "supervised_step_s": s,
             "student": args.student, "image_size": args.image_size, "batch_size": args.batch_size}
@@ -183,7 +186,7 @@ def bench_online_vs_cached(args, tmp: Path) -> dict:
     c, o, f = statistics.median(cached), statistics.median(online), statistics.median(forward)
     ratio, ideal = o / c, 1 + f / c
     return {"online_over_cached": ratio, "online_over_cached_ideal": ideal, "fraction_of_ideal": ratio / ideal,
-            "cached_step_s": c, "online_step_s": o, "teacher_forward_s": f, "teacher": args.teacher,
+            "vit_cached_step_s": c, "vit_online_step_s": o, "vit_teacher_forward_s": f, "teacher": args.teacher,
             "student_vit": args.vit_student, "vit_image_size": size, "vit_batch_size": batch}
 
 
@@ -201,17 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vit-size", type=int, default=56, help="teacher and student input (a multiple of 14)")
     p.add_argument("--vit-batch", type=int, default=8)
     p.add_argument("--vit-steps", type=int, default=4)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: supervised, online")
     return p
 
 
 def run(args) -> dict:
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        out = bench_cached_vs_supervised(args, Path(tmp))
-        out.update(bench_online_vs_cached(args, Path(tmp)))
+        if "supervised" not in args.skip:
+            out.update(bench_cached_vs_supervised(args, Path(tmp)))
+        if "online" not in args.skip:
+            out.update(bench_online_vs_cached(args, Path(tmp)))
+    out["steps_per_mode"] = {"small": args.steps * args.rounds, "vit": args.vit_steps * args.rounds}
     return out
 
 
 if __name__ == "__main__":
-    import json
-
     print(json.dumps(run(build_parser().parse_args()), indent=2))
