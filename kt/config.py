@@ -154,13 +154,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def run_record(cfg: Any = None) -> dict:
     """What was run, from which code, with which packages: stored beside every output."""
     record = {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "git_revision": git_revision(),
         "versions": package_versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "host": platform.node(),
         "pid": os.getpid(),
     }

@@ -18,7 +18,6 @@ the model (`load_checkpoint(path)`).
 
 from __future__ import annotations
 
-import datetime
 import difflib
 import hashlib
 import importlib
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from kt.config import utc_now
 from kt.errors import UserError
 
 FORMAT_VERSION = 1
@@ -535,7 +535,7 @@ def save_checkpoint(model: TaskModel, out_dir, classes: list[str] | None = None,
         "pretrained": model.pretrained,
         "weights_sha256": weights_sha256(weights),
         "kt_version": _kt_version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "extra": extra or {},
     }
     tmp = out / (CARD_FILE + ".tmp")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kt.config import run_record
 from kt.errors import UserError
 from retrieval.curate import Selection
 from retrieval.store import Embeddings
@@ -103,6 +104,6 @@ def write_outputs(out_dir: str | Path, sel: Selection, queries: Embeddings, gall
     plot_coverage(out / "coverage.png", cov, f"{sel.stats.get('strategy')}: {len(sel.ids)} images")
     written = copy_images(out / "shards", sel, gallery) if shards else []
     summary = {**sel.stats, "coverage": cov, "shards": [str(Path(p).name) for p in written],
-               "queries_store": queries.path, "gallery_store": gallery.path}
+               "queries_store": queries.path, "gallery_store": gallery.path, "run": run_record()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

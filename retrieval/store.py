@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from kt.config import run_record
 from kt.errors import UserError
 
 FORMAT = "kt-embeddings"
@@ -174,9 +175,10 @@ class StoreWriter:
         self.group.create_array("keys", shape=(0,), dtype=str, chunks=(CHUNK_ROWS * 4,))
         self.group.create_array("labels", shape=(0,), dtype="int64", chunks=(CHUNK_ROWS * 4,))
         self.group.create_array("shard", shape=(0,), dtype="int32", chunks=(CHUNK_ROWS * 4,))
+        record = run_record()  # command, git revision, package versions: beside every kt output
         self.group.attrs.update({"format": FORMAT, "version": VERSION, "encoder": encoder, "dim": int(dim),
                                  "normalized": bool(normalized), "source": source, "rows": 0,
-                                 "shards_done": []})
+                                 "shards_done": [], "run": record})
 
     @property
     def shards_done(self) -> list[str]:

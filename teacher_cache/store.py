@@ -39,7 +39,6 @@ Concurrency: create the cache on one process (`CacheStore.create`), then open it
 
 from __future__ import annotations
 
-import datetime
 import errno
 import hashlib
 import json
@@ -55,7 +54,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
-from kt.config import git_revision, package_versions
+from kt.config import git_revision, package_versions, utc_now
 from kt.errors import UserError
 from teacher_cache.codecs import Codec, parse_codec
 
@@ -110,7 +109,7 @@ class CacheStore:
             **attrs,
             "versions": attrs.get("versions") or package_versions(),
             "git_revision": attrs.get("git_revision") or git_revision(),
-            "created": attrs.get("created") or _now(),
+            "created": attrs.get("created") or utc_now(),
         }
         group = zarr.open_group(zstore, mode="w", attributes=full, zarr_format=3)
         group.require_group("shards")
@@ -208,7 +207,7 @@ class CacheStore:
         marker = {
             "shard_id": shard_id, "url": url, "n_samples": n, "n_bad": len(bad),
             "bad": [{"key": str(b.get("key")), "reason": str(b.get("reason"))} for b in bad],
-            "checksums": checksums, "written_at": _now(), "rank": int(rank),
+            "checksums": checksums, "written_at": utc_now(), "rank": int(rank),
         }
         self._write_marker(shard_id, marker)
 
@@ -497,5 +496,3 @@ def _checksum(value: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
