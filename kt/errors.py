@@ -1,4 +1,4 @@
-"""User-facing errors.
+"""User-facing errors, and the one-line JSON summaries every command prints.
 
 Anything a user can cause (a missing path, an unknown model name, a cache built for another teacher)
 raises `UserError`. Command-line entry points catch it, print its one-line message and exit 2;
@@ -8,6 +8,7 @@ every other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from typing import Callable
 
@@ -36,3 +37,10 @@ def cli_entry(prog: str) -> Callable:
         return main
 
     return wrap
+
+
+def print_json_line(obj) -> None:
+    """One JSON line in one write: processes of a multi-process job share stdout, and `print` may write
+    the text and the newline separately, interleaving lines from different ranks."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()

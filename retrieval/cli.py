@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from kt.errors import cli_entry
+from kt.errors import cli_entry, print_json_line
 from retrieval import embed as E
 from retrieval.curate import INDEXES, STRATEGIES, CurateConfig
 from retrieval.index import IVFPQConfig
@@ -85,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def embed_command(args) -> None:
     summary = E.embed_images(args.encoder, args.data, args.out, pretrained=args.pretrained, image_size=args.image_size,
                    batch_size=args.batch_size, normalize=args.normalize, resume=args.resume, device=args.device)
-    sys.stdout.write(json.dumps(summary) + "\n")  # one line per process, in one write: ranks share stdout
-    sys.stdout.flush()
+    print_json_line(summary)  # one line per process: ranks share stdout
 
 
 def import_command(args) -> None:

@@ -16,7 +16,7 @@ import json
 import sys
 
 from kt.config import add_config_args, build_config
-from kt.errors import UserError, cli_entry
+from kt.errors import UserError, cli_entry, print_json_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 def finetune_command(args: argparse.Namespace) -> int:
     from student.finetune import FinetuneConfig, run_finetune
 
-    print(json.dumps(run_finetune(build_config(FinetuneConfig, args))))
+    print_json_line(run_finetune(build_config(FinetuneConfig, args)))
     return 0
 
 
 def train_command(args: argparse.Namespace) -> int:
     from student.distill import DistillConfig, run_distill
 
-    print(json.dumps(run_distill(build_config(DistillConfig, args))))
+    print_json_line(run_distill(build_config(DistillConfig, args)))
     return 0
 
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kt.config import add_config_args, build_config
-from kt.errors import UserError, cli_entry
+from kt.errors import UserError, cli_entry, print_json_line
 
 PROG = "kt-cache"
 _SHOW = 5  # bad samples / shard ids shown before "and N more"
@@ -107,7 +107,7 @@ def build_command(args: argparse.Namespace) -> int:
     overrides = {"codec": split_codec_flags(args.codec_flags)} if args.codec_flags else {}
     cfg = build_config(BuildConfig, args, **overrides)
     # cheap checks first: a typo in a codec should not wait for a large teacher to load
-    print(json.dumps(build_cache(cfg)))
+    print_json_line(build_cache(cfg))
     return 0
 
 
