@@ -72,7 +72,10 @@ def load_teacher(teacher: str, pretrained: str = "none", image_size: int = 0) ->
         return model
     if "/" in teacher or teacher.endswith((".safetensors", ".json")):
         raise UserError(f"teacher not found: {teacher}")
-    return create_model(teacher, num_classes=0, pretrained=pretrained, image_size=image_size or 224)
+    # random-init weights must be the same on every rank and every rerun (one teacher per cache)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_model(teacher, num_classes=0, pretrained=pretrained, image_size=image_size or 224)
 
 
 def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str]) -> dict[str, np.ndarray]:

@@ -256,3 +256,15 @@ def test_two_processes_build_the_same_store(tiny_teacher, small_shards, tmp_path
     ranks = {m["rank"] for m in CacheStore.open(str(tmp_path / "two.zarr")).completed().values()}
     assert ranks == {0, 1}
     assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
+
+
+def test_model_name_teacher_is_the_same_teacher_on_rerun():
+    """A teacher given by name with random weights gets the same weights in every process (ranks, reruns)."""
+    from kt.models import model_fingerprint
+    from teacher_cache.build import load_teacher
+
+    torch.manual_seed(123)
+    a = model_fingerprint(load_teacher("test_efficientnet", "none", 32))
+    torch.manual_seed(456)
+    b = model_fingerprint(load_teacher("test_efficientnet", "none", 32))
+    assert a["weights_sha256"] == b["weights_sha256"]
