@@ -235,9 +235,8 @@ def labeled_subset(urls: Sequence[str], n_per_class: int | None, seed: int,
             raise UserError(f"sample {sample.key} in {sample.shard} has no .cls label")
         counts[sample.label] = counts.get(sample.label, 0) + 1
         heap = heaps.setdefault(sample.label, [])
-        # max-heap on rank via negated ordering: keep the n smallest ranks
-        rank = subset_rank(seed, sample.key)
-        neg = tuple(-b for b in bytes.fromhex(rank))
+        # a min-heap of negated ranks is a max-heap of ranks: its top is the largest rank kept so far
+        neg = -int(subset_rank(seed, sample.key), 16)
         if n_per_class is not None and len(heap) >= n_per_class and neg <= heap[0][0]:
             continue
         try:

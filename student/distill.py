@@ -144,12 +144,6 @@ def check_data_matches_cache(reader, urls) -> list[int]:
     return sizes
 
 
-def reader_targets(url: str) -> list[str]:
-    from teacher_cache.reader import CacheReader
-
-    return list(CacheReader(url).attrs["targets"])
-
-
 def load_expected_classes(arg: str) -> list[str] | None:
     """Class names from a classes.json file or from the classes.json beside a shard spec."""
     if not arg:
@@ -196,12 +190,11 @@ def run_distill(cfg: DistillConfig) -> dict:
             from kt.models import checkpoint_fingerprint
 
             expect["teacher"] = checkpoint_fingerprint(cfg.expect_teacher)
-        held = list(reader_targets(cfg.cache))
-        missing = [t for t in needs if t not in held]
+        reader = CacheReader(cfg.cache, expect=expect or None)
+        missing = [t for t in needs if t not in reader.targets]
         if missing:
             raise UserError(f"objective {cfg.objective} needs cached {', '.join(missing)}; "
-                            f"the cache holds {', '.join(held)}")
-        reader = CacheReader(cfg.cache, targets=list(needs), expect=expect or None)
+                            f"the cache holds {', '.join(reader.targets)}")
         reader.require_complete(urls)
         sizes = check_data_matches_cache(reader, urls)
         view_spec, view_seed, views = reader.view_spec, reader.seed, reader.views_per_image

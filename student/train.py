@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kt.config import accelerate_cpu, field
+from kt.errors import UserError
 
 STATE_DIR = "state"
 
@@ -147,8 +148,6 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
     if progress is not None:
         saved_world = progress.get("world_size", accelerator.num_processes)
         if progress["batches_in_epoch"] and saved_world != accelerator.num_processes:
-            from kt.errors import UserError
-
             raise UserError(f"{out_dir} stopped mid-epoch with {saved_world} processes; resume it with "
                             f"{saved_world} (the batch order of an epoch depends on it), not "
                             f"{accelerator.num_processes}")

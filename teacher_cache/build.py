@@ -35,7 +35,7 @@ from kt.config import accelerate_cpu, config_dict, field, run_record
 from kt.errors import UserError
 from kt.models import TaskModel, create_model, load_checkpoint, model_fingerprint
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
-from kt.views import ViewSpec, load_view_spec, render, sample_params, to_tensor
+from kt.views import PARAM_DIM, ViewSpec, load_view_spec, render, sample_params, to_tensor
 from teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
 from teacher_cache.store import CacheStore, shard_id_for
 
@@ -202,8 +202,12 @@ class ShardAssembler:
         self.rows.append((idx, vidx, params, {t: self.codecs[t].encode(raw[t]) for t in self.codecs}))
 
     def finish(self, n: int) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
-        idx = np.concatenate([r[0] for r in self.rows]) if self.rows else np.zeros(0, int)
-        vidx = np.concatenate([r[1] for r in self.rows]) if self.rows else np.zeros(0, int)
+        if not self.rows:  # every sample of the shard was bad: an empty, still complete, shard
+            if n:
+                raise RuntimeError(f"shard assembled no views, expected {n} x {self.views}")
+            return np.zeros((0, self.views, PARAM_DIM), np.float32), {t: {} for t in self.codecs}
+        idx = np.concatenate([r[0] for r in self.rows])
+        vidx = np.concatenate([r[1] for r in self.rows])
         if len(idx) != n * self.views:
             raise RuntimeError(f"shard assembled {len(idx)} views, expected {n} x {self.views}")
         order = np.lexsort((vidx, idx))  # batches arrive in order already; this makes it a checked fact
@@ -211,7 +215,7 @@ class ShardAssembler:
         targets = {}
         for t in self.codecs:
             targets[t] = {}
-            for part in self.rows[0][3][t] if self.rows else {}:
+            for part in self.rows[0][3][t]:
                 stacked = np.concatenate([r[3][t][part] for r in self.rows])[order]
                 targets[t][part] = stacked.reshape(n, self.views, *stacked.shape[1:])
         return params, targets
@@ -248,8 +252,6 @@ class Writer(threading.Thread):
         _, url, keys, bad, n_read = job
         assembler = self.shards.pop(url, ShardAssembler(self.views, self.codecs))
         params, targets = assembler.finish(len(keys))
-        if not keys:
-            targets = {t: {} for t in self.codecs}
         self.store.write_shard(shard_id_for(url), url, keys, params, targets, bad, rank=self.rank)
         self.written.append({"url": url, "samples": len(keys), "bad": len(bad), "read": n_read})
 

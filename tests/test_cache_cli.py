@@ -268,3 +268,16 @@ def test_model_name_teacher_is_the_same_teacher_on_rerun():
     torch.manual_seed(456)
     b = model_fingerprint(load_teacher("test_efficientnet", "none", 32))
     assert a["weights_sha256"] == b["weights_sha256"]
+
+
+def test_shard_with_only_bad_samples_completes_empty(tiny_teacher, corrupt_shard, tmp_path, capsys):  # noqa: F811
+    """A shard in which nothing decodes is written as a complete, empty shard with its bad samples listed."""
+    broken = write_shards([{"__key__": f"b{i}", "txt": b"not an image", "cls": b"0"} for i in range(3)],
+                          tmp_path / "broken", prefix="broken")
+    out = tmp_path / "c.zarr"
+    assert main(build_args(tiny_teacher, [corrupt_shard[0], broken[0]], out, "--max-bad-fraction", "1.0",
+                           "--codec", "patches=fp16", views=1)) == 0
+    markers = CacheStore.open(str(out)).completed()
+    empty = markers[shard_id_for(broken[0])]
+    assert empty["n_samples"] == 0 and empty["n_bad"] == 3
+    assert markers[shard_id_for(corrupt_shard[0])]["n_samples"] == 6
