@@ -1,7 +1,7 @@
 """kt-retrieve: embed a gallery and queries, then curate a transfer set from the gallery.
 
     kt-retrieve embed --encoder open_clip:ViT-L-14@openai --data 'gallery/{000..099}.tar' --out gallery.emb
-    accelerate launch --multi_gpu --num_processes 8 -m retrieval.cli embed ...   # ranks take disjoint shards
+    accelerate launch --multi_gpu --num_processes 8 -m kt.retrieval.cli embed ...   # ranks take disjoint shards
     kt-retrieve embed --encoder open_clip:ViT-L-14@openai --data labeled/ --out queries.emb
     kt-retrieve import --embeddings img_emb.npy --keys keys.txt --encoder open_clip:ViT-L-14@openai --out g.emb
     kt-retrieve embed-text --encoder open_clip:ViT-L-14@openai --classes classes.json --templates imagenet --out q.emb
@@ -15,9 +15,9 @@ import argparse
 import json
 
 from kt.errors import cli_entry, print_json_line
-from retrieval import embed as E
-from retrieval.curate import INDEXES, STRATEGIES, CurateConfig
-from retrieval.index import IVFPQConfig
+from kt.retrieval import embed as E
+from kt.retrieval.curate import INDEXES, STRATEGIES, CurateConfig
+from kt.retrieval.index import IVFPQConfig
 
 PROG = "kt-retrieve"
 
@@ -98,9 +98,9 @@ def embed_text_command(args) -> None:
 
 
 def curate_command(args) -> None:
-    from retrieval.curate import curate
-    from retrieval.output import write_outputs
-    from retrieval.store import load_embeddings
+    from kt.retrieval.curate import curate
+    from kt.retrieval.output import write_outputs
+    from kt.retrieval.store import load_embeddings
 
     cfg = CurateConfig(strategy=args.strategy, size=args.size, seed=args.seed, block_size=args.block_size,
                        exclude_threshold=args.exclude_threshold, copy_threshold=args.copy_threshold,

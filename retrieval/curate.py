@@ -24,8 +24,8 @@ from collections.abc import Callable
 import numpy as np
 
 from kt.errors import UserError
-from retrieval import index as ix
-from retrieval.store import Embeddings, check_compatible
+from kt.retrieval import index as ix
+from kt.retrieval.store import Embeddings, check_compatible
 
 STRATEGIES = ("best-matches", "query-balanced", "random")
 INDEXES = ("flat", "ivfpq")

@@ -1,7 +1,7 @@
 """Embedding stores from images, from files computed elsewhere, and from class-name prompts.
 
     kt-retrieve embed --encoder open_clip:ViT-L-14@openai --pretrained hub --data 'shards/{0..99}.tar' --out g.emb
-    accelerate launch --multi_gpu --num_processes 8 -m retrieval.cli embed ...   # ranks take disjoint shards
+    accelerate launch --multi_gpu --num_processes 8 -m kt.retrieval.cli embed ...   # ranks take disjoint shards
     kt-retrieve import --embeddings img_emb_0.npy --keys keys.txt --encoder open_clip:ViT-L-14@openai --out g.emb
     kt-retrieve embed-text --encoder open_clip:ViT-L-14@openai --classes classes.json --out q.emb
 
@@ -13,7 +13,7 @@ Several processes: each rank embeds its own input shards (`kt.shards.split_urls`
 from `accelerate.PartialState`), holds one shard's rows in memory and writes them as one part; the main
 process appends parts to the store in input-shard order as they arrive, and after all ranks finish
 (`wait_for_everyone`) the store holds every shard, exactly as a single process writes it (see
-`retrieval.store` for why readers never see half a shard). The store is the only coordination. On a
+`kt.retrieval.store` for why readers never see half a shard). The store is the only coordination. On a
 host without GPUs, `accelerate launch --cpu --num_processes N` starts one process unless accelerate is
 given an MPI hostfile; `accelerate launch --multi_gpu --num_processes N` (torchrun underneath) starts N
 CPU processes that talk over gloo. Text queries average the normalised embeddings of every
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kt.errors import UserError
-from retrieval.store import (
+from kt.retrieval.store import (
     StoreWriter,
     check_writable,
     from_arrays,
@@ -41,7 +41,7 @@ from retrieval.store import (
     write_part,
     write_store,
 )
-from retrieval.templates import TEMPLATES
+from kt.retrieval.templates import TEMPLATES
 
 DEFAULT_ENCODER = "open_clip:ViT-L-14@openai"  # the paper's retrieval encoder
 RANDOM_INIT_SEED = 0  # random-init encoders (tests, smoke runs) are reproducible across runs

@@ -19,8 +19,8 @@ import numpy as np
 
 from kt.config import run_record
 from kt.errors import UserError
-from retrieval.curate import Selection
-from retrieval.store import Embeddings
+from kt.retrieval.curate import Selection
+from kt.retrieval.store import Embeddings
 
 
 def write_manifest(path: Path, sel: Selection, queries: Embeddings, gallery: Embeddings) -> None:

@@ -6,7 +6,7 @@
     kt-student eval --checkpoint runs/teacher/checkpoint --data data/fashion-mnist/test
     kt-student eval --runs runs/s0 runs/s1 runs/s2
 
-Multi-GPU: `accelerate launch -m student.cli finetune ...`.
+Multi-GPU: `accelerate launch -m kt.student.cli finetune ...`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from kt.errors import UserError, cli_entry, print_json_line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from student.distill import DistillConfig
-    from student.finetune import FinetuneConfig
+    from kt.student.distill import DistillConfig
+    from kt.student.finetune import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="kt-student", description="Train and evaluate small task models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,14 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def finetune_command(args: argparse.Namespace) -> int:
-    from student.finetune import FinetuneConfig, run_finetune
+    from kt.student.finetune import FinetuneConfig, run_finetune
 
     print_json_line(run_finetune(build_config(FinetuneConfig, args)))
     return 0
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from student.distill import DistillConfig, run_distill
+    from kt.student.distill import DistillConfig, run_distill
 
     print_json_line(run_distill(build_config(DistillConfig, args)))
     return 0
@@ -55,7 +55,7 @@ def train_command(args: argparse.Namespace) -> int:
 def eval_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from student.evaluate import aggregate, evaluate, load_run_metrics
+    from kt.student.evaluate import aggregate, evaluate, load_run_metrics
 
     if args.runs:
         print(json.dumps(aggregate([load_run_metrics(r) for r in args.runs]), indent=2))

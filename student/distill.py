@@ -29,10 +29,10 @@ from kt.errors import UserError
 from kt.models import TaskModel, create_model, save_checkpoint
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import load_view_spec
-from student.finetune import CHECKPOINT_DIR, RESUMABLE_CHANGES, check_out_dir
-from student.losses import OBJECTIVES, DistillObjective, create_objective
-from student.stream import VIEW_POLICIES, ReplayStream, StreamSpec, steps_per_epoch, stream_loader
-from student.train import OptimConfig, create_accelerator, fit
+from kt.student.finetune import CHECKPOINT_DIR, RESUMABLE_CHANGES, check_out_dir
+from kt.student.losses import OBJECTIVES, DistillObjective, create_objective
+from kt.student.stream import VIEW_POLICIES, ReplayStream, StreamSpec, steps_per_epoch, stream_loader
+from kt.student.train import OptimConfig, create_accelerator, fit
 
 
 @dataclass
@@ -169,7 +169,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cfg.view_policy not in VIEW_POLICIES:
         raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
     out = Path(cfg.out)
-    # the worker count is part of a distillation run: it decides the batch order (student.stream)
+    # the worker count is part of a distillation run: it decides the batch order (kt.student.stream)
     resuming = check_out_dir(out, cfg, resumable=RESUMABLE_CHANGES - {"workers"})
     urls = expand_shards(cfg.data)
     needs = OBJECTIVES[cfg.objective].needs
@@ -179,7 +179,7 @@ def run_distill(cfg: DistillConfig) -> dict:
 
     teacher = None
     if cfg.cache:
-        from teacher_cache.reader import CacheReader
+        from kt.teacher_cache.reader import CacheReader
 
         expect = {}
         if cfg.view_spec:
@@ -202,7 +202,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         source = CacheSource(reader, list(needs))
         teacher_classes = reader.classes
     else:
-        from teacher_cache.build import load_teacher
+        from kt.teacher_cache.build import load_teacher
 
         teacher = load_teacher(cfg.teacher, cfg.teacher_pretrained).eval()
         if expected_classes is not None and teacher.classes != expected_classes:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kt.errors import UserError
-from student.data import eval_loader
+from kt.student.data import eval_loader
 
 METRICS_FILE = "eval.json"
 

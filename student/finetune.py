@@ -25,9 +25,9 @@ from kt.errors import UserError
 from kt.models import create_model, load_checkpoint, save_checkpoint
 from kt.shards import BadSamples, expand_shards, labeled_subset, load_classes
 from kt.views import load_view_spec
-from student.data import LabeledViews, labeled_loader
-from student.evaluate import METRICS_FILE, evaluate
-from student.train import OptimConfig, fit
+from kt.student.data import LabeledViews, labeled_loader
+from kt.student.evaluate import METRICS_FILE, evaluate
+from kt.student.train import OptimConfig, fit
 
 CHECKPOINT_DIR = "checkpoint"
 

@@ -2,7 +2,7 @@
 
     kt-cache build --teacher runs/teacher/checkpoint --data 'data/fashion-mnist/train' \
         --out runs/cache.zarr --views 4 --seed 0 --targets logits,embedding,patches
-    accelerate launch -m teacher_cache.cli build ...        # ranks take disjoint input shards
+    accelerate launch -m kt.teacher_cache.cli build ...        # ranks take disjoint input shards
 
 Pipeline, per process:
 - DataLoader workers read this rank's incomplete input shards (one worker per shard at a time), decode,
@@ -10,7 +10,7 @@ Pipeline, per process:
   point we have batches that each belong to one input shard, in sample order, views consecutive.
 - The main thread only runs the teacher (one backbone pass gives logits, embedding and grid).
 - One writer thread encodes each batch as it comes and, at a shard's end, writes the shard and its
-  completion marker (`teacher_cache.store`), so neither encoding nor I/O stalls the teacher; a bounded
+  completion marker (`kt.teacher_cache.store`), so neither encoding nor I/O stalls the teacher; a bounded
   queue keeps the teacher from running away from a slow store.
 
 Resume is the store's: complete shards are skipped, the rest are redone from their first sample. Codecs
@@ -36,8 +36,8 @@ from kt.errors import UserError
 from kt.models import TaskModel, create_model, load_checkpoint, model_fingerprint
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
 from kt.views import PARAM_DIM, ViewSpec, load_view_spec, render, sample_params, to_tensor
-from teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
-from teacher_cache.store import CacheStore, shard_id_for
+from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
+from kt.teacher_cache.store import CacheStore, shard_id_for
 
 TARGETS = ("logits", "embedding", "patches")
 

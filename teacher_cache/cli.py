@@ -6,8 +6,8 @@
     kt-cache info  runs/cache.zarr [--json]
     kt-cache verify runs/cache.zarr [--teacher CKPT] [--data SHARDS] [--samples 64] [--json]
 
-Multi-process: `accelerate launch [--num_processes N] -m teacher_cache.cli build ...` on GPUs, and
-`torchrun --standalone --nproc_per_node N -m teacher_cache.cli build ...` on CPUs (gloo; accelerate launch
+Multi-process: `accelerate launch [--num_processes N] -m kt.teacher_cache.cli build ...` on GPUs, and
+`torchrun --standalone --nproc_per_node N -m kt.teacher_cache.cli build ...` on CPUs (gloo; accelerate launch
 --cpu starts one process unless it has an MPI hostfile). Ranks take disjoint input shards.
 
 `--codec` may be repeated or comma-separated (`--codec logits=topk:k=10,patches=pca:d=64,int8`): a comma
@@ -40,7 +40,7 @@ _CONSISTENT_COS = 0.99  # features: min cosine(fresh re-encoded, cached) over ve
 
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from teacher_cache.build import BuildConfig
+    from kt.teacher_cache.build import BuildConfig
 
     parser = argparse.ArgumentParser(prog=PROG, description="Build, plan, inspect and verify the teacher cache.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,7 +87,7 @@ def _add_codec_flag(parser: argparse.ArgumentParser) -> None:
 
 def split_codec_flags(values: Sequence[str] | None) -> list[str]:
     """`--codec` values -> ["TARGET=SPEC", ...]; a comma starts a new item only before a target name."""
-    from teacher_cache.codecs import ITEM_NDIM
+    from kt.teacher_cache.codecs import ITEM_NDIM
 
     items: list[str] = []
     for value in values or []:
@@ -102,7 +102,7 @@ def split_codec_flags(values: Sequence[str] | None) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- build
 def build_command(args: argparse.Namespace) -> int:
-    from teacher_cache.build import BuildConfig, build_cache
+    from kt.teacher_cache.build import BuildConfig, build_cache
 
     overrides = {"codec": split_codec_flags(args.codec_flags)} if args.codec_flags else {}
     cfg = build_config(BuildConfig, args, **overrides)
@@ -117,7 +117,7 @@ def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_
     """Bytes per sample and in total for `targets` {name: (codec spec, item shape)}, before lossless
     compression (zstd takes off more; Zarr metadata adds a few KiB). PCA's size does not depend on its fit."""
     from kt.views import PARAM_DIM
-    from teacher_cache.codecs import PcaCodec, parse_codec
+    from kt.teacher_cache.codecs import PcaCodec, parse_codec
 
     out: dict = {"views_per_image": views, "num_samples": num_samples, "targets": {}}
     per_sample = 0.0
@@ -140,7 +140,7 @@ def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from teacher_cache.build import (
+    from kt.teacher_cache.build import (
         item_shapes,
         load_teacher,
         check_teacher_targets,
@@ -201,7 +201,7 @@ def _plan_table(plan: dict) -> str:
 # -------------------------------------------------------------------------------------------- info
 def cache_info(url: str) -> dict:
     """Everything `kt-cache info` shows, as JSON-ready data."""
-    from teacher_cache.store import CacheStore
+    from kt.teacher_cache.store import CacheStore
 
     store = CacheStore.open(url)
     attrs = store.attrs
@@ -286,7 +286,7 @@ def verify_cache(url: str, teacher: str | None = None, data: str | None = None, 
     Returns {"ok", "problems": [...], "shards": {...}, "fidelity": {target: ...}, "consistency": {...}}.
     Damage goes into "problems"; bad input (a teacher of another fingerprint, missing data) raises UserError.
     """
-    from teacher_cache.reader import CacheReader
+    from kt.teacher_cache.reader import CacheReader
 
     reader = CacheReader(url)
     store, attrs = reader.store, reader.attrs
@@ -354,9 +354,9 @@ def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch
     from kt.models import model_fingerprint
     from kt.shards import BadSamples, expand_shards, iter_samples
     from kt.views import render, to_tensor
-    from teacher_cache.build import load_teacher, teacher_outputs
-    from teacher_cache.codecs import fidelity
-    from teacher_cache.store import check_compatible, shard_id_for
+    from kt.teacher_cache.build import load_teacher, teacher_outputs
+    from kt.teacher_cache.codecs import fidelity
+    from kt.teacher_cache.store import check_compatible, shard_id_for
 
     attrs = reader.attrs
     build_cfg = attrs.get("build_config") or {}

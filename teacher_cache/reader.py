@@ -7,7 +7,7 @@
     rows = shard.align(keys_in_data_order)         # row of each sample, keys checked
     logits = shard.get("logits", rows)             # float32 (n, V, K): decodes only these rows
 
-The reader never sees half a shard: only shards with a completion marker are read (`teacher_cache.store`).
+The reader never sees half a shard: only shards with a completion marker are read (`kt.teacher_cache.store`).
 Targets are decoded on first use and per requested target, with the codec's vectorised decoder (one
 float32 matmul for PCA), so a caller that needs logits never pays for patch features. Stored view
 parameters are re-sampled from (spec, seed, key, view) when a shard is opened (`check_views`): a numpy or
@@ -22,8 +22,8 @@ import numpy as np
 
 from kt.errors import UserError
 from kt.views import ViewSpec, check_params_batch
-from teacher_cache.codecs import Codec
-from teacher_cache.store import CacheStore, check_compatible, shard_id_for
+from kt.teacher_cache.codecs import Codec
+from kt.teacher_cache.store import CacheStore, check_compatible, shard_id_for
 
 _NAMED = 5  # how many keys / shard ids an error message names before "and N more"
 

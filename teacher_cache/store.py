@@ -16,7 +16,7 @@ Layout::
     shards/<shard_id>/              one group per input shard; attributes {url, rank}
         keys                        (N,) variable-length UTF-8 sample keys
         params                      (N, V, P) float32 view parameters
-        targets/<name>/<part>       (N, V, ...) the codec's parts (see teacher_cache.codecs)
+        targets/<name>/<part>       (N, V, ...) the codec's parts (see kt.teacher_cache.codecs)
     complete/<shard_id>.json        completion marker (plain JSON object, not a Zarr node)
 
 Every array is written with Zarr's sharding codec, one shard spanning the whole array, with ~1 MiB inner
@@ -56,7 +56,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from kt.config import git_revision, package_versions, utc_now
 from kt.errors import UserError
-from teacher_cache.codecs import Codec, parse_codec
+from kt.teacher_cache.codecs import Codec, parse_codec
 
 FORMAT_VERSION = 1
 

@@ -23,8 +23,8 @@ import zarr
 from PIL import Image
 
 from kt.shards import write_shards
-from teacher_cache.cli import main, split_codec_flags
-from teacher_cache.store import CacheStore, shard_id_for
+from kt.teacher_cache.cli import main, split_codec_flags
+from kt.teacher_cache.store import CacheStore, shard_id_for
 from tests.test_reader import build_args, tiny_teacher  # noqa: F401 -- the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,7 +218,7 @@ def test_killed_build_resumes_to_the_same_arrays(tiny_teacher, small_shards, tmp
     single_thread_build(argv)
     out = tmp_path / "killed.zarr"
     argv[argv.index("--out") + 1] = str(out)
-    cmd = [sys.executable, "-m", "teacher_cache.cli", *argv]
+    cmd = [sys.executable, "-m", "kt.teacher_cache.cli", *argv]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -246,7 +246,7 @@ def test_two_processes_build_the_same_store(tiny_teacher, small_shards, tmp_path
     argv[argv.index("--out") + 1] = str(tmp_path / "two.zarr")
     # torchrun with gloo: `accelerate launch --num_processes 2 --cpu` starts one process without an MPI hostfile
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
-           "-m", "teacher_cache.cli", *argv]
+           "-m", "kt.teacher_cache.cli", *argv]
     result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600,
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -261,7 +261,7 @@ def test_two_processes_build_the_same_store(tiny_teacher, small_shards, tmp_path
 def test_model_name_teacher_is_the_same_teacher_on_rerun():
     """A teacher given by name with random weights gets the same weights in every process (ranks, reruns)."""
     from kt.models import model_fingerprint
-    from teacher_cache.build import load_teacher
+    from kt.teacher_cache.build import load_teacher
 
     torch.manual_seed(123)
     a = model_fingerprint(load_teacher("test_efficientnet", "none", 32))

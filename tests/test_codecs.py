@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kt.errors import UserError
-from teacher_cache.codecs import DEFAULT_CODECS, Codec, PcaCodec, fidelity, parse_codec
+from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, PcaCodec, fidelity, parse_codec
 
 ITEM_SHAPES = {"logits": (50,), "embedding": (32,), "patches": (4, 5, 24), "seg_logits": (6, 8, 10)}
 ALL_SPECS = [

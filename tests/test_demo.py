@@ -20,4 +20,4 @@ def test_demo_pipeline_smoke(fmnist, tmp_path):
     assert main(["--preset", "smoke", "--out", str(out), "--eval-data", fmnist["test"][0]]) == 0
     again = json.loads((out / "results.json").read_text())
     assert [r["top1"] for r in again["rows"]] == [r["top1"] for r in results["rows"]]
-    assert all(s["cmd"].startswith("teacher_cache.cli") for s in again["steps"])  # only idempotent cache builds
+    assert all(s["cmd"].startswith("kt.teacher_cache.cli") for s in again["steps"])  # only idempotent cache builds

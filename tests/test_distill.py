@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from kt.models import load_checkpoint
 from kt.shards import iter_samples
 from kt.views import render, to_tensor
-from student.cli import main
-from teacher_cache.build import BuildConfig, build_cache
-from teacher_cache.reader import CacheReader
+from kt.student.cli import main
+from kt.teacher_cache.build import BuildConfig, build_cache
+from kt.teacher_cache.reader import CacheReader
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_each_objective_trains_from_cache(fmnist, cache, tmp_path, objective, ca
 
 def test_student_view_replays_what_the_teacher_saw(fmnist, cache, teacher):
     """Stream batches carry the stored params; rendered at the teacher's size they give the cached targets."""
-    from student.distill import CacheSource
-    from student.stream import ReplayStream, StreamSpec
+    from kt.student.distill import CacheSource
+    from kt.student.stream import ReplayStream, StreamSpec
 
     reader = CacheReader(str(cache))
     urls = fmnist["train"]
@@ -179,10 +179,10 @@ def test_two_process_training(fmnist, cache, tmp_path):
     `accelerate launch --cpu --num_processes 2` starts a single process (accelerate 1.15 needs MPI for
     that); `--multi_gpu` goes through torchrun and kt asks accelerate for CPU when there is no CUDA.
     """
-    from student.stream import StreamSpec, steps_per_epoch
+    from kt.student.stream import StreamSpec, steps_per_epoch
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "-m", "student.cli", "train", "--model", "test_vit", "--cache", str(cache),
+           "-m", "kt.student.cli", "train", "--model", "test_vit", "--cache", str(cache),
            "--data", str(fmnist["root"] / "train"), "--image-size", "32", "--batch-size", "16", "--epochs", "1",
            "--workers", "0", "--objective", "task", "--out", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from student.cli import main
+from kt.student.cli import main
 
 TINY = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--labels-per-class", "3", "--epochs", "2", "--lr", "0.01", "--log-every", "1"]

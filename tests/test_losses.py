@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kt.errors import UserError
-from student.losses import (
+from kt.student.losses import (
     OBJECTIVES,
     Projection,
     create_objective,

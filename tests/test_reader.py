@@ -25,9 +25,9 @@ from kt.errors import UserError
 from kt.models import create_model, load_checkpoint, model_fingerprint, save_checkpoint
 from kt.shards import iter_samples
 from kt.views import ViewReplayError, load_view_spec, render, to_tensor
-from teacher_cache.cli import main
-from teacher_cache.reader import CacheReader, MissingKeyError
-from teacher_cache.store import shard_id_for
+from kt.teacher_cache.cli import main
+from kt.teacher_cache.reader import CacheReader, MissingKeyError
+from kt.teacher_cache.store import shard_id_for
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -49,7 +49,7 @@ def build_args(teacher: str, data, out, *extra: str, views: int = 2) -> list[str
 
 def teacher_forward(checkpoint: str, url: str, keys: list[str], params: np.ndarray) -> dict[str, np.ndarray]:
     """Raw teacher outputs on the replayed views: params (n, V, P) for `keys` of shard `url` -> (n, V, ...)."""
-    from teacher_cache.build import teacher_outputs
+    from kt.teacher_cache.build import teacher_outputs
 
     model = load_checkpoint(checkpoint)
     images = {s.key: s.image for s in iter_samples([url])}

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kt.errors import UserError
-from retrieval import index as ix
-from retrieval.curate import CurateConfig, curate, trim_to_size, union_sizes
-from retrieval.store import from_arrays
+from kt.retrieval import index as ix
+from kt.retrieval.curate import CurateConfig, curate, trim_to_size, union_sizes
+from kt.retrieval.store import from_arrays
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.cli import main
-from retrieval.store import load_embeddings
+from kt.retrieval.cli import main
+from kt.retrieval.store import load_embeddings
 
 ENCODER = "test_efficientnet"  # timm's tiny test model: the architecture does not matter here
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_embed_resume_and_curated_shards(tmp_path):
 
 
 def test_embed_resume_after_interrupted_shard(tmp_path):
-    from retrieval.store import StoreWriter
+    from kt.retrieval.store import StoreWriter
 
     make_shards(tmp_path, "gal", 10)
     common = ["--encoder", ENCODER, "--pretrained", "none", "--image-size", "32"]
@@ -192,7 +192,7 @@ def four_shards(tmp_path):
 def test_embed_resumes_what_killed_processes_left(four_shards):
     """The state a killed 2-process run can leave: shard 0 committed, shard 1 half appended by the main
     process, complete parts for shards 1 and 3 from rank 1, a part's temporary file; shard 2 missing."""
-    from retrieval.store import StoreWriter, write_part
+    from kt.retrieval.store import StoreWriter, write_part
 
     tmp_path, data, ref_path = four_shards
     ref = load_embeddings(ref_path)
@@ -213,7 +213,7 @@ def test_embed_resumes_what_killed_processes_left(four_shards):
 
 
 def test_embed_crashed_after_some_shards_resumes(four_shards, monkeypatch, capsys):
-    import retrieval.embed as E
+    import kt.retrieval.embed as E
 
     class Killed(BaseException):
         pass
@@ -263,7 +263,7 @@ def rank_summaries(stdout):
 def test_two_processes_embed_the_same_store(four_shards):
     tmp_path, data, ref_path = four_shards
     out = tmp_path / "two.emb"
-    result = launch(["-m", "retrieval.cli", "embed", *EMBED, "--data", data, "--out", str(out)])
+    result = launch(["-m", "kt.retrieval.cli", "embed", *EMBED, "--data", data, "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = rank_summaries(result.stdout)
     assert [(s["rank"], s["processes"]) for s in summaries] == [(0, 2), (1, 2)]
@@ -273,7 +273,7 @@ def test_two_processes_embed_the_same_store(four_shards):
 
 KILL_MAIN_AFTER_ITS_FIRST_PART = """
 import os, signal
-import retrieval.embed as E
+import kt.retrieval.embed as E
 from accelerate import PartialState
 
 real_write_part = E.write_part
@@ -284,7 +284,7 @@ def write_part(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)  # before it commits anything
 
 E.write_part = write_part
-from retrieval.cli import main
+from kt.retrieval.cli import main
 raise SystemExit(main())
 """
 
@@ -299,7 +299,7 @@ def test_killed_two_process_embed_resumes(four_shards):
     killed = launch([str(script), *args])
     assert killed.returncode != 0
     assert len(load_embeddings(out)) == 0 and (out / "parts" / "000000.npz").exists()
-    result = launch(["-m", "retrieval.cli", *args, "--resume"])
+    result = launch(["-m", "kt.retrieval.cli", *args, "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = rank_summaries(result.stdout)
     assert summaries[0]["shards_skipped"] >= 1 and sum(s["shards_embedded"] for s in summaries) <= 3

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kt.errors import UserError
-from teacher_cache.codecs import parse_codec
-from teacher_cache.store import CacheStore, check_compatible, shard_id_for
+from kt.teacher_cache.codecs import parse_codec
+from kt.teacher_cache.store import CacheStore, check_compatible, shard_id_for
 
 V, P = 2, 7
 
@@ -329,7 +329,7 @@ def test_load_codecs_decodes_stored_parts(cache):
 def test_full_disk_is_a_user_error_and_leaves_the_shard_incomplete(cache, monkeypatch):
     import errno
 
-    import teacher_cache.store as store
+    import kt.teacher_cache.store as store
 
     calls = []
 
@@ -351,7 +351,7 @@ import sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 from test_store import _shard
-from teacher_cache.store import CacheStore
+from kt.teacher_cache.store import CacheStore
 cache = CacheStore.open({url!r}, mode="r+")
 print("ready", flush=True)
 for i in range(10_000):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from student.distill import FreshSource, shard_keys
-from student.stream import (ReplayStream, StreamSpec, _rng, plan_epoch, steps_per_epoch, stream_loader,
+from kt.student.distill import FreshSource, shard_keys
+from kt.student.stream import (ReplayStream, StreamSpec, _rng, plan_epoch, steps_per_epoch, stream_loader,
                             view_index, worker_shards)
 from kt.views import VIEW_PRESETS
 

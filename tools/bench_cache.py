@@ -94,7 +94,7 @@ def bench_build(args, work: str) -> dict:
     from kt.models import save_checkpoint
     from kt.shards import expand_shards
     from kt.views import load_view_spec
-    from teacher_cache.build import (
+    from kt.teacher_cache.build import (
         BuildConfig,
         build_cache,
         teacher_outputs,
@@ -131,7 +131,7 @@ def bench_build(args, work: str) -> dict:
         (t, cpu), summary = _timed(build, i)
         build_s.append(t)
         build_cpu.append(cpu)
-    from teacher_cache.store import CacheStore
+    from kt.teacher_cache.store import CacheStore
 
     stored = CacheStore.open(os.path.join(work, "build0.zarr")).nbytes_stored()
     return {
@@ -174,7 +174,7 @@ def teacher_views(model, urls, n_views: int, image_size: int, targets, batch_siz
 
     from kt.shards import iter_samples
     from kt.views import load_view_spec, render, sample_params, to_tensor
-    from teacher_cache.build import teacher_outputs
+    from kt.teacher_cache.build import teacher_outputs
 
     spec = load_view_spec("train")
     out: dict = {t: [] for t in targets}
@@ -204,7 +204,7 @@ def measure_codec(target: str, spec: str, raw: np.ndarray) -> dict:
     from numcodecs import Blosc, Zstd
 
     from kt.errors import UserError
-    from teacher_cache.codecs import fidelity, parse_codec
+    from kt.teacher_cache.codecs import fidelity, parse_codec
 
     half = len(raw) // 2
     fit, test = raw[:half], raw[half:]
@@ -217,7 +217,7 @@ def measure_codec(target: str, spec: str, raw: np.ndarray) -> dict:
     parts = codec.encode(test)
     decoded = codec.decode(parts)
     packed = 0
-    for value in parts.values():  # as the store compresses them (teacher_cache.store._compressor)
+    for value in parts.values():  # as the store compresses them (kt.teacher_cache.store._compressor)
         value = np.ascontiguousarray(value)
         comp = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, typesize=value.dtype.itemsize) \
             if value.dtype.itemsize > 1 else Zstd(level=3)
@@ -276,8 +276,8 @@ def synthetic_cache(url: str, n: int, views: int, seed: int = 0) -> str:
     written through the store and codecs (parts generated directly: encoding 16x16x384 raw grids of a whole
     shard would need gigabytes). Returns the shard id."""
     from kt.views import load_view_spec, sample_params_batch
-    from teacher_cache.codecs import parse_codec
-    from teacher_cache.store import CacheStore
+    from kt.teacher_cache.codecs import parse_codec
+    from kt.teacher_cache.store import CacheStore
 
     rng = np.random.default_rng(seed)
     spec = load_view_spec("train")
@@ -308,7 +308,7 @@ def synthetic_cache(url: str, n: int, views: int, seed: int = 0) -> str:
 
 
 def bench_reader(args, work: str, batch: int = 256) -> dict:
-    from teacher_cache.reader import CacheReader
+    from kt.teacher_cache.reader import CacheReader
 
     url = os.path.join(work, "synthetic.zarr")
     shard_id = synthetic_cache(url, args.reader_samples, args.reader_views)

@@ -11,7 +11,7 @@ online teacher.
   weights), beside `online_over_cached_ideal` = 1 + teacher forward / cached student step, both measured
   here. Goal: online_over_cached >= 0.95 x ideal (the cache removes nearly all of the teacher's cost).
 
-Both time the library's own path (`student.stream.ReplayStream` + `student.distill.Distiller`) step by
+Both time the library's own path (`kt.student.stream.ReplayStream` + `kt.student.distill.Distiller`) step by
 step after warm-up, alternating the two modes in rounds so that machine noise hits both; the median
 step of each mode is reported.
 """
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 
 from kt.shards import BadSamples, expand_shards, iter_samples
 from kt.views import VIEW_PRESETS
-from student.distill import CacheSource, Distiller, FreshSource
-from student.losses import create_objective
-from student.stream import ReplayStream, StreamSpec, stream_loader
-from teacher_cache.build import BuildConfig, build_cache
-from teacher_cache.reader import CacheReader
+from kt.student.distill import CacheSource, Distiller, FreshSource
+from kt.student.losses import create_objective
+from kt.student.stream import ReplayStream, StreamSpec, stream_loader
+from kt.teacher_cache.build import BuildConfig, build_cache
+from kt.teacher_cache.reader import CacheReader
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist"
 

@@ -53,7 +53,7 @@ def _clustered(rng, centers, n, noise=0.6):
 
 
 def make_stores(workdir: str, args) -> tuple[str, str]:
-    from retrieval.store import StoreWriter, from_arrays, write_store
+    from kt.retrieval.store import StoreWriter, from_arrays, write_store
 
     rng = np.random.default_rng(args.seed)
     centers = rng.standard_normal((args.centers, args.dim), dtype=np.float32) / np.sqrt(args.dim)
@@ -72,8 +72,8 @@ def make_stores(workdir: str, args) -> tuple[str, str]:
 
 
 def ivfpq_recall(gallery_path: str, queries_path: str, args) -> tuple[float, float]:
-    from retrieval import index as ix
-    from retrieval.store import load_embeddings
+    from kt.retrieval import index as ix
+    from kt.retrieval.store import load_embeddings
 
     g, q = load_embeddings(gallery_path), load_embeddings(queries_path)
     rng = np.random.default_rng(args.seed)
@@ -102,7 +102,7 @@ def run(args=None) -> dict:
         gallery, queries = make_stores(tmp, args)
         make_s = time.perf_counter() - t0
         out = os.path.join(tmp, "curated")
-        cmd = [sys.executable, "-m", "retrieval.cli", "curate", "--queries", queries, "--gallery", gallery,
+        cmd = [sys.executable, "-m", "kt.retrieval.cli", "curate", "--queries", queries, "--gallery", gallery,
                "--strategy", "query-balanced", "--size", str(args.size), "--seed", str(args.seed),
                "--block-size", str(args.block_size), "--no-shards", "--out", out]
         t0 = time.perf_counter()

@@ -133,15 +133,15 @@ class Demo:
         gallery_spec = f"{DATA / 'train'}/train-{{{a:06d}..{b:06d}}}.tar::{PHOTOS}"
         gallery = root / "gallery.emb"
         if not gallery.exists():
-            self.run("retrieval.cli", "embed", *encoder, "--data", gallery_spec, "--out", str(gallery))
+            self.run("kt.retrieval.cli", "embed", *encoder, "--data", gallery_spec, "--out", str(gallery))
         queries = root / f"queries-n{budget}.emb"
         if not queries.exists():
             from kt.shards import expand_shards, labeled_subset, write_shards
 
             labeled = labeled_subset(expand_shards(str(DATA / "train")), budget, 0)
             shards = write_shards(labeled, root / f"labeled-n{budget}", prefix="labeled")
-            self.run("retrieval.cli", "embed", *encoder, "--data", "::".join(shards), "--out", str(queries))
-        self.run("retrieval.cli", "curate", "--queries", str(queries), "--gallery", str(gallery),
+            self.run("kt.retrieval.cli", "embed", *encoder, "--data", "::".join(shards), "--out", str(queries))
+        self.run("kt.retrieval.cli", "curate", "--queries", str(queries), "--gallery", str(gallery),
                  "--strategy", "query-balanced" if name == "curated" else "random", "--size", str(p.transfer_size),
                  "--seed", "0", "--out", str(out))
         return out
@@ -149,7 +149,7 @@ class Demo:
     def finetune(self, run: Path, model: str, pretrained: str, budget: int, seed: int, size: int,
                  epochs: int, init: str = "") -> Path:
         if not (run / "eval.json").exists():
-            self.run("student.cli", "finetune", "--model", model, "--pretrained", pretrained,
+            self.run("kt.student.cli", "finetune", "--model", model, "--pretrained", pretrained,
                      *(["--init", init] if init else []), "--data", str(DATA / "train"),
                      "--val-data", self.eval_data, "--labels-per-class", str(budget), "--subset-seed", str(seed),
                      "--seed", str(seed), "--epochs", str(epochs), "--image-size", str(size),
@@ -158,7 +158,7 @@ class Demo:
 
     def cache(self, name: str, teacher: str, pretrained: str, targets: str, transfer: str, budget: int) -> Path:
         store = self.out / "cache" / f"{name}.zarr"
-        self.run("teacher_cache.cli", "build", "--teacher", teacher, "--pretrained", pretrained,
+        self.run("kt.teacher_cache.cli", "build", "--teacher", teacher, "--pretrained", pretrained,
                  "--data", self.transfer(transfer, budget), "--out", str(store), "--views", str(self.p.views),
                  "--targets", targets, "--image-size", str(self.p.teacher_size), "--batch-size", "128")
         return store
@@ -166,7 +166,7 @@ class Demo:
     def distill(self, name: str, cache: Path, objective: str, transfer: str, budget: int) -> Path:
         run = self.out / "distill" / name
         if not (run / "checkpoint").exists():
-            self.run("student.cli", "train", "--model", self.p.student, "--cache", str(cache),
+            self.run("kt.student.cli", "train", "--model", self.p.student, "--cache", str(cache),
                      "--data", self.transfer(transfer, budget), "--objective", objective,
                      "--epochs", str(self.p.distill_epochs), "--image-size", str(self.p.student_size),
                      "--batch-size", str(self.p.distill_batch_size), "--lr", str(self.p.lr), "--out", str(run))
@@ -218,7 +218,7 @@ class Demo:
         return rows
 
     def results(self) -> dict:
-        from student.evaluate import aggregate, format_mean_std, load_run_metrics
+        from kt.student.evaluate import aggregate, format_mean_std, load_run_metrics
 
         start = time.time()
         out = {"preset": asdict(self.p), "rows": []}
