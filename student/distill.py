@@ -29,10 +29,9 @@ from kt.errors import UserError
 from kt.models import TaskModel, create_model, save_checkpoint
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import load_view_spec
-from kt.student.finetune import CHECKPOINT_DIR, RESUMABLE_CHANGES, check_out_dir
 from kt.student.losses import OBJECTIVES, DistillObjective, create_objective
 from kt.student.stream import VIEW_POLICIES, ReplayStream, StreamSpec, steps_per_epoch, stream_loader
-from kt.student.train import OptimConfig, create_accelerator, fit
+from kt.student.loop import CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit
 
 
 @dataclass

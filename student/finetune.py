@@ -18,19 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from kt.config import config_dict, field, write_run_record
 from kt.errors import UserError
-from kt.models import create_model, load_checkpoint, save_checkpoint
+from kt.models import create_model, save_checkpoint
 from kt.shards import BadSamples, expand_shards, labeled_subset, load_classes
 from kt.views import load_view_spec
 from kt.student.data import LabeledViews, labeled_loader
 from kt.student.evaluate import METRICS_FILE, evaluate
-from kt.student.train import OptimConfig, fit
-
-CHECKPOINT_DIR = "checkpoint"
-
+from kt.student.loop import CHECKPOINT_DIR, OptimConfig, check_out_dir, fit, init_from_run
 
 @dataclass
 class FinetuneConfig(OptimConfig):
@@ -49,40 +45,6 @@ class FinetuneConfig(OptimConfig):
     workers: int = field(2, "DataLoader workers (this machine has 2 cores)")
     max_bad_fraction: float = field(0.01, "fail when more than this fraction of read samples is corrupt")
     out: str = field("", "run folder")
-
-
-# fields that may change between a run and its resumption without making it another run
-RESUMABLE_CHANGES = {"workers", "out", "val_data", "log_every", "save_every", "stop_after_steps"}
-
-
-def check_out_dir(out: Path, cfg, resumable: set[str] = RESUMABLE_CHANGES) -> bool:
-    """True when `out` holds this same run (resume); raises `UserError` when it holds anything else."""
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    saved = out / "config.yaml"
-    if not saved.exists():
-        raise UserError(f"output folder {out} is not empty and holds no kt run; choose another --out")
-    before = yaml.safe_load(saved.read_text()) or {}
-    now = config_dict(cfg)
-    diff = [k for k in sorted(set(before) | set(now)) if k not in resumable and before.get(k) != now.get(k)]
-    if diff:
-        k = diff[0]
-        raise UserError(f"output folder {out} holds another run ({k}: {before.get(k)!r} there, {now.get(k)!r} now); "
-                        f"choose another --out")
-    return True
-
-
-def init_from_run(run: str, num_classes: int, image_size: int):
-    """The distilled student of a `kt-student train` run (or any kt checkpoint) with a new task head."""
-    path = Path(run)
-    if (path / CHECKPOINT_DIR).is_dir():
-        path = path / CHECKPOINT_DIR
-    if not path.exists():
-        raise UserError(f"--init: no checkpoint at {run}")
-    model = load_checkpoint(path)
-    model.reset_head(num_classes)
-    model.image_size = image_size
-    return model.train()
 
 
 def classification_loss(label_smoothing: float):

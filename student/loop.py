@@ -8,6 +8,10 @@ progress bar, metrics as JSONL plus TensorBoard through accelerate's trackers, a
 accelerate state (model, optimizer, scheduler, RNG) and the position (epoch, step in epoch) are saved
 every `save_every` optimizer steps and at every epoch end, and a rerun of the same command continues
 from the last save, skipping the batches of the interrupted epoch it had already taken.
+
+The loop also owns the run-folder policy every command shares: an `--out` that holds the same run resumes,
+one that holds another run (a field outside `RESUMABLE_CHANGES` differs) is refused, and `init_from_run` starts
+a job from the model another run left in `checkpoint/`.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import yaml
 from torch import nn
 
-from kt.config import accelerate_cpu, field
+from kt.config import accelerate_cpu, config_dict, field
 from kt.errors import UserError
+from kt.models import load_checkpoint
 
 STATE_DIR = "state"
+CHECKPOINT_DIR = "checkpoint"  # the model a run leaves: a timm model folder + kt card
 
 
 @dataclass
@@ -215,3 +222,39 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
     bar.close()
     accelerator.end_training()
     return FitResult(True, global_step, cfg.epochs, last, accelerator.is_main_process)
+
+
+# --- run folders: what a run folder may hold, and how a run starts from another ---
+
+# fields that may change between a run and its resumption without making it another run
+RESUMABLE_CHANGES = {"workers", "out", "val_data", "log_every", "save_every", "stop_after_steps"}
+
+
+def check_out_dir(out: Path, cfg, resumable: set[str] = RESUMABLE_CHANGES) -> bool:
+    """True when `out` holds this same run (resume); raises `UserError` when it holds anything else."""
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    saved = out / "config.yaml"
+    if not saved.exists():
+        raise UserError(f"output folder {out} is not empty and holds no kt run; choose another --out")
+    before = yaml.safe_load(saved.read_text()) or {}
+    now = config_dict(cfg)
+    diff = [k for k in sorted(set(before) | set(now)) if k not in resumable and before.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(f"output folder {out} holds another run ({k}: {before.get(k)!r} there, {now.get(k)!r} now); "
+                        f"choose another --out")
+    return True
+
+
+def init_from_run(run: str, num_classes: int, image_size: int):
+    """The distilled student of a `kt-student train` run (or any kt checkpoint) with a new task head."""
+    path = Path(run)
+    if (path / CHECKPOINT_DIR).is_dir():
+        path = path / CHECKPOINT_DIR
+    if not path.exists():
+        raise UserError(f"--init: no checkpoint at {run}")
+    model = load_checkpoint(path)
+    model.reset_head(num_classes)
+    model.image_size = image_size
+    return model.train()
