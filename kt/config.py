@@ -33,11 +33,18 @@ PACKAGES = ("kt", "torch", "torchvision", "timm", "open_clip_torch", "webdataset
             "accelerate", "safetensors", "faiss-cpu", "numpy", "pillow")
 
 
-def field(default: Any, help: str, **kw) -> Any:  # noqa: A002 -- mirrors argparse's name
-    """A dataclass field with its reason; mutable defaults are copied per instance."""
+def field(default: Any, help: str, *, positional: bool = False, required: bool = False,  # noqa: A002
+          **kw) -> Any:
+    """A dataclass field with its reason; mutable defaults are copied per instance.
+
+    `positional`: the command line takes it as a bare argument (`kt-cache info STORE`) instead of a flag.
+    `required`: the resolved value (after YAML and flags) must not be empty. Checked in `build_config`, not by
+    argparse, so a YAML file may supply it.
+    """
+    meta = {"help": help, "positional": positional, "required": required}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
 
 
 def _flag(name: str) -> str:
@@ -69,7 +76,10 @@ def _parse_value(tp: Any, text: str) -> Any:
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add `--field-name` flags for every field of `cls` (plus `--config`)."""
+    """Add `--field-name` flags for every field of `cls` (plus `--config`).
+
+    A boolean field takes `--name`, `--name false` and `--no-name`; a positional field is a bare argument.
+    """
     hints = typing.get_type_hints(cls)
     if not any(a.dest == "config" for a in parser._actions):
         parser.add_argument("--config", type=Path, default=None, help="YAML file setting any of these fields")
@@ -78,9 +88,20 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             continue
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET,
-                            type=lambda s, tp=tp: _parse_value(tp, s), metavar=_base_type(tp).__name__.upper(),
-                            help=f"{f.metadata.get('help', '')} (default: {default})")
+        kind = "required" if f.metadata.get("required") else f"default: {default}"
+        helptext = f"{f.metadata.get('help', '')} ({kind})"
+        parse = lambda s, tp=tp: _parse_value(tp, s)  # noqa: E731
+        metavar = _base_type(tp).__name__.upper()
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=_UNSET, type=parse, metavar=f.name.upper(), help=helptext)
+        elif _base_type(tp) is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET, nargs="?", const=True, type=parse,
+                                metavar=metavar, help=helptext)
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
+                                default=_UNSET, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET, type=parse, metavar=metavar,
+                                help=helptext)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -111,7 +132,12 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrid
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in names and v is not _UNSET})
     values.update(overrides)
-    return cls(**values)
+    cfg = cls(**values)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("required") and getattr(cfg, f.name) in (None, "", [], {}):
+            where = f.name.upper() if f.metadata.get("positional") else _flag(f.name)
+            raise UserError(f"{where} is required")
+    return cfg
 
 
 def config_dict(cfg: Any) -> dict:

@@ -49,3 +49,30 @@ def test_run_record_written(tmp_path):
     record = json.loads((tmp_path / "run.json").read_text())
     assert {"git_revision", "versions", "config", "created"} <= set(record)
     assert "torch" in record["versions"] and "timm" in record["versions"]
+
+
+@dataclass
+class Cmd:
+    store: str = field("", "where", positional=True, required=True)
+    data: str = field("", "shards", required=True)
+    resume: bool = field(False, "continue")
+    normalize: bool = field(True, "unit rows")
+
+
+def parse_cmd(argv):
+    p = argparse.ArgumentParser()
+    add_config_args(p, Cmd)
+    return p.parse_args(argv)
+
+
+def test_positional_required_and_boolean_flags(tmp_path):
+    cfg = build_config(Cmd, parse_cmd(["s.zarr", "--data", "d", "--resume", "--no-normalize"]))
+    assert (cfg.store, cfg.data, cfg.resume, cfg.normalize) == ("s.zarr", "d", True, False)
+    assert build_config(Cmd, parse_cmd(["s", "--data", "d", "--resume", "false"])).resume is False
+    with pytest.raises(UserError, match="--data is required"):
+        build_config(Cmd, parse_cmd(["s"]))
+    with pytest.raises(UserError, match="STORE is required"):
+        build_config(Cmd, parse_cmd(["--data", "d"]))
+    y = tmp_path / "c.yaml"  # a YAML file may supply required fields
+    y.write_text(yaml.safe_dump({"store": "from-yaml", "data": "d"}))
+    assert build_config(Cmd, parse_cmd(["--config", str(y)])).store == "from-yaml"
