@@ -126,6 +126,31 @@ class TaskModel(nn.Module):
         return embedding if self.head is None else self.head(embedding)
 
 
+# What a teacher cache can hold, per sample view; the reader and the codecs lay them out the same way.
+TARGETS = ("logits", "embedding", "patches")
+
+
+def teacher_targets(model: TaskModel, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """The targets `names` of one batch as the model's tensors: logits (B, K), embedding (B, D), patches
+    (B, h, w, C), channels last as cached.
+
+    The one mapping from model outputs to targets, shared by the cache build and the online-teacher baseline
+    so that the two can never drift apart.
+    """
+    feats = model.forward_features(x)
+    out = {}
+    for name in names:
+        if name == "patches":
+            out[name] = feats["grid"].permute(0, 2, 3, 1)
+        elif name in ("logits", "embedding"):
+            if name not in feats:
+                raise UserError(f"target {name} needs a model with a task head; {model.arch} has none")
+            out[name] = feats[name]
+        else:
+            raise UserError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
+    return out
+
+
 class TimmTaskModel(TaskModel):
     """A timm backbone created with num_classes=0: ViTs give tokens, CNNs give a final map."""
 

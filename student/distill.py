@@ -26,7 +26,7 @@ from torch import nn
 
 from kt.config import config_dict, field, write_run_record
 from kt.errors import UserError
-from kt.models import TaskModel, create_model, save_checkpoint
+from kt.models import TaskModel, create_model, save_checkpoint, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import load_view_spec
 from kt.student.losses import OBJECTIVES, DistillObjective, create_objective
@@ -71,10 +71,8 @@ class Distiller(nn.Module):
         if targets is None:
             teacher = self.teacher[0]
             with torch.inference_mode():
-                feats = teacher.forward_features(batch["teacher_x"])
-            targets = {"logits": feats.get("logits"), "embedding": feats["embedding"],
-                       "patches": feats["grid"].permute(0, 2, 3, 1)}
-            targets = {k: v.clone() for k, v in targets.items() if v is not None and k in self.objective.needs}
+                targets = teacher_targets(teacher, batch["teacher_x"], self.objective.needs)
+            targets = {k: v.clone() for k, v in targets.items()}  # out of inference mode, for autograd
         return self.objective(out, targets)
 
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.config import accelerate_cpu, config_dict, field, run_record
 from kt.errors import UserError
-from kt.models import TaskModel, create_model, load_checkpoint, model_fingerprint
+from kt.models import TARGETS, TaskModel, create_model, load_checkpoint, model_fingerprint, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
 from kt.views import PARAM_DIM, ViewSpec, load_view_spec, render, sample_params, to_tensor
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
