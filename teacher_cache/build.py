@@ -39,9 +39,6 @@ from kt.views import PARAM_DIM, ViewSpec, load_view_spec, render, sample_params,
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
 from kt.teacher_cache.store import CacheStore, shard_id_for
 
-TARGETS = ("logits", "embedding", "patches")
-
-
 @dataclass
 class BuildConfig:
     teacher: str = field("", "teacher checkpoint folder (finetuned) or a model name (with --pretrained)")
@@ -79,15 +76,8 @@ def load_teacher(teacher: str, pretrained: str = "none", image_size: int = 0) ->
 
 
 def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str]) -> dict[str, np.ndarray]:
-    """Raw float32 targets of one batch: logits (B, K), embedding (B, D), patches (B, h, w, C)."""
-    feats = model.forward_features(x)
-    out = {}
-    for t in targets:
-        if t == "patches":
-            out[t] = feats["grid"].permute(0, 2, 3, 1).float().cpu().numpy()
-        else:
-            out[t] = feats[t].float().cpu().numpy()
-    return out
+    """`kt.models.teacher_targets` of one batch as float32 numpy arrays, as the codecs take them."""
+    return {t: v.float().cpu().numpy() for t, v in teacher_targets(model, x, targets).items()}
 
 
 def parse_targets(targets: Sequence[str] | str) -> list[str]:

@@ -1,0 +1,319 @@
+"""What `kt-cache plan | info | verify` compute: predicted sizes, a cache's summary, and its verification.
+
+`plan` predicts bytes per sample before a build from the codecs' layouts alone (PCA's size does not depend on
+its fit). `info` summarises a store: teacher, views, targets and their codecs, completeness, bad samples, and
+stored against predicted bytes. `verify` checks completeness and checksums, decodes every array, and re-runs
+a sample of (key, view) pairs through the teacher on the replayed views: fidelity is the codec's loss against
+the raw output, consistency is the cached value against the raw output encoded again (a cache that disagrees
+with its own teacher by more than numerics between batch layouts is damaged). `teacher_cache/cli.py` turns
+these results into text; the logic lives here so that tests and tools call it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kt.config import field
+from kt.errors import UserError
+
+SHOW = 5  # bad samples / shard ids shown before "and N more"
+_KEY_BYTES = 16  # assumed UTF-8 bytes per sample key when plan has no data to measure
+_VLEN_OVERHEAD = 4  # Zarr's vlen-utf8 stores a 4-byte length before each key
+# verify: a cached view "differs" from re-encoding a fresh teacher output when they disagree by more than
+# what numerics between batch layouts explain (1e-6 level), which can move one int8 step at most
+_CONSISTENT_KL = 1e-2  # nats, logits: KL(fresh re-encoded || cached)
+_CONSISTENT_COS = 0.99  # features: min cosine(fresh re-encoded, cached) over vectors
+
+
+@dataclass
+class PlanConfig:
+    teacher: str = field("", "teacher checkpoint, run folder or model name", required=True)
+    pretrained: str = field("none", "weights when --teacher is a model name")
+    image_size: int = field(0, "teacher input size (0: the checkpoint's)")
+    targets: str = field("logits", "comma-separated: logits,embedding,patches")
+    views: int = field(4, "views per image")
+    codec: list = field([], "TARGET=SPEC per target (see build)")
+    num_samples: int | None = field(None, "transfer-set size (or give --data)")
+    data: str = field("", "transfer-set shards, counted and their keys measured (or give --num-samples)")
+    key_bytes: int = field(_KEY_BYTES, "bytes per key without --data")
+    json: bool = field(False, "print JSON instead of a table")
+
+
+@dataclass
+class InfoConfig:
+    store: str = field("", "cache path or URL", positional=True, required=True)
+    json: bool = field(False, "print JSON instead of text")
+
+
+@dataclass
+class VerifyConfig:
+    store: str = field("", "cache path or URL", positional=True, required=True)
+    teacher: str = field("", "teacher checkpoint (default: the one the cache was built with)")
+    data: str = field("", "transfer-set shards (default: the input shards the cache records)")
+    samples: int = field(64, "(key, view) pairs re-run through the teacher; 0 skips the fidelity check")
+    seed: int = field(0, "which pairs are sampled")
+    batch_size: int = field(64, "teacher batch size for the re-run")
+    json: bool = field(False, "print JSON instead of text")
+
+
+# -------------------------------------------------------------------------------------------- plan
+def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_samples: int,
+                 key_bytes: float) -> dict:
+    """Bytes per sample and in total for `targets` {name: (codec spec, item shape)}, before lossless
+    compression (zstd takes off more; Zarr metadata adds a few KiB). PCA's size does not depend on its fit."""
+    from kt.views import PARAM_DIM
+    from kt.teacher_cache.codecs import PcaCodec, parse_codec
+
+    out: dict = {"views_per_image": views, "num_samples": num_samples, "targets": {}}
+    per_sample = 0.0
+    state = 0
+    for name, (spec, item_shape) in targets.items():
+        codec = parse_codec(spec, name)
+        per_view = codec.bytes_per_item(tuple(item_shape))
+        out["targets"][name] = {"codec": codec.spec, "item_shape": list(item_shape),
+                                "bytes_per_view": per_view, "bytes_per_sample": per_view * views}
+        per_sample += per_view * views
+        if isinstance(codec, PcaCodec):
+            state += int(item_shape[-1]) * (codec.d + 1) * 4  # float32 basis and mean
+    out["params_bytes_per_sample"] = views * PARAM_DIM * 4
+    out["key_bytes_per_sample"] = round(float(key_bytes) + _VLEN_OVERHEAD, 2)
+    per_sample += out["params_bytes_per_sample"] + out["key_bytes_per_sample"]
+    out["bytes_per_sample"] = round(per_sample, 2)
+    out["codec_state_bytes"] = state
+    out["total_bytes"] = round(per_sample * num_samples) + state
+    return out
+
+
+def plan_cache(cfg: PlanConfig) -> dict:
+    """Predicted sizes for building a cache of `cfg.teacher` over a transfer set (see `predict_size`)."""
+    from kt.teacher_cache.build import check_teacher_targets, item_shapes, load_teacher, parse_codecs, parse_targets
+
+    if cfg.views < 1:
+        raise UserError("--views must be at least 1")
+    if (cfg.num_samples is None) == (not cfg.data):
+        raise UserError("plan needs exactly one of --num-samples and --data")
+    names = parse_targets(cfg.targets)
+    codecs = parse_codecs(cfg.codec, names)
+    key_bytes, num_samples = float(cfg.key_bytes), cfg.num_samples
+    if cfg.data:
+        num_samples, key_bytes = _count_samples(cfg.data)
+    if num_samples < 0:
+        raise UserError("--num-samples must be >= 0")
+    model = load_teacher(cfg.teacher, cfg.pretrained, cfg.image_size).eval()
+    check_teacher_targets(names, model)
+    image_size = cfg.image_size or model.image_size
+    shapes = item_shapes(model, names, image_size)
+    plan = predict_size({t: (codecs[t].spec, shapes[t]) for t in names}, cfg.views, num_samples, key_bytes)
+    return {"teacher": model.arch, "image_size": image_size, **plan}
+
+
+def _count_samples(data: str) -> tuple[int, float]:
+    """(samples, mean UTF-8 bytes per key) of a shard spec, reading members without decoding images."""
+    from kt.shards import BadSamples, expand_shards, iter_samples
+
+    n, key_total = 0, 0
+    for sample in iter_samples(expand_shards(data), bad=BadSamples(max_fraction=1.0), decode=False):
+        n += 1
+        key_total += len(sample.key.encode())
+    return n, key_total / max(n, 1)
+
+
+
+# -------------------------------------------------------------------------------------------- info
+def cache_info(url: str) -> dict:
+    """Everything `kt-cache info` shows, as JSON-ready data."""
+    from kt.teacher_cache.store import CacheStore
+
+    store = CacheStore.open(url)
+    attrs = store.attrs
+    done = store.completed()
+    expected = attrs.get("input_shards") or {}
+    incomplete = sorted(set(expected) - set(done))
+    partial = sorted(set(store.shards_present()) - set(done))
+    samples = sum(m["n_samples"] for m in done.values())
+    bad = [{"shard": sid, **b} for sid, m in sorted(done.items()) for b in m["bad"]]
+    targets = {}
+    for name, entry in attrs["targets"].items():
+        targets[name] = {"codec": entry["codec"], "item_shape": entry.get("item_shape")}
+        state = store.read_codec_state(name)
+        if state is not None and state[0].get("explained_variance") is not None:
+            targets[name]["explained_variance"] = state[0]["explained_variance"]
+    key_bytes = _mean_key_bytes(store, done)
+    views = int(attrs["view"]["views_per_image"])
+    predicted = predict_size({t: (e["codec"], e["item_shape"]) for t, e in attrs["targets"].items()},
+                             views, samples, key_bytes)
+    stored = store.nbytes_stored()
+    return {
+        "url": url,
+        "format": attrs.get("kt_cache_format"),
+        "teacher": attrs["teacher"],
+        "view": attrs["view"],
+        "targets": targets,
+        "shards": {"complete": len(done), "expected": len(expected) if expected else None,
+                   "incomplete": incomplete, "written_without_marker": partial},
+        "samples": samples,
+        "bad": {"count": sum(m["n_bad"] for m in done.values()), "first": bad[:SHOW]},
+        "bytes": {"stored": stored, "predicted": predicted["total_bytes"],
+                  "stored_over_predicted": round(stored / predicted["total_bytes"], 3) if predicted["total_bytes"]
+                  else None, "predicted_per_sample": predicted["bytes_per_sample"],
+                  "stored_per_sample": round(stored / samples, 1) if samples else None},
+        "created": attrs.get("created"),
+        "git_revision": attrs.get("git_revision"),
+        "versions": attrs.get("versions"),
+    }
+
+
+def _mean_key_bytes(store, done: dict) -> float:
+    if not done:
+        return _KEY_BYTES
+    keys = store.array(next(iter(done)), "keys")[...]
+    return float(np.mean([len(str(k).encode()) for k in keys])) if len(keys) else _KEY_BYTES
+
+
+
+# ------------------------------------------------------------------------------------------ verify
+def verify_cache(url: str, teacher: str | None = None, data: str | None = None, samples: int = 64,
+                 seed: int = 0, batch_size: int = 64) -> dict:
+    """Completeness, checksums, decode of every array and fidelity on `samples` replayed views.
+
+    Returns {"ok", "problems": [...], "shards": {...}, "fidelity": {target: ...}, "consistency": {...}}.
+    Damage goes into "problems"; bad input (a teacher of another fingerprint, missing data) raises UserError.
+    """
+    from kt.teacher_cache.reader import CacheReader
+
+    reader = CacheReader(url)
+    store, attrs = reader.store, reader.attrs
+    problems: list[str] = []
+    done = store.completed()
+    expected = attrs.get("input_shards") or {}
+    incomplete = sorted(set(expected) - set(done))
+    if incomplete:
+        problems.append(f"{len(incomplete)} of {len(expected)} input shards incomplete: {listing(incomplete)}")
+    checked = 0
+    for shard_id in sorted(done):
+        found = store.verify_shard(shard_id)
+        problems += found
+        checked += 1
+
+    # decode every array; keep the sampled rows for the fidelity check
+    rng = np.random.default_rng(seed)
+    total = sum(m["n_samples"] for m in done.values())
+    picks = np.sort(rng.choice(total, size=min(samples, total), replace=False)) if samples > 0 and total else []
+    picked: dict[str, list[tuple[int, int]]] = {}
+    offset = 0
+    for shard_id in sorted(done):
+        n = done[shard_id]["n_samples"]
+        rows = [int(p - offset) for p in picks if offset <= p < offset + n]
+        picked[shard_id] = [(r, int(rng.integers(reader.views_per_image))) for r in rows]
+        offset += n
+    cached: dict[str, list] = {}  # shard_id -> [(key, view, params, {target: decoded})]
+    for shard_id in sorted(done):
+        try:
+            shard = reader.shard(shard_id, check_views=True)
+            decoded = {}
+            for name in reader.targets:
+                for start in range(0, max(len(shard), 1), 512):
+                    chunk = shard.get(name, slice(start, start + 512))
+                    if not np.isfinite(chunk).all():
+                        problems.append(f"{shard_id}: target {name} decodes to non-finite values")
+                        break
+                if picked[shard_id]:
+                    decoded[name] = shard.get(name, np.array([r for r, _ in picked[shard_id]]))
+            cached[shard_id] = [(shard.keys[r], v, shard.params[r, v], {t: decoded[t][i, v] for t in decoded})
+                                for i, (r, v) in enumerate(picked[shard_id])]
+        except UserError as e:  # ViewReplayError, a missing array
+            problems.append(f"{shard_id}: {e}")
+        except Exception as e:  # noqa: BLE001 -- a corrupt chunk: report and go on
+            problems.append(f"{shard_id}: cannot decode ({type(e).__name__}: {e})")
+
+    report: dict = {"url": url, "shards": {"complete": len(done), "expected": len(expected) or None,
+                                           "checked": checked}, "samples_checked": 0}
+    if any(cached.values()):
+        fid, cons, bad_pairs = _fidelity(reader, cached, teacher, data, batch_size)
+        report.update(fidelity=fid, consistency=cons, samples_checked=sum(len(v) for v in cached.values()))
+        if bad_pairs:
+            first = bad_pairs[0]
+            problems.append(f"{len(bad_pairs)} of {report['samples_checked']} sampled views differ from a fresh "
+                            f"teacher forward on the replayed view (first: {first})")
+    report["problems"] = problems
+    report["ok"] = not problems
+    return report
+
+
+def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch_size: int):
+    """Per target, codec fidelity (cached vs raw) and consistency (cached vs raw re-encoded) on replayed views."""
+    import torch
+
+    from kt.models import model_fingerprint
+    from kt.shards import BadSamples, expand_shards, iter_samples
+    from kt.views import render, to_tensor
+    from kt.teacher_cache.build import load_teacher, teacher_outputs
+    from kt.teacher_cache.codecs import fidelity
+    from kt.teacher_cache.store import check_compatible, shard_id_for
+
+    attrs = reader.attrs
+    build_cfg = attrs.get("build_config") or {}
+    path = teacher or build_cfg.get("teacher")
+    if not path:
+        raise UserError("the cache does not record its teacher; pass --teacher (or --samples 0)")
+    model = load_teacher(path, build_cfg.get("pretrained", "none"), build_cfg.get("image_size", 0)).eval()
+    try:
+        check_compatible(attrs, {"teacher": model_fingerprint(model)})
+    except UserError as e:
+        raise UserError(f"teacher {path} is not the cache's teacher: {e}") from None
+    if data:
+        urls = {shard_id_for(u): u for u in expand_shards(data)}
+    else:
+        urls = dict(attrs.get("input_shards") or {})
+    image_size = attrs["view"].get("image_size") or model.image_size
+
+    pairs = []  # (key, view, params, cached targets, image)
+    for shard_id, items in cached.items():
+        if not items:
+            continue
+        if shard_id not in urls:
+            raise UserError(f"no data shard for cache shard {shard_id}; pass --data with the transfer set")
+        want = {key: i for i, (key, *_rest) in enumerate(items)}
+        images = {}
+        for sample in iter_samples([urls[shard_id]], bad=BadSamples(max_fraction=1.0)):
+            if sample.key in want:
+                images[sample.key] = sample.image
+                if len(images) == len(want):
+                    break
+        missing = [k for k in want if k not in images]
+        if missing:
+            raise UserError(f"data shard {urls[shard_id]} lacks cached keys {listing(missing)}; "
+                            "is --data the transfer set the cache was built from?")
+        pairs += [(key, v, params, dec, images[key]) for key, v, params, dec in items]
+
+    raw_all: dict[str, list] = {t: [] for t in reader.targets}
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        x = torch.stack([to_tensor(render(img, params, image_size), model.mean, model.std)
+                         for _, _, params, _, img in batch])
+        with torch.inference_mode():
+            out = teacher_outputs(model, x, reader.targets)
+        for t in reader.targets:
+            raw_all[t].append(out[t])
+    fid, cons, bad_pairs = {}, {}, []
+    for t in reader.targets:
+        raw = np.concatenate(raw_all[t])
+        dec = np.stack([p[3][t] for p in pairs])
+        codec = reader.codecs[t]
+        again = codec.decode(codec.encode(raw))
+        fid[t] = {"codec": codec.spec, **fidelity(t, raw, dec)}
+        cons[t] = fidelity(t, again, dec)
+        for i, (key, v, *_rest) in enumerate(pairs):
+            f = fidelity(t, again[i:i + 1], dec[i:i + 1])
+            if f.get("kl_max", 0.0) > _CONSISTENT_KL or f.get("top1_agreement", 1.0) < 1.0 \
+                    or f.get("cosine_min", 1.0) < _CONSISTENT_COS:
+                bad_pairs.append(f"{t} of {key} view {v}: {', '.join(f'{k} {x:.4g}' for k, x in f.items())}")
+    return fid, cons, bad_pairs
+
+
+
+def listing(items: Sequence[str]) -> str:
+    return ", ".join(items[:SHOW]) + (f" and {len(items) - SHOW} more" if len(items) > SHOW else "")
