@@ -100,7 +100,7 @@ def embed_text_command(args) -> None:
 def curate_command(args) -> None:
     from kt.retrieval.curate import curate
     from kt.retrieval.output import write_outputs
-    from kt.retrieval.store import load_embeddings
+    from kt.retrieval.embeddings import load_embeddings
 
     cfg = CurateConfig(strategy=args.strategy, size=args.size, seed=args.seed, block_size=args.block_size,
                        exclude_threshold=args.exclude_threshold, copy_threshold=args.copy_threshold,

@@ -25,7 +25,7 @@ import numpy as np
 
 from kt.errors import UserError
 from kt.retrieval import index as ix
-from kt.retrieval.store import Embeddings, check_compatible
+from kt.retrieval.embeddings import Embeddings, check_embeddings_compatible
 
 STRATEGIES = ("best-matches", "query-balanced", "random")
 INDEXES = ("flat", "ivfpq")
@@ -272,9 +272,9 @@ def curate(queries: Embeddings, gallery: Embeddings, cfg: CurateConfig,
     cfg.validate()
     if len(queries) == 0:
         raise UserError("the query set is empty; embed at least one labeled image or class name")
-    check_compatible("gallery", gallery, queries)
+    check_embeddings_compatible("gallery", gallery, queries)
     if exclude is not None:
-        check_compatible("excluded", exclude, queries)
+        check_embeddings_compatible("excluded", exclude, queries)
     t0 = time.perf_counter()
     guards = apply_guards(queries, gallery, cfg, exclude)
     if guards.counts["usable"] < cfg.size:

@@ -13,7 +13,7 @@ Several processes: each rank embeds its own input shards (`kt.shards.split_urls`
 from `accelerate.PartialState`), holds one shard's rows in memory and writes them as one part; the main
 process appends parts to the store in input-shard order as they arrive, and after all ranks finish
 (`wait_for_everyone`) the store holds every shard, exactly as a single process writes it (see
-`kt.retrieval.store` for why readers never see half a shard). The store is the only coordination. On a
+`kt.retrieval.embeddings` for why readers never see half a shard). The store is the only coordination. On a
 host without GPUs, `accelerate launch --cpu --num_processes N` starts one process unless accelerate is
 given an MPI hostfile; `accelerate launch --multi_gpu --num_processes N` (torchrun underneath) starts N
 CPU processes that talk over gloo. Text queries average the normalised embeddings of every
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from kt.errors import UserError
-from kt.retrieval.store import (
+from kt.retrieval.embeddings import (
     StoreWriter,
     check_writable,
     from_arrays,
@@ -41,7 +41,6 @@ from kt.retrieval.store import (
     write_part,
     write_store,
 )
-from kt.retrieval.templates import TEMPLATES
 
 DEFAULT_ENCODER = "open_clip:ViT-L-14@openai"  # the paper's retrieval encoder
 RANDOM_INIT_SEED = 0  # random-init encoders (tests, smoke runs) are reproducible across runs
@@ -62,14 +61,6 @@ def encoder_fingerprint(name: str, pretrained: str, modality: str, model_fp: dic
     return {"name": name, "pretrained": pretrained, "modality": modality, "model": model_fp}
 
 
-def _to_tensor(images: Sequence, mean, std):
-    import torch
-
-    x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # (B, H, W, 3)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
 def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", image_size: int = 224,
                  batch_size: int = 64, normalize: bool = True, resume: bool = False, device: str = "auto") -> dict:
     """Embed every sample of the shards `data` into the store `out`: this process's share of the shards.
@@ -83,7 +74,7 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
 
     from kt.models import create_model, model_fingerprint
     from kt.shards import BadSamples, expand_shards, is_url, iter_samples, split_urls
-    from kt.views import VIEW_PRESETS, render, sample_params
+    from kt.views import VIEW_PRESETS, render, sample_params, to_tensor
 
     # cpu=True lets torchrun-started ranks without GPUs form a gloo group instead of running alone
     state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
@@ -119,9 +110,10 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
     for shard_idx, url in mine:
         vectors, keys, labels = [], [], []
         for batch in _batches(iter_samples([url], bad=bad), batch_size):
-            views = [render(s.image, sample_params(spec, 0, s.key, 0), model.image_size) for s in batch]
+            x = torch.stack([to_tensor(render(s.image, sample_params(spec, 0, s.key, 0), model.image_size),
+                                       model.mean, model.std) for s in batch])
             with torch.inference_mode():
-                emb = model.forward_features(_to_tensor(views, model.mean, model.std).to(device))["embedding"]
+                emb = model.forward_features(x.to(device))["embedding"]
             emb = emb.float().cpu().numpy()
             vectors.append(l2_normalize(emb) if normalize else emb)
             keys += [s.key for s in batch]
@@ -200,12 +192,20 @@ def load_class_names(path: str) -> list[str]:
     return data
 
 
+TEMPLATE_SETS = ("imagenet", "simple")  # CLIP's 80-prompt ImageNet ensemble and its 7-prompt selection
+
+
 def load_templates(arg: str) -> list[str]:
-    """A named template list (imagenet, simple) or a text file with one `{}` template per line."""
-    if arg in TEMPLATES:
-        return TEMPLATES[arg]
+    """A named template list (imagenet, simple: open_clip's own, as its zero-shot evaluation uses them) or a
+    text file with one `{}` template per line."""
+    if arg in TEMPLATE_SETS:
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+        chosen = {"imagenet": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}[arg]
+        return [template("{}") for template in chosen]  # open_clip keeps them as functions of the class name
     if not Path(arg).is_file():
-        raise UserError(f"unknown templates {arg!r}: use {', '.join(TEMPLATES)} or a file with one template per line")
+        raise UserError(f"unknown templates {arg!r}: use {', '.join(TEMPLATE_SETS)} or a file with one template "
+                        "per line")
     templates = [t for t in Path(arg).read_text().splitlines() if t.strip()]
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:

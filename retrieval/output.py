@@ -20,7 +20,7 @@ import numpy as np
 from kt.config import run_record
 from kt.errors import UserError
 from kt.retrieval.curate import Selection
-from kt.retrieval.store import Embeddings
+from kt.retrieval.embeddings import Embeddings
 
 
 def write_manifest(path: Path, sel: Selection, queries: Embeddings, gallery: Embeddings) -> None:

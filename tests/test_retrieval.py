@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kt.errors import UserError
 from kt.retrieval import index as ix
 from kt.retrieval.curate import CurateConfig, curate, trim_to_size, union_sizes
-from kt.retrieval.store import from_arrays
+from kt.retrieval.embeddings import from_arrays
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -243,3 +243,14 @@ def test_gpu_gives_the_cpu_ids():
         cpu = ix.knn(q, lambda s, e: g[s:e], len(g), k, block_size=1500, device="cpu")
         gpu = ix.knn(q, lambda s, e: g[s:e], len(g), k, block_size=1500, device="gpu")
         np.testing.assert_array_equal(cpu.ids, gpu.ids)
+
+
+def test_named_templates_are_open_clips_own():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from kt.retrieval.embed import load_templates
+
+    imagenet = load_templates("imagenet")
+    assert len(imagenet) == 80 and len(load_templates("simple")) == 7
+    assert imagenet[0].format("dog") == OPENAI_IMAGENET_TEMPLATES[0]("dog")
+    assert all("{}" in t for t in imagenet)

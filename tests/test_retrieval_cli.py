@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from kt.retrieval.cli import main
-from kt.retrieval.store import load_embeddings
+from kt.retrieval.embeddings import load_embeddings
 
 ENCODER = "test_efficientnet"  # timm's tiny test model: the architecture does not matter here
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_embed_resume_and_curated_shards(tmp_path):
 
 
 def test_embed_resume_after_interrupted_shard(tmp_path):
-    from kt.retrieval.store import StoreWriter
+    from kt.retrieval.embeddings import StoreWriter
 
     make_shards(tmp_path, "gal", 10)
     common = ["--encoder", ENCODER, "--pretrained", "none", "--image-size", "32"]
@@ -192,7 +192,7 @@ def four_shards(tmp_path):
 def test_embed_resumes_what_killed_processes_left(four_shards):
     """The state a killed 2-process run can leave: shard 0 committed, shard 1 half appended by the main
     process, complete parts for shards 1 and 3 from rank 1, a part's temporary file; shard 2 missing."""
-    from kt.retrieval.store import StoreWriter, write_part
+    from kt.retrieval.embeddings import StoreWriter, write_part
 
     tmp_path, data, ref_path = four_shards
     ref = load_embeddings(ref_path)

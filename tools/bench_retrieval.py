@@ -53,7 +53,7 @@ def _clustered(rng, centers, n, noise=0.6):
 
 
 def make_stores(workdir: str, args) -> tuple[str, str]:
-    from kt.retrieval.store import StoreWriter, from_arrays, write_store
+    from kt.retrieval.embeddings import StoreWriter, from_arrays, write_store
 
     rng = np.random.default_rng(args.seed)
     centers = rng.standard_normal((args.centers, args.dim), dtype=np.float32) / np.sqrt(args.dim)
@@ -73,7 +73,7 @@ def make_stores(workdir: str, args) -> tuple[str, str]:
 
 def ivfpq_recall(gallery_path: str, queries_path: str, args) -> tuple[float, float]:
     from kt.retrieval import index as ix
-    from kt.retrieval.store import load_embeddings
+    from kt.retrieval.embeddings import load_embeddings
 
     g, q = load_embeddings(gallery_path), load_embeddings(queries_path)
     rng = np.random.default_rng(args.seed)

@@ -349,7 +349,7 @@ def describe_encoder(enc: dict) -> str:
     return text + (f" weights {h[:12]}" if h else "")
 
 
-def check_compatible(what: str, a: Embeddings, ref: Embeddings) -> None:
+def check_embeddings_compatible(what: str, a: Embeddings, ref: Embeddings) -> None:
     """Refuse embeddings of `what` that do not live in the same space as the queries `ref`."""
     if a.dim != ref.dim:
         raise UserError(f"{what} embeddings have dimension {a.dim} but the queries have {ref.dim}")
