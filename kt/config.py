@@ -94,6 +94,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         metavar = _base_type(tp).__name__.upper()
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", default=_UNSET, type=parse, metavar=f.name.upper(), help=helptext)
+        elif _base_type(tp) is list:  # `--runs a b c` and `--runs a,b,c` alike
+            parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET, nargs="+", type=parse, metavar=metavar,
+                                help=helptext)
         elif _base_type(tp) is bool:
             parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET, nargs="?", const=True, type=parse,
                                 metavar=metavar, help=helptext)
@@ -130,7 +133,11 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrid
                             f"(valid: {', '.join(sorted(names))})")
         values.update(data)
     if args is not None:
-        values.update({k: v for k, v in vars(args).items() if k in names and v is not _UNSET})
+        given = {k: v for k, v in vars(args).items() if k in names and v is not _UNSET}
+        for k, v in given.items():  # list flags arrive as one parsed list per word: flatten
+            if isinstance(v, list) and all(isinstance(x, list) for x in v):
+                given[k] = [item for part in v for item in part]
+        values.update(given)
     values.update(overrides)
     cfg = cls(**values)
     for f in dataclasses.fields(cls):

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kt.config import field
 from kt.errors import UserError
 from kt.retrieval import index as ix
 from kt.retrieval.embeddings import Embeddings, check_embeddings_compatible
@@ -33,16 +34,16 @@ INDEXES = ("flat", "ivfpq")
 
 @dataclasses.dataclass
 class CurateConfig:
-    strategy: str = "query-balanced"  # the paper's best strategy for task-oriented transfer
-    size: int = 10000  # N, the number of images in the curated transfer set
-    seed: int = 0  # query order of the query-balanced trimming; the random draw
-    block_size: int = 65536  # gallery rows in memory at once (128 MiB at D=512); never changes results
-    exclude_threshold: float = 0.05  # Euclidean; near-duplicates of excluded images on unit-norm embeddings
-    copy_threshold: float = 1e-6  # Euclidean; a gallery row this close to a query is that query's copy
-    index: str = "flat"  # "flat": exact; "ivfpq": approximate kNN for query-balanced on huge galleries
+    strategy: str = field("query-balanced", "the paper's best strategy for task-oriented transfer")
+    size: int = field(10000, "N, the number of images in the curated transfer set")
+    seed: int = field(0, "query order of the query-balanced trimming; the random draw")
+    block_size: int = field(65536, "gallery rows in memory at once (128 MiB at D=512); never changes results")
+    exclude_threshold: float = field(0.05, "Euclidean; near-duplicates of excluded images on unit-norm embeddings")
+    copy_threshold: float = field(1e-6, "Euclidean; a gallery row this close to a query is that query's copy")
+    index: str = field("flat", "'flat': exact; 'ivfpq': approximate kNN for query-balanced on huge galleries")
     ivfpq: ix.IVFPQConfig = dataclasses.field(default_factory=ix.IVFPQConfig)
-    recall_queries: int = 100  # queries whose exact lists measure IVF-PQ recall@10
-    device: str = "auto"  # faiss-gpu when present
+    recall_queries: int = field(100, "queries whose exact lists measure IVF-PQ recall@10")
+    device: str = field("auto", "faiss-gpu when present")
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -53,6 +54,26 @@ class CurateConfig:
             raise UserError(f"--size must be a positive number of images, got {self.size}")
         if self.block_size <= 0:
             raise UserError(f"--block-size must be positive, got {self.block_size}")
+
+
+@dataclasses.dataclass
+class CurateJob(CurateConfig):
+    """`kt-retrieve curate`: the stores to read and write around a `CurateConfig`, IVF-PQ's knobs flattened
+    into flags (`ivfpq` is built from them)."""
+
+    queries: str = field("", "embedding store of the labeled images or class prompts", required=True)
+    gallery: str = field("", "embedding store of the candidate images", required=True)
+    out: str = field("", "output directory (manifest.csv, shards/)", required=True)
+    size: int | None = field(None, "N, the number of images in the curated transfer set", required=True)
+    exclude: str = field("", "embedding store whose near-duplicates are dropped (the test set)")
+    shards: bool = field(True, "write webdataset shards beside the manifest (--no-shards: the manifest only)")
+    nlist: int = field(ix.IVFPQConfig.nlist, "IVF-PQ coarse cells")
+    pq_m: int = field(ix.IVFPQConfig.pq_m, "IVF-PQ sub-quantisers")
+    nprobe: int = field(ix.IVFPQConfig.nprobe, "IVF-PQ cells visited per query")
+    rerank: int = field(ix.IVFPQConfig.rerank, "IVF-PQ candidates per neighbour re-ranked exactly (1: none)")
+
+    def __post_init__(self):
+        self.ivfpq = ix.IVFPQConfig(nlist=self.nlist, pq_m=self.pq_m, nprobe=self.nprobe, rerank=self.rerank)
 
 
 @dataclasses.dataclass

@@ -25,10 +25,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kt.config import field
 from kt.errors import UserError
 from kt.retrieval.embeddings import (
     StoreWriter,
@@ -44,6 +46,45 @@ from kt.retrieval.embeddings import (
 
 DEFAULT_ENCODER = "open_clip:ViT-L-14@openai"  # the paper's retrieval encoder
 RANDOM_INIT_SEED = 0  # random-init encoders (tests, smoke runs) are reproducible across runs
+
+
+@dataclass
+class EmbedConfig:
+    """`kt-retrieve embed`."""
+
+    encoder: str = field(DEFAULT_ENCODER, "a kt model name (timm or open_clip:ARCH@TAG)")
+    pretrained: str = field("hub", "none | package | hub | PATH (see kt.models)")
+    data: str = field("", "shard spec: files, {a..b} braces, a directory, '::'-joined", required=True)
+    out: str = field("", "embedding store to write", required=True)
+    image_size: int = field(224, "encoder input size")
+    batch_size: int = field(64, "images per forward pass")
+    normalize: bool = field(True, "L2-normalise rows (--no-normalize keeps raw feature norms)")
+    resume: bool = field(False, "continue a store at its first unfinished shard")
+    device: str = field("auto", "auto (accelerate's device for this process) | cpu | cuda")
+
+
+@dataclass
+class ImportConfig:
+    """`kt-retrieve import`: embeddings computed elsewhere."""
+
+    embeddings: str = field("", "(N, D) .npy file", required=True)
+    keys: str = field("", "text file, one key per line in row order", required=True)
+    encoder: str = field("", "the encoder that made them (checked against the queries)", required=True)
+    pretrained: str = field("hub", "its weights source, as for embed")
+    normalize: bool = field(False, "L2-normalise the rows on import")
+    out: str = field("", "embedding store to write", required=True)
+
+
+@dataclass
+class EmbedTextConfig:
+    """`kt-retrieve embed-text`: per-class text queries."""
+
+    encoder: str = field(DEFAULT_ENCODER, "open_clip:ARCH@TAG")
+    pretrained: str = field("hub", "none | hub | PATH of an open_clip checkpoint")
+    classes: str = field("", "JSON: list of names, {'classes': [...]} or {index: name}", required=True)
+    templates: str = field("imagenet", "imagenet | simple | a file with one '{}' template per line")
+    out: str = field("", "embedding store to write", required=True)
+    device: str = field("cpu", "cpu | cuda")
 
 
 def _batches(items: Iterable, size: int):

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kt.config import field
+
 GPU_MAX_K = 2048  # faiss-gpu's largest k for a flat search
 _EXACT_CHUNK_BYTES = 64 << 20  # scratch for the float64 recompute of candidate distances
 
@@ -176,14 +178,14 @@ def knn_bruteforce(queries: np.ndarray, gallery: np.ndarray, k: int, keep: np.nd
 # -------------------------------------------------------------------------------------- approximate
 @dataclasses.dataclass
 class IVFPQConfig:
-    nlist: int = 1024  # coarse cells; ~sqrt(N) to 4*sqrt(N) is faiss' advice for 1M rows
-    pq_m: int = 64  # sub-quantisers (D must be a multiple); 64 bytes per row at 8 bits
-    nbits: int = 8  # bits per sub-quantiser code
-    nprobe: int = 32  # cells visited per query: recall against speed
-    train_size: int = 65536  # rows sampled to train the quantisers (faiss wants >= 39 * nlist)
-    seed: int = 0  # training sample
-    rerank: int = 4  # candidates per wanted neighbour re-ranked by exact distance (1: PQ distances only)
-    rerank_rows: int = 131072  # candidate rows held at once while re-ranking (256 MiB at D=512)
+    nlist: int = field(1024, "coarse cells; ~sqrt(N) to 4*sqrt(N) is faiss' advice for 1M rows")
+    pq_m: int = field(64, "sub-quantisers (D must be a multiple); 64 bytes per row at 8 bits")
+    nbits: int = field(8, "bits per sub-quantiser code")
+    nprobe: int = field(32, "cells visited per query: recall against speed")
+    train_size: int = field(65536, "rows sampled to train the quantisers (faiss wants >= 39 * nlist)")
+    seed: int = field(0, "training sample")
+    rerank: int = field(4, "candidates per wanted neighbour re-ranked by exact distance (1: PQ distances only)")
+    rerank_rows: int = field(131072, "candidate rows held at once while re-ranking (256 MiB at D=512)")
 
 
 class IVFPQIndex:

@@ -16,11 +16,12 @@ import json
 import sys
 
 from kt.config import add_config_args, build_config
-from kt.errors import UserError, cli_entry, print_json_line
+from kt.errors import cli_entry, print_json_line
 
 
 def build_parser() -> argparse.ArgumentParser:
     from kt.student.distill import DistillConfig
+    from kt.student.evaluate import EvalConfig
     from kt.student.finetune import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="kt-student", description="Train and evaluate small task models.")
@@ -30,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="distill a student from the teacher cache (or an online teacher)")
     add_config_args(tr, DistillConfig)
     ev = sub.add_parser("eval", help="top-1 / per-class accuracy / confusion matrix as JSON")
-    ev.add_argument("--checkpoint", help="checkpoint folder (a run folder works too)")
-    ev.add_argument("--data", help="evaluation shards")
-    ev.add_argument("--runs", nargs="+", help="run folders to aggregate (mean ± std of their eval.json)")
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--workers", type=int, default=2)
+    add_config_args(ev, EvalConfig)
     return parser
 
 
@@ -53,25 +50,9 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from kt.student.evaluate import EvalConfig, run_eval
 
-    from kt.student.evaluate import aggregate, evaluate, load_run_metrics
-
-    if args.runs:
-        print(json.dumps(aggregate([load_run_metrics(r) for r in args.runs]), indent=2))
-        return 0
-    if not args.checkpoint or not args.data:
-        raise UserError("eval needs --checkpoint and --data, or --runs")
-    from kt.models import load_checkpoint
-    from kt.shards import expand_shards
-
-    ckpt = Path(args.checkpoint)
-    if (ckpt / "checkpoint").is_dir():
-        ckpt = ckpt / "checkpoint"
-    urls = expand_shards(args.data)
-    model = load_checkpoint(ckpt)
-    print(json.dumps(evaluate(model, urls, args.batch_size, args.workers, classes=getattr(model, "classes", None)),
-                     indent=2))
+    print(json.dumps(run_eval(build_config(EvalConfig, args)), indent=2))
     return 0
 
 

@@ -7,16 +7,47 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from kt.config import field
 from kt.errors import UserError
 from kt.student.data import eval_loader
 
 METRICS_FILE = "eval.json"
+
+
+@dataclass
+class EvalConfig:
+    """`kt-student eval`: one checkpoint on shards, or the mean +- std of finished runs."""
+
+    checkpoint: str = field("", "checkpoint folder (a run folder works too)")
+    data: str = field("", "evaluation shards")
+    runs: list = field([], "run folders to aggregate (mean +- std of their eval.json) instead of --checkpoint")
+    batch_size: int = field(256, "images per forward pass")
+    workers: int = field(2, "DataLoader workers decoding and rendering")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """What `kt-student eval` prints: the metrics of `cfg.checkpoint` on `cfg.data`, or the aggregate of `cfg.runs`."""
+    if cfg.runs:
+        return aggregate([load_run_metrics(r) for r in cfg.runs])
+    if not cfg.checkpoint or not cfg.data:
+        raise UserError("eval needs --checkpoint and --data, or --runs")
+    from kt.models import load_checkpoint
+    from kt.shards import expand_shards
+    from kt.student.loop import CHECKPOINT_DIR
+
+    ckpt = Path(cfg.checkpoint)
+    if (ckpt / CHECKPOINT_DIR).is_dir():
+        ckpt = ckpt / CHECKPOINT_DIR
+    urls = expand_shards(cfg.data)
+    model = load_checkpoint(ckpt)
+    return evaluate(model, urls, cfg.batch_size, cfg.workers, classes=getattr(model, "classes", None))
 
 
 @torch.no_grad()

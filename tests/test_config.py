@@ -32,6 +32,7 @@ def test_precedence_default_yaml_flag(tmp_path):
     cfg = build_config(Cfg, parse(["--config", str(y), "--lr", "0.01", "--n", "4", "--tags", "x,y"]))
     assert (cfg.lr, cfg.epochs, cfg.n, cfg.tags) == (0.01, 7, 4, ["x", "y"])
     assert build_config(Cfg, parse(["--n", "none"])).n is None
+    assert build_config(Cfg, parse(["--tags", "x", "y,z"])).tags == ["x", "y", "z"]
 
 
 def test_unknown_yaml_field_and_missing_file(tmp_path):
@@ -76,3 +77,19 @@ def test_positional_required_and_boolean_flags(tmp_path):
     y = tmp_path / "c.yaml"  # a YAML file may supply required fields
     y.write_text(yaml.safe_dump({"store": "from-yaml", "data": "d"}))
     assert build_config(Cmd, parse_cmd(["--config", str(y)])).store == "from-yaml"
+
+
+@pytest.mark.parametrize("cli", ["kt.student.cli", "kt.teacher_cache.cli", "kt.retrieval.cli"])
+def test_every_subcommand_is_a_config(cli):
+    """Each subcommand is declared through kt.config: it takes --config and every flag has a reason."""
+    import importlib
+
+    parser = importlib.import_module(cli).build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert subparsers.choices
+    for name, sub in subparsers.choices.items():
+        dests = {a.dest for a in sub._actions}
+        assert "config" in dests, f"{cli} {name} takes no --config"
+        for action in sub._actions:
+            if action.dest not in ("help", "config", "codec_flags") and action.help != argparse.SUPPRESS:
+                assert action.help and not action.help.startswith(" ("), f"{cli} {name} {action.dest}: no reason"
