@@ -157,24 +157,6 @@ def nearest(points: np.ndarray, read_block: Callable[[int, int], np.ndarray], n_
     return dist, idx
 
 
-def knn_bruteforce(queries: np.ndarray, gallery: np.ndarray, k: int, keep: np.ndarray | None = None) -> KnnResult:
-    """The numpy reference for `knn` (small inputs only: it holds the full distance matrix)."""
-    q = queries.astype(np.float64)
-    g = gallery.astype(np.float64)
-    d = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
-    if keep is not None:
-        d[:, ~keep] = np.inf
-    ids = np.broadcast_to(np.arange(len(g)), d.shape)
-    order = np.lexsort((ids, d), axis=1)[:, :k]
-    dd = np.take_along_axis(d, order, axis=1)
-    ii = np.where(np.isinf(dd), -1, order)
-    if ii.shape[1] < k:
-        pad = k - ii.shape[1]
-        dd = np.pad(dd, ((0, 0), (0, pad)), constant_values=np.inf)
-        ii = np.pad(ii, ((0, 0), (0, pad)), constant_values=-1)
-    return KnnResult(np.sqrt(dd), ii.astype(np.int64))
-
-
 # -------------------------------------------------------------------------------------- approximate
 @dataclasses.dataclass
 class IVFPQConfig:

@@ -17,8 +17,9 @@ an epoch is `epoch mod V` ("cycle") or drawn from (seed, epoch, key) ("random");
 the stored ones, re-checked against a fresh `sample_params` (a numpy change that moved the views fails
 loudly instead of silently pairing targets with other pixels).
 
-Targets come from the cache (`CachedTargets`: decoded per batch, only the rows and views used) or, for
-the online-teacher baseline, are left to the training step (`teacher_x` holds the teacher's view).
+Targets come from the cache (`CacheSource` over the reader's `ShardTargets`: decoded per batch, only the rows
+and views used) or, for the online-teacher baseline, are left to the training step (`teacher_x` holds the
+teacher's view).
 """
 
 from __future__ import annotations

@@ -78,12 +78,12 @@ PRESETS: dict[str, Preset] = {
     # per budget, 3 finetune seeds per row). Shares every run of "demo" when given the same --out; the
     # curated-vs-random comparison is the "retrieval" preset.
     "full": Preset(budgets=[10, 50], transfer_sets=["fashion", "photos"]),
-    # Issue 2: pretrained weights load and train (Lite2 pretrained >> Lite2 scratch), small student from scratch.
+    # Finetuning alone: pretrained weights load and train (Lite2 pretrained >> Lite2 scratch), small student from scratch.
     "finetune": Preset(budgets=[50], rows=[], teacher_size=48, teacher_epochs=15, batch_size=64, extra_rows=[
         ("EfficientNet-Lite2, ImageNet-pretrained", "tf_efficientnet_lite2", "package"),
         ("EfficientNet-Lite2, from scratch", "tf_efficientnet_lite2", "none"),
         ("MobileViT-V2-0.5, from scratch", "mobilevitv2_050", "none")]),
-    # Issue 5: a query-balanced curated transfer set against a random one of the same size, from a mixed
+    # Retrieval: a query-balanced curated transfer set against a random one of the same size, from a mixed
     # gallery (Fashion-MNIST images + generic photo crops), both used for task-oriented transfer.
     "retrieval": Preset(rows=["task-oriented"], transfer_sets=["curated", "random"], transfer_size=4000),
     # Every step at toy scale, for CI-sized checks of the pipeline (numbers are meaningless).
