@@ -44,3 +44,9 @@ def print_json_line(obj) -> None:
     the text and the newline separately, interleaving lines from different ranks."""
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (a library's multi-line error inside a `UserError`)."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]

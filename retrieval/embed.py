@@ -113,7 +113,7 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from kt.models import create_model, model_fingerprint
+    from kt.checkpoints import load_model, model_fingerprint
     from kt.shards import BadSamples, expand_shards, is_url, iter_samples, split_urls
     from kt.views import VIEW_PRESETS, render, sample_params, to_tensor
 
@@ -123,7 +123,8 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
     urls = [u if is_url(u) else os.path.abspath(u) for u in expand_shards(data)]
     if pretrained == "none":
         torch.manual_seed(RANDOM_INIT_SEED)  # every rank draws the same random weights
-    model = create_model(encoder, num_classes=0, pretrained=pretrained, image_size=image_size).eval().to(device)
+    model = load_model(encoder, num_classes=0, pretrained=pretrained, image_size=image_size,
+                       what="encoder").eval().to(device)
     fp = encoder_fingerprint(encoder, pretrained, "image", model_fingerprint(model))
     source = {"kind": "shards", "shards": urls}
     check_writable(out, model.embedding_dim, fp, resume, source)  # every rank refuses, before any writes

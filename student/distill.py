@@ -26,7 +26,8 @@ from torch import nn
 
 from kt.config import config_dict, field, write_run_record
 from kt.errors import UserError
-from kt.models import TaskModel, create_model, save_checkpoint, teacher_targets
+from kt.checkpoints import load_model, save_checkpoint
+from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import load_view_spec
 from kt.student.losses import OBJECTIVES, DistillObjective, create_objective
@@ -184,7 +185,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         if expected_classes is not None:
             expect["classes"] = expected_classes
         if cfg.expect_teacher:
-            from kt.models import checkpoint_fingerprint
+            from kt.checkpoints import checkpoint_fingerprint
 
             expect["teacher"] = checkpoint_fingerprint(cfg.expect_teacher)
         reader = CacheReader(cfg.cache, expect=expect or None)
@@ -199,9 +200,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         source = CacheSource(reader, list(needs))
         teacher_classes = reader.classes
     else:
-        from kt.teacher_cache.build import load_teacher
-
-        teacher = load_teacher(cfg.teacher, cfg.teacher_pretrained).eval()
+        teacher = load_model(cfg.teacher, pretrained=cfg.teacher_pretrained, seed=0, what="teacher").eval()
         if expected_classes is not None and teacher.classes != expected_classes:
             raise UserError(f"teacher classes {teacher.classes} differ from the expected {expected_classes}")
         view_spec = load_view_spec(cfg.view_spec or "train")
@@ -215,8 +214,8 @@ def run_distill(cfg: DistillConfig) -> dict:
 
     num_classes = teacher_dims.get("num_classes", 0) if cfg.objective == "task" else 0
     torch.manual_seed(cfg.seed)
-    student = create_model(cfg.model, num_classes=num_classes or 0, pretrained=cfg.pretrained,
-                           image_size=cfg.image_size)
+    student = load_model(cfg.model, num_classes=num_classes or 0, pretrained=cfg.pretrained,
+                         image_size=cfg.image_size, what="--model")
     student_dims = {"embedding": student.embedding_dim, "grid": student.grid_dim, "num_classes": student.num_classes}
     options = {"temperature": cfg.temperature} if cfg.objective == "task" else \
         {"project_teacher": cfg.project_teacher} if cfg.objective == "embedding-contrastive" else {}

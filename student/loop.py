@@ -30,10 +30,11 @@ from torch import nn
 
 from kt.config import accelerate_cpu, config_dict, field
 from kt.errors import UserError
-from kt.models import load_checkpoint
+# CHECKPOINT_DIR, where a run leaves its model, is defined beside the checkpoint format (kt.checkpoints
+# resolves run folders with it) and re-exported here for the commands that write runs.
+from kt.checkpoints import CHECKPOINT_DIR, load_model  # noqa: F401
 
 STATE_DIR = "state"
-CHECKPOINT_DIR = "checkpoint"  # the model a run leaves: a timm model folder + kt card
 
 
 @dataclass
@@ -248,13 +249,9 @@ def check_out_dir(out: Path, cfg, resumable: set[str] = RESUMABLE_CHANGES) -> bo
 
 
 def init_from_run(run: str, num_classes: int, image_size: int):
-    """The distilled student of a `kt-student train` run (or any kt checkpoint) with a new task head."""
-    path = Path(run)
-    if (path / CHECKPOINT_DIR).is_dir():
-        path = path / CHECKPOINT_DIR
-    if not path.exists():
-        raise UserError(f"--init: no checkpoint at {run}")
-    model = load_checkpoint(path)
+    """The distilled student of a `kt-student train` run (or any run, checkpoint folder or model name) with a
+    new task head."""
+    model = load_model(run, image_size=image_size, what="--init")
     model.reset_head(num_classes)
     model.image_size = image_size
     return model.train()

@@ -24,7 +24,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -33,7 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.config import accelerate_cpu, config_dict, field, run_record
 from kt.errors import UserError
-from kt.models import TARGETS, TaskModel, create_model, load_checkpoint, model_fingerprint, teacher_targets
+from kt.checkpoints import load_model, model_fingerprint
+from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
 from kt.views import PARAM_DIM, ViewSpec, load_view_spec, render, sample_params, to_tensor
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
@@ -41,7 +41,7 @@ from kt.teacher_cache.store import CacheStore, shard_id_for
 
 @dataclass
 class BuildConfig:
-    teacher: str = field("", "teacher checkpoint folder (finetuned) or a model name (with --pretrained)")
+    teacher: str = field("", "teacher: run folder, checkpoint folder (finetuned) or a model name (with --pretrained)")
     pretrained: str = field("none", "weights when --teacher is a model name: none | package | hub | PATH")
     data: str = field("", "transfer-set shards (shard spec)")
     out: str = field("", "cache store: local path or fsspec URL")
@@ -59,22 +59,6 @@ class BuildConfig:
 
 
 # -------------------------------------------------------------------------------------------- teacher
-def load_teacher(teacher: str, pretrained: str = "none", image_size: int = 0) -> TaskModel:
-    """A checkpoint folder (or its card/weights file) when the path exists, else a model name."""
-    path = Path(teacher)
-    if path.exists():
-        model = load_checkpoint(path)
-        if image_size and image_size != model.image_size:
-            model.image_size = image_size  # CNNs take any size; ViTs were built for the card's size
-        return model
-    if "/" in teacher or teacher.endswith((".safetensors", ".json")):
-        raise UserError(f"teacher not found: {teacher}")
-    # random-init weights must be the same on every rank and every rerun (one teacher per cache)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create_model(teacher, num_classes=0, pretrained=pretrained, image_size=image_size or 224)
-
-
 def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str]) -> dict[str, np.ndarray]:
     """`kt.models.teacher_targets` of one batch as float32 numpy arrays, as the codecs take them."""
     return {t: v.float().cpu().numpy() for t, v in teacher_targets(model, x, targets).items()}
@@ -302,7 +286,9 @@ def build_cache(cfg: BuildConfig) -> dict:
     spec = load_view_spec(cfg.view_spec)
     targets = parse_targets(cfg.targets)
     codecs = parse_codecs(cfg.codec, targets)  # bad specs fail before the teacher loads
-    model = load_teacher(cfg.teacher, cfg.pretrained, cfg.image_size).eval()
+    # a random init is seeded: one teacher per cache, the same on every rank and every rerun
+    model = load_model(cfg.teacher, pretrained=cfg.pretrained, image_size=cfg.image_size, seed=0,
+                       what="teacher").eval()
     image_size = cfg.image_size or model.image_size
     check_teacher_targets(targets, model)
     shapes = item_shapes(model, targets, image_size)

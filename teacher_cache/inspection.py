@@ -89,7 +89,8 @@ def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_
 
 def plan_cache(cfg: PlanConfig) -> dict:
     """Predicted sizes for building a cache of `cfg.teacher` over a transfer set (see `predict_size`)."""
-    from kt.teacher_cache.build import check_teacher_targets, item_shapes, load_teacher, parse_codecs, parse_targets
+    from kt.checkpoints import load_model
+    from kt.teacher_cache.build import check_teacher_targets, item_shapes, parse_codecs, parse_targets
 
     if cfg.views < 1:
         raise UserError("--views must be at least 1")
@@ -102,7 +103,8 @@ def plan_cache(cfg: PlanConfig) -> dict:
         num_samples, key_bytes = _count_samples(cfg.data)
     if num_samples < 0:
         raise UserError("--num-samples must be >= 0")
-    model = load_teacher(cfg.teacher, cfg.pretrained, cfg.image_size).eval()
+    model = load_model(cfg.teacher, pretrained=cfg.pretrained, image_size=cfg.image_size, seed=0,
+                       what="teacher").eval()
     check_teacher_targets(names, model)
     image_size = cfg.image_size or model.image_size
     shapes = item_shapes(model, names, image_size)
@@ -247,10 +249,10 @@ def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch
     """Per target, codec fidelity (cached vs raw) and consistency (cached vs raw re-encoded) on replayed views."""
     import torch
 
-    from kt.models import model_fingerprint
+    from kt.checkpoints import load_model, model_fingerprint
     from kt.shards import BadSamples, expand_shards, iter_samples
     from kt.views import render, to_tensor
-    from kt.teacher_cache.build import load_teacher, teacher_outputs
+    from kt.teacher_cache.build import teacher_outputs
     from kt.teacher_cache.codecs import fidelity
     from kt.teacher_cache.store import check_compatible, shard_id_for
 
@@ -259,7 +261,8 @@ def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch
     path = teacher or build_cfg.get("teacher")
     if not path:
         raise UserError("the cache does not record its teacher; pass --teacher (or --samples 0)")
-    model = load_teacher(path, build_cfg.get("pretrained", "none"), build_cfg.get("image_size", 0)).eval()
+    model = load_model(path, pretrained=build_cfg.get("pretrained", "none"), image_size=build_cfg.get("image_size", 0),
+                       seed=0, what="teacher").eval()
     try:
         check_compatible(attrs, {"teacher": model_fingerprint(model)})
     except UserError as e:

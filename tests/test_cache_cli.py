@@ -145,7 +145,8 @@ def test_verify_clean_then_damaged(built, tiny_teacher, tmp_path, capsys):  # no
 
 
 def test_verify_refuses_another_teacher(built, tmp_path, capsys):
-    from kt.models import create_model, save_checkpoint
+    from kt.checkpoints import save_checkpoint
+    from kt.models import create_model
 
     other = save_checkpoint(create_model("test_vit", num_classes=10, image_size=32), tmp_path / "other")
     err = one_line_error(capsys, ["verify", str(built), "--teacher", str(other), "--samples", "4"])
@@ -260,13 +261,12 @@ def test_two_processes_build_the_same_store(tiny_teacher, small_shards, tmp_path
 
 def test_model_name_teacher_is_the_same_teacher_on_rerun():
     """A teacher given by name with random weights gets the same weights in every process (ranks, reruns)."""
-    from kt.models import model_fingerprint
-    from kt.teacher_cache.build import load_teacher
+    from kt.checkpoints import load_model, model_fingerprint
 
     torch.manual_seed(123)
-    a = model_fingerprint(load_teacher("test_efficientnet", "none", 32))
+    a = model_fingerprint(load_model("test_efficientnet", image_size=32, seed=0))
     torch.manual_seed(456)
-    b = model_fingerprint(load_teacher("test_efficientnet", "none", 32))
+    b = model_fingerprint(load_model("test_efficientnet", image_size=32, seed=0))
     assert a["weights_sha256"] == b["weights_sha256"]
 
 

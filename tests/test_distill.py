@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kt.models import load_checkpoint
+from kt.checkpoints import load_checkpoint
 from kt.shards import iter_samples
 from kt.views import render, to_tensor
 from kt.student.cli import main
@@ -153,7 +153,7 @@ def test_refusals(fmnist, cache, teacher, tmp_path, capsys):
     model = load_checkpoint(teacher)
     with torch.no_grad():
         model.head.bias.add_(1.0)
-    from kt.models import save_checkpoint
+    from kt.checkpoints import save_checkpoint
 
     save_checkpoint(model, other, classes=model.classes)
     refuse(capsys, base + data + ["--expect-teacher", str(other), "--out", str(tmp_path / "x")], "weights_sha256")

@@ -22,7 +22,8 @@ import torch
 import zarr
 
 from kt.errors import UserError
-from kt.models import create_model, load_checkpoint, model_fingerprint, save_checkpoint
+from kt.checkpoints import load_checkpoint, model_fingerprint, save_checkpoint
+from kt.models import create_model
 from kt.shards import iter_samples
 from kt.views import ViewReplayError, load_view_spec, render, to_tensor
 from kt.teacher_cache.cli import main

@@ -91,7 +91,7 @@ def lite2(image_size: int):
 def bench_build(args, work: str) -> dict:
     import torch
 
-    from kt.models import save_checkpoint
+    from kt.checkpoints import save_checkpoint
     from kt.shards import expand_shards
     from kt.views import load_view_spec
     from kt.teacher_cache.build import (

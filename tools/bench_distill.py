@@ -93,7 +93,7 @@ def bench_cached_vs_supervised(args, tmp: Path) -> dict:
     cache = tmp / "logits.zarr"
     teacher = create_model("test_efficientnet", num_classes=10, image_size=64)
     ckpt = tmp / "teacher"
-    from kt.models import save_checkpoint
+    from kt.checkpoints import save_checkpoint
 
     save_checkpoint(teacher.eval(), ckpt, classes=[str(i) for i in range(10)])
     build_cache(BuildConfig(teacher=str(ckpt), data=urls[0], out=str(cache), views=2, targets=["logits"],
@@ -132,7 +132,8 @@ def bench_cached_vs_supervised(args, tmp: Path) -> dict:
 
 
 def bench_online_vs_cached(args, tmp: Path) -> dict:
-    from kt.models import create_model, save_checkpoint
+    from kt.checkpoints import save_checkpoint
+    from kt.models import create_model
 
     ensure_data()
     urls = expand_shards(str(DATA / "test" / "test-000000.tar"))
