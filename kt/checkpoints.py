@@ -67,16 +67,14 @@ def save_checkpoint(model: TaskModel, out_dir, classes: list[str] | None = None,
         raise UserError(f"{len(classes)} class names for a head with {model.num_classes} outputs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layout, state, reference = native_state(model)
+    layout, state, config = _saved_form(model, classes)
     weights = out / WEIGHTS_FILE
     write_safetensors(state, weights)
     for name in LIBRARY_CONFIG.values():  # a folder re-used for another layout keeps no stale config
         if name != LIBRARY_CONFIG.get(layout):
             (out / name).unlink(missing_ok=True)
-    if layout == "timm":
-        _write_timm_config(model, reference, classes, out / TIMM_CONFIG_FILE)
-    elif layout == "open_clip":
-        _write_json(out / OPEN_CLIP_CONFIG_FILE, _open_clip_config(model))
+    if config is not None:
+        _write_json(out / LIBRARY_CONFIG[layout], config)
     card = {
         "format_version": FORMAT_VERSION,
         "layout": layout,
@@ -101,8 +99,21 @@ def save_checkpoint(model: TaskModel, out_dir, classes: list[str] | None = None,
     return out
 
 
-def _write_timm_config(model: TaskModel, reference: nn.Module, classes, path: Path) -> None:
-    """timm's own config writer, run on the meta-device reference (it has the head's num_classes)."""
+def _saved_form(model: TaskModel, classes) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+    """(layout, state dict, library config) that `save_checkpoint` writes."""
+    layout, state, reference = native_state(model)
+    if layout == "timm":
+        try:
+            return layout, state, _timm_config(model, reference, classes)
+        except Exception:  # timm cannot describe this model (e.g. an argument it cannot serialise): kt's layout
+            return native_state(model, kt_layout=True)[:2] + (None,)
+    return layout, state, _open_clip_config(model) if layout == "open_clip" else None
+
+
+def _timm_config(model: TaskModel, reference: nn.Module, classes) -> dict:
+    """config.json by timm's own writer, run on the meta-device reference (it has the head's num_classes)."""
+    import tempfile
+
     from timm.models._hub import save_config_for_hf
 
     from kt.views import VIEW_PRESETS
@@ -113,13 +124,13 @@ def _write_timm_config(model: TaskModel, reference: nn.Module, classes, path: Pa
                    "std": tuple(model.std), "interpolation": "bicubic",
                    "crop_pct": VIEW_PRESETS["eval"].crop_pct, "crop_mode": "center"}
     model_config = {"label_names": list(classes)} if classes and model.num_classes else {}
-    tmp = path.with_name(path.name + ".tmp")
-    save_config_for_hf(reference, tmp, model_config=model_config, data_config=data_config)
-    config = json.loads(tmp.read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # timm's writer writes a file
+        path = Path(tmp) / TIMM_CONFIG_FILE
+        save_config_for_hf(reference, path, model_config=model_config, data_config=data_config)
+        config = json.loads(path.read_text())
     # the upstream weights' tag (e.g. "lvd142m") does not describe kt-trained weights
     config.get("pretrained_cfg", {}).pop("tag", None)
-    tmp.unlink()
-    _write_json(path, config)
+    return config
 
 
 def _open_clip_config(model: TaskModel) -> dict:
@@ -312,7 +323,7 @@ def _model_weights_sha256(model: TaskModel) -> str:
         if "_weights_sha256" not in model.__dict__:
             model._weights_sha256 = file_sha256(model._weights_file)
         return model._weights_sha256
-    return safetensors_sha256(native_state(model)[1])
+    return safetensors_sha256(_saved_form(model, model.classes)[1])
 
 
 def _remember_weights_file(model: TaskModel, weights: Path) -> None:

@@ -43,8 +43,8 @@ SAFETENSORS_METADATA = {"format": "pt"}
 
 
 # ---------------------------------------------------------------------------------------- writing
-def native_state(model: TaskModel) -> tuple[str, dict[str, torch.Tensor], nn.Module | None]:
-    """(layout, state dict, timm reference) of the model as its own library holds it.
+def native_state(model: TaskModel, kt_layout: bool = False) -> tuple[str, dict[str, torch.Tensor], nn.Module | None]:
+    """(layout, state dict, timm reference) of the model as its own library holds it (kt's, if `kt_layout`).
 
     The reference is the timm model of this architecture with `num_classes` outputs, built on the meta
     device (shapes only: no memory, no init cost); `kt.checkpoints` writes timm's config.json from it.
@@ -52,9 +52,9 @@ def native_state(model: TaskModel) -> tuple[str, dict[str, torch.Tensor], nn.Mod
     backbone = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     head = {} if model.head is None else {k: v.detach().cpu().contiguous()
                                           for k, v in model.head.state_dict().items()}
-    if isinstance(model, OpenClipTaskModel):
+    if isinstance(model, OpenClipTaskModel) and not kt_layout:
         return "open_clip", {**backbone, **{f"head.{k}": v for k, v in head.items()}}, None
-    reference = timm_reference(model)
+    reference = None if kt_layout else timm_reference(model)
     classifier = _classifier_slots(reference, backbone, head) if reference is not None else None
     if classifier is None:  # no timm layout for this head: kt's own
         return "kt", {**{f"backbone.{k}": v for k, v in backbone.items()},

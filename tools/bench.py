@@ -1,8 +1,9 @@
-"""Benchmarks, one entry point: `python -m tools.bench {cache,distill,retrieval} [--json] [...]`.
+"""Benchmarks, one entry point: `python -m tools.bench {cache,distill,retrieval,export} [--json] [...]`.
 
     python -m tools.bench cache --json          # teacher cache: build overhead, bytes, fidelity, reader
     python -m tools.bench distill --json        # student distillation from the cache
     python -m tools.bench retrieval             # curate time / memory, IVF-PQ recall
+    python -m tools.bench export --json         # device students: latency per image, onnxruntime vs torch
 
 Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
 when asked for, so one benchmark's heavy imports never slow another. Results are recorded with their
@@ -19,6 +20,7 @@ BENCHMARKS = {
     "cache": "tools.bench_cache",
     "distill": "tools.bench_distill",
     "retrieval": "tools.bench_retrieval",
+    "export": "tools.bench_export",
 }
 
 
