@@ -222,6 +222,25 @@ def test_a_head_timm_cannot_hold_keeps_kt_layout(tmp_path):
     assert model_fingerprint(model)["weights_sha256"] == card["weights_sha256"]
 
 
+def test_a_model_timm_cannot_describe_keeps_kt_layout(tmp_path, monkeypatch):
+    import kt.checkpoints
+
+    folder = save_checkpoint(create_model("test_efficientnet", num_classes=3, image_size=32), tmp_path / "c")
+    assert (folder / "config.json").exists()
+
+    def refuse(*args):
+        raise ValueError("Model argument 'act_layer' is not serializable")
+
+    monkeypatch.setattr(kt.checkpoints, "_timm_config", refuse)
+    model = create_model("test_efficientnet", num_classes=3, image_size=32).eval()
+    before = model_fingerprint(model)  # unsaved weights: the sha256 of what save_checkpoint will write
+    ckpt = save_checkpoint(model, folder)  # the same folder: the old timm config must not stay behind
+    card = json.loads((ckpt / "card.json").read_text())
+    assert card["layout"] == "kt" and not (ckpt / "config.json").exists()
+    assert before["weights_sha256"] == card["weights_sha256"]
+    _same_outputs(model, load_checkpoint(ckpt), 32)
+
+
 # ------------------------------------------------------------------------------ format 1 (before)
 def test_format1_checkpoint_loads_with_identical_outputs_and_fingerprint():
     from safetensors.torch import load_file
