@@ -61,6 +61,8 @@ class EmbedConfig:
     normalize: bool = field(True, "L2-normalise rows (--no-normalize keeps raw feature norms)")
     resume: bool = field(False, "continue a store at its first unfinished shard")
     device: str = field("auto", "auto (accelerate's device for this process) | cpu | cuda")
+    precision: str = field("bf16", "encoder forward on CUDA: bf16 autocast (the encoder is the cost) | fp32; "
+                                   "on CPU always fp32")
 
 
 @dataclass
@@ -103,10 +105,12 @@ def encoder_fingerprint(name: str, pretrained: str, modality: str, model_fp: dic
 
 
 def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", image_size: int = 224,
-                 batch_size: int = 64, normalize: bool = True, resume: bool = False, device: str = "auto") -> dict:
+                 batch_size: int = 64, normalize: bool = True, resume: bool = False, device: str = "auto",
+                 precision: str = "bf16") -> dict:
     """Embed every sample of the shards `data` into the store `out`: this process's share of the shards.
 
     `device` "auto" is accelerate's device for this process (its own GPU under `accelerate launch`).
+    `precision` is the encoder's on CUDA: bf16 autocast or fp32 (`kt.device`; CPU always runs fp32).
     Returns this process's summary; every process returns once the whole store is committed.
     """
     import torch
@@ -114,12 +118,14 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
     from tqdm.auto import tqdm
 
     from kt.checkpoints import load_model, model_fingerprint
+    from kt.device import placement
     from kt.shards import BadSamples, expand_shards, is_url, iter_samples, split_urls
     from kt.views import VIEW_PRESETS, render, sample_params, to_tensor
 
     # cpu=True lets torchrun-started ranks without GPUs form a gloo group instead of running alone
     state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     device = state.device if device == "auto" else torch.device(device)
+    place = placement(device, precision)
     urls = [u if is_url(u) else os.path.abspath(u) for u in expand_shards(data)]
     if pretrained == "none":
         torch.manual_seed(RANDOM_INIT_SEED)  # every rank draws the same random weights
@@ -143,7 +149,7 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
     mine = [(i, u) for i, u in share if u not in done and i not in parts]
     summary = {"out": out, "rank": state.process_index, "processes": state.num_processes,
                "shards_total": len(urls), "shards_skipped": len(share) - len(mine), "shards_embedded": 0,
-               "samples": 0}
+               "samples": 0, "device": str(device)}
     spec = VIEW_PRESETS["eval"]
     bad = BadSamples()
     rank = f" (rank {state.process_index})" if state.num_processes > 1 else ""
@@ -154,8 +160,8 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
         for batch in _batches(iter_samples([url], bad=bad), batch_size):
             x = torch.stack([to_tensor(render(s.image, sample_params(spec, 0, s.key, 0), model.image_size),
                                        model.mean, model.std) for s in batch])
-            with torch.inference_mode():
-                emb = model.forward_features(x.to(device))["embedding"]
+            with torch.inference_mode(), place.teacher_autocast():
+                emb = model.forward_features(place.to(x))["embedding"]
             emb = emb.float().cpu().numpy()
             vectors.append(l2_normalize(emb) if normalize else emb)
             keys += [s.key for s in batch]

@@ -51,9 +51,10 @@ class LabeledViews(Dataset):
 
 
 def labeled_loader(dataset: LabeledViews, epoch: int, batch_size: int, workers: int,
-                   shuffle: bool = True, drop_last: bool = True) -> DataLoader:
+                   shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
+    """`pin_memory` when the batches go to a GPU (`kt.device.placement`)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochOrder(len(dataset), dataset.seed, epoch, shuffle),
-                      num_workers=workers, drop_last=drop_last, persistent_workers=False)
+                      num_workers=workers, drop_last=drop_last, persistent_workers=False, pin_memory=pin_memory)
 
 
 class EvalStream(IterableDataset):
@@ -80,8 +81,8 @@ class EvalStream(IterableDataset):
 
 
 def eval_loader(urls: Sequence[str], image_size: int, mean, std, batch_size: int = 256, workers: int = 2,
-                rank: int = 0, world_size: int = 1) -> DataLoader:
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     workers = min(workers, max(1, len(split_urls(urls, rank, world_size))))
     return DataLoader(EvalStream(urls, image_size, mean, std, rank=rank, world_size=world_size),
-                      batch_size=batch_size, num_workers=workers)
+                      batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)
 

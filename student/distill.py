@@ -27,6 +27,7 @@ from torch import nn
 from kt.config import config_dict, field, write_run_record
 from kt.errors import UserError
 from kt.checkpoints import load_model, save_checkpoint
+from kt.device import check_precision, model_device, placement
 from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import load_view_spec
@@ -52,6 +53,8 @@ class DistillConfig(OptimConfig):
     view_seed: int = field(0, "online mode: view seed (a cache fixes its own)")
     expect_teacher: str = field("", "teacher checkpoint the cache must have been built from ('' skips)")
     expect_classes: str = field("", "classes.json or shard dir whose classes the teacher must have ('' skips)")
+    teacher_precision: str = field("bf16", "online teacher on CUDA: bf16 autocast (the teacher dominates the step; "
+                                           "fidelity in docs/benchmarks.md) | fp32; on CPU always fp32")
     image_size: int = field(64, "student input size; views are re-rendered at it")
     batch_size: int = field(64, "images per process per step")
     workers: int = field(2, "DataLoader workers rendering views")
@@ -59,21 +62,30 @@ class DistillConfig(OptimConfig):
 
 
 class Distiller(nn.Module):
-    """Student + objective as one module, so that DDP sees a single forward per step."""
+    """Student + objective as one module, so that DDP sees a single forward per step.
 
-    def __init__(self, student: TaskModel, objective: DistillObjective, teacher: TaskModel | None = None):
+    The online teacher runs on its own device (where `run_distill` put it) at `teacher_precision`
+    (`kt.device`); its targets come back as float32, as cached targets do.
+    """
+
+    def __init__(self, student: TaskModel, objective: DistillObjective, teacher: TaskModel | None = None,
+                 teacher_precision: str = "bf16"):
         super().__init__()
         self.student, self.objective = student, objective
         self.teacher = [teacher]  # a list keeps it out of parameters(), state_dict() and DDP
+        self.teacher_precision = teacher_precision
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         out = self.student.forward_features(batch["x"])
         targets = batch.get("targets")
         if targets is None:
             teacher = self.teacher[0]
-            with torch.inference_mode():
-                targets = teacher_targets(teacher, batch["teacher_x"], self.objective.needs)
-            targets = {k: v.clone() for k, v in targets.items()}  # out of inference mode, for autograd
+            place = placement(model_device(teacher), self.teacher_precision)
+            with torch.inference_mode(), place.teacher_autocast():
+                targets = teacher_targets(teacher, place.to(batch["teacher_x"]), self.objective.needs)
+            # float32 copies made outside inference mode, so autograd may use them in the loss
+            targets = {k: v.to(device=out["embedding"].device, dtype=torch.float32, copy=True)
+                       for k, v in targets.items()}
         return self.objective(out, targets)
 
 
@@ -164,6 +176,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         raise UserError("give exactly one of --cache (cached targets) and --teacher (online teacher)")
     if cfg.objective not in OBJECTIVES:
         raise UserError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    check_precision(cfg.teacher_precision)
     if cfg.view_policy not in VIEW_POLICIES:
         raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
     out = Path(cfg.out)
@@ -220,7 +233,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     options = {"temperature": cfg.temperature} if cfg.objective == "task" else \
         {"project_teacher": cfg.project_teacher} if cfg.objective == "embedding-contrastive" else {}
     objective = create_objective(cfg.objective, student_dims, teacher_dims, **options)
-    model = Distiller(student, objective, teacher)
+    model = Distiller(student, objective, teacher, cfg.teacher_precision)
     if teacher is not None:
         teacher.to(accelerator.device)
     if not resuming and accelerator.is_main_process:
@@ -235,13 +248,12 @@ def run_distill(cfg: DistillConfig) -> dict:
         return stream_loader(ReplayStream(
             spec, epoch, skip, source, view_spec, view_seed, views, cfg.view_policy, cfg.image_size,
             student.mean, student.std, teacher_size=teacher.image_size if teacher is not None else 0,
-            teacher_norm=(teacher.mean, teacher.std) if teacher is not None else None))
+            teacher_norm=(teacher.mean, teacher.std) if teacher is not None else None), pin_memory=place.pin_memory)
+
+    place = placement(accelerator.device)
 
     def loss_fn(modules, batch):
-        device = accelerator.device
-        batch = {k: (v.to(device) if torch.is_tensor(v) else
-                     {t: a.to(device) for t, a in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
-        return modules(batch)
+        return modules(place.to(batch))
 
     result = fit(cfg, model, make_loader, steps, loss_fn, out, accelerator=accelerator,
                  desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kt.config import field
+from kt.device import model_device, placement, resolve_device
 from kt.errors import UserError
 from kt.student.data import eval_loader
 
@@ -30,6 +31,7 @@ class EvalConfig:
     runs: list = field([], "run folders to aggregate (mean +- std of their eval.json) instead of --checkpoint")
     batch_size: int = field(256, "images per forward pass")
     workers: int = field(2, "DataLoader workers decoding and rendering")
+    device: str = field("auto", "auto (CUDA when present) | cpu | cuda | cuda:N")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -41,25 +43,29 @@ def run_eval(cfg: EvalConfig) -> dict:
     from kt.checkpoints import load_model
     from kt.shards import expand_shards
 
+    device = resolve_device(cfg.device)  # a bad device fails before the checkpoint loads
     urls = expand_shards(cfg.data)
-    model = load_model(cfg.checkpoint, what="--checkpoint")
+    model = load_model(cfg.checkpoint, what="--checkpoint").to(device)
     return evaluate(model, urls, cfg.batch_size, cfg.workers, classes=getattr(model, "classes", None))
 
 
 @torch.no_grad()
 def evaluate(model, urls: Sequence[str], batch_size: int = 256, workers: int = 2,
              classes: Sequence[str] | None = None) -> dict:
-    """Classify every sample of `urls` with the eval view at the model's input size."""
+    """Classify every sample of `urls` with the eval view at the model's input size, on the device the
+    model's parameters live on (a finetuned model comes back from accelerate on its GPU)."""
     from tqdm.auto import tqdm
 
     model.eval()
     k = model.num_classes
     if k <= 0:
         raise UserError(f"model {model.arch} has no task head to evaluate")
+    place = placement(model_device(model))
     confusion = np.zeros((k, k), dtype=np.int64)
-    for x, y, _ in tqdm(eval_loader(urls, model.image_size, model.mean, model.std, batch_size, workers),
-                        desc="eval", unit="batch", mininterval=1.0, leave=False):
-        pred = model(x).argmax(1).numpy()
+    loader = eval_loader(urls, model.image_size, model.mean, model.std, batch_size, workers,
+                         pin_memory=place.pin_memory)
+    for x, y, _ in tqdm(loader, desc="eval", unit="batch", mininterval=1.0, leave=False):
+        pred = model(place.to(x)).argmax(1).cpu().numpy()
         y = y.numpy()
         if (y < 0).any() or (y >= k).any():
             raise UserError(f"evaluation data has labels outside 0..{k - 1} (or none)")

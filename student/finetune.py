@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from kt.config import config_dict, field, write_run_record
+from kt.device import placement
 from kt.errors import UserError
 from kt.checkpoints import load_model, save_checkpoint
 from kt.shards import BadSamples, expand_shards, labeled_subset, load_classes
 from kt.views import load_view_spec
 from kt.student.data import LabeledViews, labeled_loader
 from kt.student.evaluate import METRICS_FILE, evaluate
-from kt.student.loop import CHECKPOINT_DIR, OptimConfig, check_out_dir, fit, init_from_run
+from kt.student.loop import CHECKPOINT_DIR, OptimConfig, check_out_dir, create_accelerator, fit, init_from_run
 
 @dataclass
 class FinetuneConfig(OptimConfig):
@@ -84,8 +85,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std)
     batch_size = min(cfg.batch_size, len(dataset))
     steps = len(dataset) // batch_size
-    result = fit(cfg, model, lambda epoch: labeled_loader(dataset, epoch, batch_size, cfg.workers), steps,
-                 classification_loss(cfg.label_smoothing), out, desc=f"finetune {model.arch}")
+    accelerator = create_accelerator(cfg, out)
+    pin = placement(accelerator.device).pin_memory
+    result = fit(cfg, model, lambda epoch: labeled_loader(dataset, epoch, batch_size, cfg.workers, pin_memory=pin),
+                 steps, classification_loss(cfg.label_smoothing), out, accelerator=accelerator,
+                 desc=f"finetune {model.arch}")
     summary = {"out": str(out), "model": model.arch, "labeled_images": len(samples), "completed": result.completed,
                "steps": result.global_step, "bad_samples": len(bad.bad)}
     if not result.completed or not result.is_main_process:

@@ -71,11 +71,15 @@ def create_accelerator(cfg: OptimConfig, out_dir: str | Path):
     as the demo harness, notebooks and in-process tests do."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
     # without CUDA, accelerate only forms a multi-process (gloo) group when told it runs on CPU
+    cpu = accelerate_cpu()
+    # prepared loaders copy batches to the GPU asynchronously; the loaders pin them (kt.device.placement)
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                       log_with="tensorboard", project_dir=str(out_dir), cpu=accelerate_cpu())
+                       log_with="tensorboard", project_dir=str(out_dir), cpu=cpu,
+                       dataloader_config=DataLoaderConfiguration(non_blocking=not cpu))
 
 
 def _read_progress(out_dir: Path) -> dict | None:

@@ -213,7 +213,8 @@ def _load_images(url: str, keys: set[str]) -> dict:
     return images
 
 
-def stream_loader(dataset: ReplayStream) -> DataLoader:
+def stream_loader(dataset: ReplayStream, pin_memory: bool = False) -> DataLoader:
+    """`pin_memory` when the batches go to a GPU (`kt.device.placement`)."""
     workers = dataset.spec.workers
-    return DataLoader(dataset, batch_size=None, num_workers=workers,
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)

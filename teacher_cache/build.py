@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.config import accelerate_cpu, config_dict, field, run_record
+from kt.device import Placement, model_device, placement
 from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
@@ -55,13 +56,21 @@ class BuildConfig:
     codec: list = field([], "TARGET=SPEC overrides of the default codecs, e.g. logits=topk:k=10")
     max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt")
     fit_views: int = field(256, "teacher outputs sampled to fit PCA codecs")
+    teacher_precision: str = field("bf16", "teacher forwards on CUDA: bf16 autocast (about 2x the throughput; "
+                                           "fidelity in docs/benchmarks.md) | fp32; on CPU always fp32")
     overwrite: bool = field(False, "replace a cache of another teacher/view spec at --out")
 
 
 # -------------------------------------------------------------------------------------------- teacher
-def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str]) -> dict[str, np.ndarray]:
-    """`kt.models.teacher_targets` of one batch as float32 numpy arrays, as the codecs take them."""
-    return {t: v.float().cpu().numpy() for t, v in teacher_targets(model, x, targets).items()}
+def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str],
+                    place: Placement | None = None) -> dict[str, np.ndarray]:
+    """`kt.models.teacher_targets` of one batch as float32 numpy arrays, as the codecs take them.
+
+    `x` goes to the model's device; `place` sets the precision there (default: fp32)."""
+    place = place or placement(model_device(model), "fp32")
+    with place.teacher_autocast():
+        out = teacher_targets(model, place.to(x), targets)
+    return {t: v.float().cpu().numpy() for t, v in out.items()}
 
 
 def parse_targets(targets: Sequence[str] | str) -> list[str]:
@@ -157,10 +166,11 @@ class ShardViewBatches(IterableDataset):
                 np.stack([b[2] for b in buf]), torch.stack([b[3] for b in buf]))
 
 
-def view_loader(urls, spec, seed, views, image_size, mean, std, batch_size, workers) -> DataLoader:
+def view_loader(urls, spec, seed, views, image_size, mean, std, batch_size, workers,
+                pin_memory: bool = False) -> DataLoader:
     dataset = ShardViewBatches(urls, spec, seed, views, image_size, mean, std, batch_size)
     workers = min(workers, len(urls))
-    return DataLoader(dataset, batch_size=None, num_workers=workers,
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
@@ -245,7 +255,7 @@ class Writer(threading.Thread):
 
 # ----------------------------------------------------------------------------------------- the build
 def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], spec: ViewSpec, seed: int,
-               views: int, image_size: int, batch_size: int, n_views: int) -> None:
+               views: int, image_size: int, batch_size: int, n_views: int, place: Placement | None = None) -> None:
     """Fit codecs that learn from data (PCA) on the teacher's outputs for the first views of the data."""
     needs = [t for t, c in codecs.items() if type(c).fit is not Codec.fit]
     if not needs:
@@ -257,7 +267,7 @@ def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], 
         if item[0] != "batch":
             continue
         with torch.inference_mode():
-            raw = teacher_outputs(model, item[6], needs)
+            raw = teacher_outputs(model, item[6], needs, place)
         for t in needs:
             got[t].append(raw[t])
         n += len(item[2])
@@ -286,6 +296,7 @@ def build_cache(cfg: BuildConfig) -> dict:
     spec = load_view_spec(cfg.view_spec)
     targets = parse_targets(cfg.targets)
     codecs = parse_codecs(cfg.codec, targets)  # bad specs fail before the teacher loads
+    place = placement(state.device, cfg.teacher_precision)
     # a random init is seeded: one teacher per cache, the same on every rank and every rerun
     model = load_model(cfg.teacher, pretrained=cfg.pretrained, image_size=cfg.image_size, seed=0,
                        what="teacher").eval()
@@ -295,11 +306,13 @@ def build_cache(cfg: BuildConfig) -> dict:
     classes = load_classes(urls)  # recorded for the reader's "which transfer set" message only
     attrs = cache_attributes(model, spec, cfg, codecs, shapes, urls)
     attrs["transfer_classes"] = classes
+    model.to(place.device)  # after the fingerprint, which hashes the weights as loaded
 
     if state.is_main_process:
         store = CacheStore.create(cfg.out, attrs, overwrite=cfg.overwrite)
         if any(store.read_codec_state(t) is None for t in targets):  # a fresh cache (not a resumed one)
-            fit_codecs(model, codecs, urls, spec, cfg.seed, cfg.views, image_size, cfg.batch_size, cfg.fit_views)
+            fit_codecs(model, codecs, urls, spec, cfg.seed, cfg.views, image_size, cfg.batch_size, cfg.fit_views,
+                       place)
             for t, codec in codecs.items():
                 codec.item_shape = shapes[t]
                 store.write_codec_state(t, *codec.state())
@@ -312,7 +325,8 @@ def build_cache(cfg: BuildConfig) -> dict:
     mine = [u for u in split_urls(urls, state.process_index, state.num_processes) if shard_id_for(u) not in done]
     summary = {"out": cfg.out, "rank": state.process_index, "shards_total": len(urls),
                "shards_skipped": len(split_urls(urls, state.process_index, state.num_processes)) - len(mine),
-               "shards_written": 0, "samples": 0, "bad": 0, "views_per_s": 0.0}
+               "shards_written": 0, "samples": 0, "bad": 0, "views_per_s": 0.0, "device": str(place.device),
+               "teacher_dtype": str(place.teacher_dtype or torch.float32).removeprefix("torch.")}
     if mine:
         writer = Writer(store, cfg.views, codecs, state.process_index)
         writer.start()
@@ -321,11 +335,11 @@ def build_cache(cfg: BuildConfig) -> dict:
         start, n_views = time.perf_counter(), 0
         try:
             for item in view_loader(mine, spec, cfg.seed, cfg.views, image_size, model.mean, model.std,
-                                    cfg.batch_size, cfg.workers):
+                                    cfg.batch_size, cfg.workers, pin_memory=place.pin_memory):
                 if item[0] == "batch":
                     _, url, idx, vidx, keys, params, x = item
                     with torch.inference_mode():
-                        raw = teacher_outputs(model, x, targets)
+                        raw = teacher_outputs(model, x, targets, place)
                     writer.put(("batch", url, idx, vidx, params, raw))
                     n_views += len(idx)
                     bar.update(len(idx))
