@@ -1,0 +1,242 @@
+"""The whole pipeline on a GPU: finetune -> kt-cache build -> kt-student train -> finetune --init -> eval, and
+the retrieval embed, each checked against an fp32 CPU reference.
+
+    python -m pytest -q -m gpu tests/test_gpu.py          # skipped without CUDA (make gpu-check runs it)
+    KT_TEST_DEVICE=cpu python -m pytest -q -m gpu tests/test_gpu.py    # the same checks on the CPU (a dry run)
+
+Tiny timm models (`test_vit` teacher, `test_efficientnet` student) at 32 px, random init, on synthetic
+labeled shards written to a temporary folder (no dataset needs to be installed on the GPU machine). What is
+asserted: every stage ran on the device; the cached targets (teacher in bf16 autocast on CUDA) are within
+a stated fidelity of an fp32 CPU forward on the same replayed views; distillation from the cache starts
+from the same loss as a CPU run of the same command and lowers it; the online teacher gives the cached
+run's losses; evaluation gives the metrics on the device (it crashed there before); the embed matches an
+fp32 CPU forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+DEVICE = os.environ.get("KT_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# Fidelity of bf16 autocast + fp16 storage against fp32, on this tiny teacher (the realistic-size figures:
+# `python -m tools.bench gpu`, docs/benchmarks.md). bf16 keeps 8 bits of mantissa (~0.4% per rounding).
+MAX_MEAN_KL = 2e-3  # nats, softmax of cached vs fp32 logits (CPU bf16 autocast, random test_vit: 4e-5)
+MIN_TOP1_AGREEMENT = 0.95  # a finetuned teacher is confident; CPU bf16 autocast on a random head gives 0.98
+MIN_MEAN_COSINE = 0.995  # embedding and patch features
+MIN_COSINE = 0.98
+CLASSES = ["red", "green", "blue", "grey"]
+SIZE = 32
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthetic_images(n: int, seed: int):
+    """Labeled 32 px images a tiny model can learn: a class colour and a class stripe frequency, plus noise."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [128, 128, 128]], np.float32)
+    rows = np.arange(SIZE)[:, None, None]
+    for i in range(n):
+        c = i % len(CLASSES)
+        stripes = 40 * np.sin(rows * (c + 1) * np.pi / 8)
+        a = palette[c] + stripes + rng.normal(0, 25, (SIZE, SIZE, 3))
+        yield f"s{seed}-{i:05d}", Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from kt.shards import write_shards
+
+    root = tmp_path_factory.mktemp("gpu-data")
+    train = write_shards(synthetic_images(256, 0), root / "train", prefix="train", maxcount=64, classes=CLASSES)
+    test = write_shards(synthetic_images(96, 1), root / "test", prefix="test", maxcount=48, classes=CLASSES)
+    return {"train": root / "train", "test": root / "test", "train_urls": train, "test_urls": test}
+
+
+def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax p || softmax q) per row, in nats."""
+    p = torch.log_softmax(torch.as_tensor(p_logits, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.as_tensor(q_logits, dtype=torch.float64), -1)
+    return (p.exp() * (p - q)).sum(-1).numpy()
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def student_main(*argv) -> int:
+    from kt.student.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    """A finetuned tiny ViT with --val-data: the evaluation after training runs on the device."""
+    import kt.student.finetune as finetune
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    seen = []
+    evaluate = finetune.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).device.type)
+        return evaluate(model, *args, **kwargs)
+
+    finetune.evaluate = spy
+    try:
+        assert student_main("finetune", "--model", "test_vit", "--data", data["train"], "--val-data", data["test"],
+                            "--labels-per-class", "32", "--epochs", "3", "--image-size", SIZE, "--batch-size", 32,
+                            "--lr", "0.003", "--workers", 2, "--out", out) == 0
+    finally:
+        finetune.evaluate = evaluate
+    assert seen == [DEVICE]
+    metrics = json.loads((out / "eval.json").read_text())
+    assert metrics["n"] == 96 and sum(map(sum, metrics["confusion_matrix"])) == 96
+    assert metrics["classes"] == CLASSES
+    return out / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def cache(data, teacher, tmp_path_factory):
+    from kt.teacher_cache.build import BuildConfig, build_cache
+
+    out = tmp_path_factory.mktemp("cache") / "c.zarr"
+    summary = build_cache(BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(out), views=2,
+                                      targets=["logits", "embedding", "patches"], batch_size=64, workers=2,
+                                      codec=["logits=fp16", "embedding=fp16", "patches=fp16"]))
+    assert summary["device"].split(":")[0] == DEVICE
+    assert summary["teacher_dtype"] == ("bfloat16" if DEVICE == "cuda" else "float32")
+    assert summary["samples"] == 256 and summary["bad"] == 0
+    return out
+
+
+def test_cached_targets_match_an_fp32_cpu_forward(data, teacher, cache):
+    """Every cached view against the fp32 CPU teacher on the same replayed pixels."""
+    from kt.models import load_checkpoint
+    from kt.shards import iter_samples
+    from kt.teacher_cache.reader import CacheReader
+    from kt.views import render, to_tensor
+
+    model = load_checkpoint(teacher).float().eval()
+    reader = CacheReader(str(cache))
+    images = {s.key: s.image for s in iter_samples(data["train_urls"])}
+    kl, top1, cos_e, cos_p = [], [], [], []
+    for url in data["train_urls"]:
+        shard = reader.shard(url, ["logits", "embedding", "patches"])
+        for v in range(reader.views_per_image):
+            x = torch.stack([to_tensor(render(images[k], shard.params[r, v], SIZE), model.mean, model.std)
+                             for r, k in enumerate(shard.keys)])
+            with torch.no_grad():
+                fresh = model.forward_features(x)
+            logits = shard.targets["logits"][:, v]
+            kl.append(kl_rows(fresh["logits"].numpy(), logits))
+            top1.append(fresh["logits"].numpy().argmax(1) == logits.argmax(1))
+            cos_e.append(cosine_rows(fresh["embedding"].numpy(), shard.targets["embedding"][:, v]))
+            cos_p.append(cosine_rows(fresh["grid"].permute(0, 2, 3, 1).reshape(-1, model.grid_dim).numpy(),
+                                     shard.targets["patches"][:, v].reshape(-1, model.grid_dim)))
+    kl, top1, cos_e, cos_p = map(np.concatenate, (kl, top1, cos_e, cos_p))
+    report = {"kl_mean": kl.mean(), "kl_max": kl.max(), "top1": top1.mean(), "embedding_cos_mean": cos_e.mean(),
+              "embedding_cos_min": cos_e.min(), "patches_cos_mean": cos_p.mean(), "patches_cos_min": cos_p.min()}
+    print("bf16-vs-fp32 fidelity (tiny teacher):", json.dumps({k: float(v) for k, v in report.items()}))
+    assert len(kl) == 256 * 2
+    assert kl.mean() < MAX_MEAN_KL and top1.mean() >= MIN_TOP1_AGREEMENT
+    assert cos_e.mean() > MIN_MEAN_COSINE and cos_e.min() > MIN_COSINE
+    assert cos_p.mean() > MIN_MEAN_COSINE and cos_p.min() > MIN_COSINE
+
+
+TRAIN = ("--model", "test_efficientnet", "--objective", "task", "--image-size", SIZE, "--batch-size", 32,
+         "--lr", "0.003", "--workers", 2, "--log-every", 1)
+
+
+@pytest.fixture(scope="module")
+def distilled(data, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "run"
+    assert student_main("train", *TRAIN, "--cache", cache, "--data", data["train"], "--epochs", 4, "--out", out) == 0
+    return out
+
+
+def test_distillation_on_the_device_matches_a_cpu_run_and_learns(data, cache, distilled, tmp_path):
+    """Same command on the CPU (a fresh process that cannot see the GPU): same first losses, then it learns."""
+    ref = tmp_path / "cpu"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "kt.student.cli", "train", *map(str, TRAIN), "--cache", str(cache),
+           "--data", str(data["train"]), "--epochs", "4", "--stop-after-steps", "3", "--out", str(ref)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    on_device, on_cpu = losses(distilled), losses(ref)
+    # step 1 is the initial weights on the same batch: only the arithmetic differs (TF32 convolutions)
+    np.testing.assert_allclose(on_device[0], on_cpu[0], rtol=1e-2)
+    np.testing.assert_allclose(on_device[:3], on_cpu[:3], rtol=5e-2)
+    steps = len(on_device) // 4  # four epochs
+    assert np.mean(on_device[-steps:]) < 0.8 * np.mean(on_device[:steps])
+
+
+def test_online_teacher_on_the_device_gives_the_cached_losses(data, teacher, distilled, tmp_path):
+    """Teacher in the step (bf16 autocast on CUDA) vs the cache (bf16 at build, fp16 stored): same views."""
+    out = tmp_path / "online"
+    assert student_main("train", *TRAIN, "--teacher", teacher, "--views", 2, "--data", data["train"],
+                        "--epochs", 4, "--stop-after-steps", 4, "--out", out) == 0
+    np.testing.assert_allclose(losses(out), losses(distilled)[:4], rtol=2e-2, atol=1e-3)
+
+
+def test_finetune_init_in_mixed_precision_then_eval(data, distilled, tmp_path, capsys):
+    """finetune --init (bf16 mixed precision) evaluates on the device; kt-student eval on the device and on
+    the CPU agree."""
+    out = tmp_path / "student"
+    assert student_main("finetune", "--init", distilled, "--data", data["train"], "--val-data", data["test"],
+                        "--labels-per-class", 16, "--epochs", 2, "--image-size", SIZE, "--batch-size", 16,
+                        "--mixed-precision", "bf16" if DEVICE == "cuda" else "no", "--workers", 2,
+                        "--out", out) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["completed"] and 0.0 <= summary["top1"] <= 1.0
+    results = {}
+    for device in (DEVICE, "cpu"):
+        assert student_main("eval", "--checkpoint", out, "--data", data["test"], "--device", device,
+                            "--workers", 2) == 0
+        results[device] = json.loads(capsys.readouterr().out)
+    for r in results.values():
+        assert r["n"] == 96 and r["classes"] == CLASSES and len(r["per_class_accuracy"]) == 4
+    diff = np.abs(np.array(results[DEVICE]["confusion_matrix"]) - np.array(results["cpu"]["confusion_matrix"]))
+    assert diff.sum() <= 2 * 2  # at most two predictions flip on a near-tie (TF32 vs fp32)
+
+
+def test_retrieval_embed_on_the_device_matches_an_fp32_cpu_forward(data, tmp_path):
+    from kt.models import create_model
+    from kt.retrieval.embed import RANDOM_INIT_SEED, embed_images
+    from kt.retrieval.store import load_embeddings
+    from kt.shards import iter_samples
+    from kt.views import VIEW_PRESETS, render, sample_params, to_tensor
+
+    out = tmp_path / "g.emb"
+    summary = embed_images("test_vit", str(data["test"]), str(out), pretrained="none", image_size=SIZE,
+                           batch_size=32, device=DEVICE)
+    assert summary["device"].split(":")[0] == DEVICE and summary["samples"] == 96
+    emb = load_embeddings(out)
+    torch.manual_seed(RANDOM_INIT_SEED)
+    model = create_model("test_vit", pretrained="none", image_size=SIZE).eval()
+    samples = {s.key: s.image for s in iter_samples(data["test_urls"])}
+    keys = [str(k) for k in emb.keys]
+    x = torch.stack([to_tensor(render(samples[k], sample_params(VIEW_PRESETS["eval"], 0, k, 0), SIZE),
+                               model.mean, model.std) for k in keys])
+    with torch.no_grad():
+        ref = model.forward_features(x)["embedding"].numpy()
+    cos = cosine_rows(emb.read(0, len(emb)), ref)
+    print("embed bf16-vs-fp32 cosine: mean", float(cos.mean()), "min", float(cos.min()))
+    assert cos.mean() > MIN_MEAN_COSINE and cos.min() > MIN_COSINE
