@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup assets test test-slow test-all demo clean
+.PHONY: setup assets test test-slow test-all gpu-check demo clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,12 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# on a CUDA machine: every gpu-marked test, then the GPU benchmark (tools/gpu_check.sh does the same on a
+# machine without the venv, from wheels in .whl/)
+gpu-check: setup
+	$(PY) -m pytest -q -m gpu $$(grep -l "mark.gpu" tests/test_*.py) $(PYTEST_ARGS)
+	$(PY) -m tools.bench gpu --json
 
 demo: setup
 	$(PY) -m tools.demo $(ARGS)

@@ -4,6 +4,7 @@
     python -m tools.bench distill --json        # student distillation from the cache
     python -m tools.bench retrieval             # curate time / memory, IVF-PQ recall
     python -m tools.bench export --json         # device students: latency per image, onnxruntime vs torch
+    python -m tools.bench gpu --json            # GPU: teacher images/s, build, student steps/s, bf16 fidelity
 
 Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
 when asked for, so one benchmark's heavy imports never slow another. Results are recorded with their
@@ -21,6 +22,7 @@ BENCHMARKS = {
     "distill": "tools.bench_distill",
     "retrieval": "tools.bench_retrieval",
     "export": "tools.bench_export",
+    "gpu": "tools.bench_gpu",
 }
 
 

@@ -1,0 +1,278 @@
+"""GPU throughput and precision: teacher images/s in the cache build, student steps/s from the cache vs with
+the teacher online, and what bf16 autocast costs against fp32 on the same views.
+
+    python -m tools.bench gpu --json                        # on a CUDA machine (about 2 minutes on an H100)
+    python -m tools.bench gpu --json --device cpu --tiny    # the same code path at toy sizes on the CPU
+
+Default sizes are the paper's: a `vit_large_patch14_dinov2` teacher (random weights, a 100-class head) at 224
+px and a `fastvit_s12` student at 224 px, on seeded crops of the photographs bundled with scikit-image and
+scikit-learn, written as shards in a temporary folder. Parts:
+
+- `teacher_forward_images_per_s`: `forward_features` on a device-resident batch, bf16 autocast and fp32
+  (PyTorch's default: no TF32 for matmuls), synchronised: the ceiling of the build.
+- `fidelity_bf16_vs_fp32`: the library's `teacher_outputs` in both precisions on the same rendered views:
+  KL between the softmaxes, top-1 agreement, cosine of embedding and patch features. The random head is
+  re-drawn so that logits have a spread like a trained classifier's (a near-uniform softmax would hide
+  errors in the logits); random weights make these figures indicative, not a trained teacher's.
+- `build`: `kt-cache build` end to end (decode + render in DataLoader workers, pinned copies, the teacher in
+  bf16, encode, write), views/s as the build reports it; `build_over_forward` < 1 means the data path or the
+  writer, not the teacher, bounds the build.
+- `distill`: student training steps/s (AdamW, bf16 autocast as `--mixed-precision bf16` gives, batches
+  pinned and copied asynchronously) on the same stream from the cache and with the teacher online (bf16),
+  data loading included; `online_over_cached_ideal` = 1 + teacher forward / cached step is what the cache
+  saves when the data path keeps up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRESETS = {
+    # images: enough full batches for 2 warm-up + `steps` timed steps of one epoch
+    "full": dict(teacher="vit_large_patch14_dinov2", teacher_size=224, student="fastvit_s12", student_size=224,
+                 images=768, views=2, batch_size=64, steps=10, rounds=2, fidelity_views=256),
+    "tiny": dict(teacher="test_vit", teacher_size=32, student="test_efficientnet", student_size=32,
+                 images=96, views=2, batch_size=16, steps=3, rounds=1, fidelity_views=32),
+}
+NUM_CLASSES = 100
+LOGIT_STD = 3.0  # spread of the re-drawn random head's logits (a confident classifier's, not a uniform softmax)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench gpu", description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="auto", help="auto (CUDA) | cuda | cuda:N | cpu (with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes: a dry run of the whole benchmark on the CPU")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    for name, default in PRESETS["full"].items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
+                       help=f"default {default} ({PRESETS['tiny'][name]} with --tiny)")
+    return p
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def teacher_forward(model, device, batch: int, size: int, dtype, steps: int) -> float:
+    """Images/s of the teacher's forward on a batch already on the device."""
+    from kt.device import Placement
+
+    place = Placement(device, False, False, dtype)
+    x = torch.randn(batch, 3, size, size, device=device)
+    times = []
+    with torch.inference_mode(), place.teacher_autocast():
+        for i in range(steps + 2):
+            _sync(device)
+            start = time.perf_counter()
+            model.forward_features(x)
+            _sync(device)
+            if i >= 2:  # warm-up: kernel selection, allocator
+                times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def fidelity(model, urls, spec, size: int, n_views: int, batch: int, device) -> dict:
+    """bf16 autocast vs fp32 through `teacher_outputs`, on the first `n_views` rendered views of the data."""
+    from kt.device import Placement
+    from kt.teacher_cache.build import ShardViewBatches, teacher_outputs
+
+    fp32, bf16 = (Placement(device, False, False, d) for d in (None, torch.bfloat16))
+    targets = ["logits", "embedding", "patches"]
+    got = {"fp32": {t: [] for t in targets}, "bf16": {t: [] for t in targets}}
+    n = 0
+    for item in ShardViewBatches(urls, spec, 0, 1, size, model.mean, model.std, batch):
+        if item[0] != "batch":
+            continue
+        with torch.inference_mode():
+            for name, place in (("fp32", fp32), ("bf16", bf16)):
+                out = teacher_outputs(model, item[6], targets, place)
+                for t in targets:
+                    got[name][t].append(out[t])
+        n += len(item[2])
+        if n >= n_views:
+            break
+    a = {t: np.concatenate(v)[:n_views] for t, v in got["fp32"].items()}
+    b = {t: np.concatenate(v)[:n_views] for t, v in got["bf16"].items()}
+    p = torch.log_softmax(torch.from_numpy(a["logits"]).double(), -1)
+    q = torch.log_softmax(torch.from_numpy(b["logits"]).double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1).numpy()
+
+    def cos(x, y):
+        x, y = x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64)
+        return (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
+
+    ce, cp = cos(a["embedding"], b["embedding"]), cos(a["patches"], b["patches"])
+    return {"views": int(len(kl)), "logits_std": float(a["logits"].std()), "logits_kl_mean": float(kl.mean()),
+            "logits_kl_max": float(kl.max()),
+            "top1_agreement": float((a["logits"].argmax(1) == b["logits"].argmax(1)).mean()),
+            "embedding_cos_mean": float(ce.mean()), "embedding_cos_min": float(ce.min()),
+            "patches_cos_mean": float(cp.mean()), "patches_cos_min": float(cp.min())}
+
+
+def distill_steps(cfg: dict, cache: Path, urls, teacher, device, workers: int) -> dict:
+    """Median step time of the student from the cache and with the teacher online, in alternating rounds."""
+    from kt.device import placement
+    from kt.models import create_model
+    from kt.student.distill import CacheSource, Distiller, FreshSource
+    from kt.student.losses import create_objective
+    from kt.student.stream import ReplayStream, StreamSpec, stream_loader
+    from kt.teacher_cache.reader import CacheReader
+
+    place, place_teacher = placement(device), placement(device, "bf16")
+    reader = CacheReader(str(cache), targets=["logits"])
+    shards = [reader.shard(u, []) for u in urls]
+    spec = StreamSpec(tuple(urls), tuple(len(s.keys) for s in shards), cfg["batch_size"], seed=0, workers=workers)
+    torch.manual_seed(0)
+    student = create_model(cfg["student"], num_classes=NUM_CLASSES, image_size=cfg["student_size"]).to(device)
+    objective = create_objective("task", {"num_classes": NUM_CLASSES, "embedding": student.embedding_dim,
+                                          "grid": student.grid_dim}, {"num_classes": NUM_CLASSES}).to(device)
+    cached, online = Distiller(student, objective), Distiller(student, objective, teacher, "bf16")
+    opt = torch.optim.AdamW(cached.parameters(), lr=1e-4)
+    keys = {u: s.keys for u, s in zip(urls, shards)}
+
+    def loader(mode: str):
+        common = dict(view_spec=reader.view_spec, view_seed=reader.seed, views=reader.views_per_image,
+                      policy="cycle", image_size=cfg["student_size"], mean=student.mean, std=student.std)
+        if mode == "cached":
+            stream = ReplayStream(spec, 0, 0, CacheSource(reader, ["logits"]), **common)
+        else:
+            stream = ReplayStream(spec, 0, 0, FreshSource(keys), teacher_size=teacher.image_size,
+                                  teacher_norm=(teacher.mean, teacher.std), **common)
+        return stream_loader(stream, pin_memory=place.pin_memory)
+
+    def timed(mode: str, model) -> list[float]:
+        times, it = [], iter(loader(mode))
+        for i in range(cfg["steps"] + 2):
+            start = time.perf_counter()
+            batch = place.to(next(it))
+            with torch.autocast(device.type, dtype=torch.bfloat16):  # what --mixed-precision bf16 does
+                loss, _ = model(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return times
+
+    steps_needed = cfg["steps"] + 2
+    available = sum(spec.sizes) // cfg["batch_size"]
+    if available < steps_needed:
+        raise SystemExit(f"bench gpu: {available} batches in the data, {steps_needed} needed; raise --images")
+    student.train()
+    c, o = [], []
+    for _ in range(cfg["rounds"]):
+        c += timed("cached", cached)
+        o += timed("online", online)
+    fwd = statistics.median(_teacher_step_times(teacher, device, cfg, 5))
+    cm, om = statistics.median(c), statistics.median(o)
+    return {"cached_steps_per_s": 1 / cm, "online_steps_per_s": 1 / om, "cached_speedup": om / cm,
+            "online_over_cached_ideal": 1 + fwd / cm, "teacher_forward_s_per_batch": fwd,
+            "batch_size": cfg["batch_size"], "student_precision": "bf16 autocast",
+            "teacher_precision": str(place_teacher.teacher_dtype or torch.float32).removeprefix("torch."),
+            "timed_steps_per_mode": len(c)}
+
+
+def _teacher_step_times(teacher, device, cfg, steps) -> list[float]:
+    from kt.device import placement
+
+    place = placement(device, "bf16")
+    x = torch.randn(cfg["batch_size"], 3, teacher.image_size, teacher.image_size, device=device)
+    out = []
+    with torch.inference_mode(), place.teacher_autocast():
+        for _ in range(steps):
+            _sync(device)
+            start = time.perf_counter()
+            teacher.forward_features(x)
+            _sync(device)
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def run(args) -> dict:
+    from kt.device import resolve_device
+    from kt.errors import UserError
+
+    cfg = {k: (getattr(args, k) if getattr(args, k) is not None else v)
+           for k, v in PRESETS["tiny" if args.tiny else "full"].items()}
+    try:
+        device = resolve_device(args.device)
+        if device.type != "cuda" and not args.tiny:
+            raise UserError("no CUDA device here; `--device cpu --tiny` runs the same path at toy sizes")
+    except UserError as e:
+        print(f"bench gpu: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _run(cfg, device, args.workers, Path(tmp))
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def _run(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:
+    from kt.models import create_model, save_checkpoint
+    from kt.teacher_cache.build import BuildConfig, build_cache
+    from kt.views import load_view_spec
+    from tools.make_shards import make_photo_crops
+
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+              "tf32_cudnn": torch.backends.cudnn.allow_tf32, "workers": workers, **cfg}
+    t = time.perf_counter()
+    # one batch per shard: every DataLoader worker gets whole shards and only full batches
+    shard_size = cfg["batch_size"]
+    urls = make_photo_crops(tmp / "photos", cfg["images"], size=int(cfg["teacher_size"] * 8 / 7), seed=0,
+                            shard_size=shard_size)
+    result["data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with torch.device(device):  # random init on the device: seconds instead of a minute for ViT-L on a CPU
+        torch.manual_seed(0)
+        teacher = create_model(cfg["teacher"], num_classes=NUM_CLASSES, image_size=cfg["teacher_size"]).eval()
+    with torch.no_grad():
+        x = torch.randn(cfg["batch_size"], 3, cfg["teacher_size"], cfg["teacher_size"], device=device)
+        emb = teacher.forward_features(x)["embedding"]
+        teacher.head.weight.normal_(0, LOGIT_STD / float(emb.norm(dim=1).mean()))
+    result["teacher_create_s"] = time.perf_counter() - t
+
+    rates = {name: teacher_forward(teacher, device, cfg["batch_size"], cfg["teacher_size"], dtype, cfg["steps"])
+             for name, dtype in (("bf16", torch.bfloat16), ("fp32", None))}
+    result["teacher_forward_images_per_s"] = rates
+    result["teacher_bf16_speedup"] = rates["bf16"] / rates["fp32"]
+    spec = load_view_spec("train")
+    result["fidelity_bf16_vs_fp32"] = fidelity(teacher, urls, spec, cfg["teacher_size"], cfg["fidelity_views"],
+                                               cfg["batch_size"], device)
+
+    t = time.perf_counter()
+    ckpt = save_checkpoint(teacher.float().cpu(), tmp / "teacher", classes=[f"c{i}" for i in range(NUM_CLASSES)])
+    teacher.to(device)
+    cache = tmp / "cache.zarr"
+    summary = build_cache(BuildConfig(teacher=str(ckpt), data=str(tmp / "photos"), out=str(cache),
+                                      views=cfg["views"], targets=["logits", "embedding"],
+                                      batch_size=cfg["batch_size"], workers=workers))
+    build_s = time.perf_counter() - t
+    bf16 = summary["teacher_dtype"] == "bfloat16"  # CPU builds run fp32 (kt.device)
+    result["build"] = {"views": summary["samples"] * cfg["views"], "views_per_s": summary["views_per_s"],
+                       "build_over_forward": summary["views_per_s"] / rates["bf16" if bf16 else "fp32"],
+                       "wall_s_with_checkpoint_io": build_s, "device": summary["device"],
+                       "teacher_dtype": summary["teacher_dtype"]}
+    result["distill"] = distill_steps(cfg, cache, urls, teacher, device, workers)
+    return result
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(build_parser().parse_args()), indent=2))
+    sys.exit(0)
