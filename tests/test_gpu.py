@@ -193,7 +193,7 @@ def test_online_teacher_on_the_device_gives_the_cached_losses(data, teacher, dis
     out = tmp_path / "online"
     assert student_main("train", *TRAIN, "--teacher", teacher, "--views", 2, "--data", data["train"],
                         "--epochs", 4, "--stop-after-steps", 4, "--out", out) == 0
-    np.testing.assert_allclose(losses(out), losses(distilled)[:4], rtol=2e-2, atol=1e-3)
+    np.testing.assert_allclose(losses(out), losses(distilled)[:4], rtol=3e-2, atol=2e-3)
 
 
 def test_finetune_init_in_mixed_precision_then_eval(data, distilled, tmp_path, capsys):
