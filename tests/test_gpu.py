@@ -220,7 +220,7 @@ def test_finetune_init_in_mixed_precision_then_eval(data, distilled, tmp_path, c
 def test_retrieval_embed_on_the_device_matches_an_fp32_cpu_forward(data, tmp_path):
     from kt.models import create_model
     from kt.retrieval.embed import RANDOM_INIT_SEED, embed_images
-    from kt.retrieval.store import load_embeddings
+    from kt.retrieval.embeddings import load_embeddings
     from kt.shards import iter_samples
     from kt.views import VIEW_PRESETS, render, sample_params, to_tensor
 
