@@ -13,7 +13,8 @@ scikit-learn, written as shards in a temporary folder. Parts:
 - `fidelity_bf16_vs_fp32`: the library's `teacher_outputs` in both precisions on the same rendered views:
   KL between the softmaxes, top-1 agreement, cosine of embedding and patch features. The random head is
   re-drawn so that logits have a spread like a trained classifier's (a near-uniform softmax would hide
-  errors in the logits); random weights make these figures indicative, not a trained teacher's.
+  errors in the logits) and LayerScale is set to 1 (at timm's 1e-5 init the blocks do nothing); random
+  weights make these figures indicative, not a trained teacher's.
 - `build`: `kt-cache build` end to end (decode + render in DataLoader workers, pinned copies, the teacher in
   bf16, encode, write), views/s as the build reports it; `build_over_forward` < 1 means the data path or the
   writer, not the teacher, bounds the build.
@@ -44,6 +45,7 @@ PRESETS = {
                  images=96, views=2, batch_size=16, steps=3, rounds=1, fidelity_views=32),
 }
 NUM_CLASSES = 100
+LAYER_SCALE = 1.0  # random teachers' LayerScale (see _run)
 LOGIT_STD = 3.0  # spread of the re-drawn random head's logits (a confident classifier's, not a uniform softmax)
 
 
@@ -241,6 +243,11 @@ def _run(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:
         torch.manual_seed(0)
         teacher = create_model(cfg["teacher"], num_classes=NUM_CLASSES, image_size=cfg["teacher_size"]).eval()
     with torch.no_grad():
+        # timm starts DINOv2's LayerScale at 1e-5, which makes a random ViT nearly the identity (its embedding is
+        # the same for every image, so bf16 would look free); at 1 every block computes, as a trained one does
+        for name, p in teacher.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma")):
+                p.fill_(LAYER_SCALE)
         x = torch.randn(cfg["batch_size"], 3, cfg["teacher_size"], cfg["teacher_size"], device=device)
         emb = teacher.forward_features(x)["embedding"]
         teacher.head.weight.normal_(0, LOGIT_STD / float(emb.norm(dim=1).mean()))
