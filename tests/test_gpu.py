@@ -128,7 +128,7 @@ def cache(data, teacher, tmp_path_factory):
 
 def test_cached_targets_match_an_fp32_cpu_forward(data, teacher, cache):
     """Every cached view against the fp32 CPU teacher on the same replayed pixels."""
-    from kt.models import load_checkpoint
+    from kt.checkpoints import load_checkpoint
     from kt.shards import iter_samples
     from kt.teacher_cache.reader import CacheReader
     from kt.views import render, to_tensor

@@ -223,7 +223,8 @@ def run(args) -> dict:
 
 
 def _run(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:
-    from kt.models import create_model, save_checkpoint
+    from kt.checkpoints import save_checkpoint
+    from kt.models import create_model
     from kt.teacher_cache.build import BuildConfig, build_cache
     from kt.views import load_view_spec
     from tools.make_shards import make_photo_crops
