@@ -166,6 +166,23 @@ def test_int8_zero_vector_decodes_to_zero():
     np.testing.assert_array_equal(codec.decode(codec.encode(x)), x)
 
 
+@pytest.mark.parametrize("spec", ["int8", "pca:d=8,int8"])
+@pytest.mark.parametrize("magnitude", [1e-3, 1e-5, 1e-7, 1e-12])
+def test_int8_tiny_vectors_keep_their_direction(spec, magnitude):
+    """A float16 scale underflows below ~6e-8 (vectors under ~1e-5 decoded to zero, and lost precision
+    from ~1e-2 down): the scale must cover the range of float32 features."""
+    codec = parse_codec(spec, "embedding")
+    x = _raw("embedding", (64,))
+    if spec.startswith("pca"):
+        codec.fit(x)
+        codec.mean[:] = 0  # tiny vectors in the basis's span: only the coefficients' quantizer is tested
+        x = (x - x.mean(0)) @ codec.basis @ codec.basis.T
+    x = (x * magnitude).astype(np.float32)
+    decoded = codec.decode(codec.encode(x))
+    assert fidelity("embedding", x, decoded)["cosine_min"] >= 0.999
+    np.testing.assert_allclose(decoded, x, rtol=0, atol=float(np.abs(x).max()) / 100)
+
+
 @pytest.mark.parametrize("quant", ["int8", "fp16"])
 def test_pca_low_rank_patches_nearly_exact(quant):
     x = _low_rank_patches(40)
@@ -262,9 +279,9 @@ def test_defaults_parse_and_bytes_per_item():
     assert codecs["logits"].bytes_per_item((1000,)) == 10 * 2 + 10 * 2 + 2  # values, uint16 indices, tail
     assert codecs["logits"].bytes_per_item((10,)) == 10 * 2 + 10 * 1 + 2  # uint8 indices
     assert codecs["embedding"].bytes_per_item((1024,)) == 2048
-    assert codecs["patches"].bytes_per_item((16, 16, 384)) == 256 * (64 + 2)
+    assert codecs["patches"].bytes_per_item((16, 16, 384)) == 256 * (64 + 4)  # int8 coefficients, float32 scale
     assert codecs["seg_logits"].bytes_per_item((21, 64, 64)) == 64 * 64 * (3 * 2 + 3 * 1 + 2)
-    assert parse_codec("int8", "patches").bytes_per_item((16, 16, 384)) == 256 * (384 + 2)
+    assert parse_codec("int8", "patches").bytes_per_item((16, 16, 384)) == 256 * (384 + 4)
 
 
 def test_fidelity_reports():

@@ -5,7 +5,7 @@ Equivalence bounds (decoded cache vs teacher output on `render(image, stored par
 - topk:k=K logits: the top-1 class is the same; the K kept log-probabilities equal log_softmax(raw) within
   fp16 rounding (abs 2e-3 for values of a few nats); the decoded distribution sums to 1.
 - int8 features: |decoded - raw| <= max|raw| / 254 * (1 + 2^-10) per vector (half a quantisation step,
-  with the float16 scale) + 1e-5.
+  with the float32 scale) + 1e-5.
 - pca:d=D,int8: decoded == the stored basis applied to the raw output (decode(encode(raw))) within half an
   int8 step of the coefficients mapped back, so cosine(decoded, decode(encode(raw))) >= 0.999; and the error
   to raw is at most the projection residual plus that quantisation error.
