@@ -7,18 +7,28 @@
 `photos` is the stand-in for a generic web transfer set (CC3M in the paper): seeded random square crops
 of the real photographs bundled with scikit-image and scikit-learn, resized to 64 px.
 
-Keys are stable: Fashion-MNIST `train-00042` (split and index in the idx file); ImageFolder
-`<class>/<file stem>` made filesystem-safe. Each output folder gets a `classes.json`.
+Keys are stable and unique: Fashion-MNIST `train-00042` (split and index in the idx file); ImageFolder
+`<class>/<file stem>` made filesystem-safe, with a short hash of the file name appended where two files
+would otherwise share a key (`a b.png` and `a_b.png`; `x.jpg` and `x.png`, which webdataset would merge
+into one sample). Each output folder gets a `classes.json`.
+
+Order: ImageFolder shards are written in a seeded shuffled order by default (`--seed`; `--no-shuffle`
+keeps the class-by-class order), as webdataset practice recommends: readers mix only the few shards they
+hold open, so a class-sorted set gives class-skewed batches wherever a reader mixes less. Fashion-MNIST
+keeps the published order of its idx files, which is already class-mixed (and keeps shards, hence caches
+built on them, the same as before); photo crops are random by construction.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import re
 import struct
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -115,20 +125,44 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
-def make_imagefolder(root: Path, out: Path, shard_size: int = 5000, prefix: str = "shard") -> list[str]:
+def imagefolder_entries(root: Path, classes: list[str]) -> list[tuple[str, Path, int]]:
+    """(key, file, label) of every image under root/<class>/, keys unique (see the module docstring)."""
+    entries = []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS:
+                entries.append((f"{_safe(name)}/{_safe(f.stem)}", f, label))
+    count = Counter(key for key, _, _ in entries)
+    # a key two files would share gets a hash of the file's own relative path: stable, and still readable
+    entries = [(key if count[key] == 1 else f"{key}-{_path_hash(f.relative_to(root))}", f, label)
+               for key, f, label in entries]
+    seen: dict[str, Path] = {}
+    for key, f, _ in entries:
+        if key in seen:  # only if a hashed key meets a literal one of the same text
+            raise UserError(f"files {seen[key]} and {f} map to one sample key {key!r}; rename one of them")
+        seen[key] = f
+    return entries
+
+
+def _path_hash(path: Path) -> str:
+    return hashlib.blake2b(path.as_posix().encode(), digest_size=4).hexdigest()
+
+
+def make_imagefolder(root: Path, out: Path, shard_size: int = 5000, prefix: str = "shard",
+                     shuffle: bool = True, seed: int = 0) -> list[str]:
     if not root.is_dir():
         raise UserError(f"not a directory: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise UserError(f"{root} has no class subdirectories")
+    entries = imagefolder_entries(root, classes)
+    if shuffle:
+        entries = [entries[i] for i in np.random.default_rng(seed).permutation(len(entries))]
 
     def samples():
-        for label, name in enumerate(classes):
-            for f in sorted((root / name).iterdir()):
-                if f.suffix.lower().lstrip(".") in IMAGE_EXTS:
-                    ext = f.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-                    yield {"__key__": f"{_safe(name)}/{_safe(f.stem)}", ext: f.read_bytes(),
-                           "cls": str(label).encode()}
+        for key, f, label in entries:
+            ext = f.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            yield {"__key__": key, ext: f.read_bytes(), "cls": str(label).encode()}
 
     return write_shards(samples(), out, prefix=prefix, maxcount=shard_size, classes=classes)
 
@@ -146,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", type=Path, required=True)
     i.add_argument("--shard-size", type=int, default=5000)
     i.add_argument("--prefix", default="shard")
+    i.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="write samples in a seeded shuffled order (default); --no-shuffle keeps class order")
+    i.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
     g = sub.add_parser("photos", help="generic transfer set: seeded crops of the bundled photographs")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--count", type=int, default=20000)
@@ -165,7 +202,7 @@ def main(argv=None) -> int:
         written = make_photo_crops(args.out, args.count, args.size, args.seed, args.shard_size)
         print(json.dumps({"shards": len(written)}))
     else:
-        written = make_imagefolder(args.root, args.out, args.shard_size, args.prefix)
+        written = make_imagefolder(args.root, args.out, args.shard_size, args.prefix, args.shuffle, args.seed)
         print(json.dumps({"shards": len(written)}))
     return 0
 
