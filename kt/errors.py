@@ -28,7 +28,7 @@ def cli_entry(prog: str) -> Callable:
             try:
                 return fn(argv) or 0
             except UserError as e:
-                print(f"{prog}: error: {e}", file=sys.stderr)
+                print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
                 return EXIT_USER_ERROR
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
@@ -37,6 +37,17 @@ def cli_entry(prog: str) -> Callable:
         return main
 
     return wrap
+
+
+def user_message(error: UserError) -> str:
+    """The one line of a `UserError`, also when it was raised in a DataLoader worker: PyTorch re-raises a
+    worker's exception as the same type with the worker's traceback folded into the message, whose last
+    line is `module.ErrorType: the original message`."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def print_json_line(obj) -> None:

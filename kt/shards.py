@@ -6,7 +6,13 @@ a directory (all `*.tar` inside, sorted) or an fsspec URL (`s3://bucket/train-{0
 
 Samples come out in shard order, then member order, with the webdataset key (`__key__`) as the sample
 key. The key is what views, caches and retrieval manifests are keyed by, so shard makers must keep
-keys stable and unique (tools/make_shards.py does).
+keys stable and unique (tools/make_shards.py does). A key seen twice in one shard is refused with one
+line naming it (webdataset would merge or drop the second sample); across shards, whoever needs unique
+keys checks them (the cache build does, over its whole transfer set).
+
+A sample's content digest (`content_digest`) is a short hash of its encoded image bytes, as stored in
+the shard: the cache keeps it beside each sample's targets so that a reader can tell its targets belong
+to these pixels and not merely to this key.
 
 Bad samples (a truncated image, a member that is not an image, a broken tar tail) are skipped, counted
 and reported through `BadSamples`; a run fails with one clear line when more than `max_fraction` of
@@ -96,6 +102,16 @@ def split_urls(urls: Sequence[str], rank: int = 0, world_size: int = 1,
     return list(urls)[rank::world_size][worker::num_workers]
 
 
+# ---------------------------------------------------------------------------------- content digests
+def content_digest(data: bytes) -> int:
+    """A 64-bit digest (blake2b) of a sample's encoded image bytes.
+
+    64 bits: it is compared per key, never searched for, so a chance match needs the wrong image under
+    the right key *and* a 2^-64 coincidence; eight bytes per sample keep the cache's overhead negligible.
+    """
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 # --------------------------------------------------------------------------------------- bad samples
 class BadSamples:
     """Counts what was read and what was skipped, per shard, and enforces a maximum bad fraction."""
@@ -135,6 +151,7 @@ class Sample:
     label: int | None
     shard: str
     raw: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
+    digest: int | None = None  # content_digest of the image bytes, when asked for
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -146,7 +163,8 @@ def decode_image(data: bytes) -> Image.Image:
     return img
 
 
-def _image_ext(sample: dict) -> str | None:
+def image_ext(sample: dict) -> str | None:
+    """The member holding a raw sample's image (the first of IMAGE_EXTS present), None if none does."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             return ext
@@ -158,6 +176,12 @@ def _raw_members(url: str, bad: BadSamples | None) -> Iterator[dict]:
     import webdataset as wds
 
     def handler(exn: Exception) -> bool:
+        text = str(exn.args[0]) if exn.args else ""
+        if isinstance(exn, ValueError) and "duplicate file name in tar file" in text:
+            # two members `k.png` in a row: webdataset stops here; a duplicate key is an error, not damage
+            name = text.split(":", 1)[0]
+            key = wds.tariterators.base_plus_ext(name)[0] or name
+            raise UserError(f"duplicate sample key {key!r} in shard {url}; keys must be unique in a transfer set")
         if bad is not None:
             bad.record(url, "<tar>", f"unreadable tar data: {exn}")
             return False  # stop this shard: the rest of a broken tar stream is unreliable
@@ -174,12 +198,20 @@ def _raw_members(url: str, bad: BadSamples | None) -> Iterator[dict]:
 
 
 def iter_samples(urls: Sequence[str], bad: BadSamples | None = None, decode: bool = True,
-                 keep_raw: bool = False) -> Iterator[Sample]:
-    """Samples of the given shards in order; undecodable ones are skipped and recorded in `bad`."""
+                 keep_raw: bool = False, digest: bool = False) -> Iterator[Sample]:
+    """Samples of the given shards in order; undecodable ones are skipped and recorded in `bad`.
+
+    A key that comes twice in one shard raises `UserError`. `digest` fills `Sample.digest`.
+    """
     for url in urls:
+        seen: set[str] = set()
         for raw in _raw_members(url, bad):
             key = raw.get("__key__", "?")
-            ext = _image_ext(raw)
+            if key in seen:
+                raise UserError(f"duplicate sample key {key!r} in shard {url}; keys must be unique in a "
+                                "transfer set (two samples under one key would share one cached target)")
+            seen.add(key)
+            ext = image_ext(raw)
             label = None
             try:
                 if ext is None:
@@ -195,7 +227,8 @@ def iter_samples(urls: Sequence[str], bad: BadSamples | None = None, decode: boo
             if bad is not None:
                 bad.ok()
             yield Sample(key, image, label, url,
-                         {k: v for k, v in raw.items() if not k.startswith("__")} if keep_raw else {})
+                         {k: v for k, v in raw.items() if not k.startswith("__")} if keep_raw else {},
+                         content_digest(raw[ext]) if digest else None)
 
 
 def load_classes(urls: Sequence[str]) -> list[str] | None:
@@ -240,7 +273,7 @@ def labeled_subset(urls: Sequence[str], n_per_class: int | None, seed: int,
         if n_per_class is not None and len(heap) >= n_per_class and neg <= heap[0][0]:
             continue
         try:
-            sample.image = decode_image(sample.raw[_image_ext(sample.raw)])
+            sample.image = decode_image(sample.raw[image_ext(sample.raw)])
         except Exception as e:  # noqa: BLE001
             bad.record(sample.shard, sample.key, f"{type(e).__name__}: {e}")
             counts[sample.label] -= 1

@@ -32,7 +32,7 @@ from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import load_view_spec
 from kt.student.losses import OBJECTIVES, DistillObjective, create_objective
-from kt.student.stream import VIEW_POLICIES, ReplayStream, StreamSpec, steps_per_epoch, stream_loader
+from kt.student.stream import VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, steps_per_epoch, stream_loader
 from kt.student.loop import CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit
 
 
@@ -58,6 +58,8 @@ class DistillConfig(OptimConfig):
     image_size: int = field(64, "student input size; views are re-rendered at it")
     batch_size: int = field(64, "images per process per step")
     workers: int = field(2, "DataLoader workers rendering views")
+    shuffle_shards: int = field(8, "shards each DataLoader worker reads at once and mixes into its batches "
+                                   "(memory: about this many shards' images and targets per worker)")
     out: str = field("", "run folder")
 
 
@@ -105,7 +107,7 @@ class CacheSource:
             return {t: codecs[t].decode({p: a[rows, views] for p, a in shard.encoded[t].items()})
                     .astype(np.float32, copy=False) for t in self.targets}
 
-        return shard.keys, shard.params, targets_fn
+        return ShardData(shard.keys, shard.params, shard.digests, targets_fn)
 
 
 def target_dims(reader) -> dict[str, int]:
@@ -127,8 +129,8 @@ class FreshSource:
     def __init__(self, keys_by_url: dict[str, list[str]]):
         self.keys_by_url = keys_by_url
 
-    def __call__(self, url: str):
-        return self.keys_by_url[url], None, None
+    def __call__(self, url: str) -> ShardData:
+        return ShardData(self.keys_by_url[url], None, None, None)
 
 
 def shard_keys(urls) -> dict[str, list[str]]:
@@ -141,15 +143,29 @@ def shard_keys(urls) -> dict[str, list[str]]:
 
 
 def check_data_matches_cache(reader, urls) -> list[int]:
-    """Samples per shard as cached; refuses data whose keys the cache lacks (naming a few), reading keys only."""
+    """Samples per shard as cached, after checking the data against the cache in one pass over its bytes
+    (no decoding): every sample's key must be cached (or a known bad sample), its image must be the one
+    the targets were computed on (content digest), and no key may come twice in the transfer set. The
+    stream checks the digests again as it reads; this pass fails before training starts, with one line."""
     sizes = []
+    seen: dict[str, str] = {}
     for url in urls:
         shard = reader.shard(url, [], check_views=False)
         known = set(shard.keys) | {b["key"] for b in shard.bad}
-        extra = [s.key for s in iter_samples([url], decode=False, bad=BadSamples(1.0)) if s.key not in known]
+        extra = []
+        for s in iter_samples([url], decode=False, bad=BadSamples(1.0), digest=shard.digests is not None):
+            if s.key not in known:
+                extra.append(s.key)
+            elif s.digest is not None and s.key in shard.rows:
+                shard.check_content(s.key, s.digest, url)
         if extra:
             raise UserError(f"{len(extra)} samples of {url} are not in the cache, e.g. {', '.join(extra[:3])}; "
                             "rebuild the cache for this data or pass the shards it was built from")
+        for key in shard.keys:
+            if key in seen:
+                raise UserError(f"duplicate sample key {key!r} in shards {seen[key]} and {url}; keys must be "
+                                "unique in a transfer set")
+            seen[key] = url
         sizes.append(len(shard.keys))
     return sizes
 
@@ -177,6 +193,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cfg.objective not in OBJECTIVES:
         raise UserError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
     check_precision(cfg.teacher_precision)
+    if cfg.shuffle_shards < 1:
+        raise UserError(f"--shuffle-shards must be at least 1, got {cfg.shuffle_shards}")
     if cfg.view_policy not in VIEW_POLICIES:
         raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
     out = Path(cfg.out)
@@ -239,7 +257,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     if not resuming and accelerator.is_main_process:
         write_run_record(out, cfg)
 
-    spec = StreamSpec(tuple(urls), tuple(sizes), cfg.batch_size, cfg.seed, rank, world, cfg.workers)
+    spec = StreamSpec(tuple(urls), tuple(sizes), cfg.batch_size, cfg.seed, rank, world, cfg.workers,
+                      cfg.shuffle_shards)
     steps = steps_per_epoch(spec)
     if steps == 0:
         raise UserError("the transfer set is empty (or smaller than one batch per process)")

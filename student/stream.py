@@ -1,21 +1,34 @@
 """The distillation stream: transfer-set shards + cached targets + replayed views -> batches.
 
-Every epoch has a plan that is a pure function of (seed, epoch, shard sizes, processes, workers):
+Transfer sets are often written class by class, so a batch must mix samples of many shards: reading
+one shard at a time gives near single-class batches (skewed BatchNorm statistics, KL gradient and
+in-batch negatives). Every epoch has a plan that is a pure function of (seed, epoch, shard sizes,
+processes, workers, shuffle_shards):
 
-- the input shards are shuffled by (seed, epoch) and dealt to processes and DataLoader workers
-  (`kt.shards.split_urls`);
-- within a shard, samples are shuffled by (seed, epoch, shard);
+- the input shards are shuffled by (seed, epoch) and dealt to processes (`kt.shards.split_urls`);
+- each process cuts its shard sequence into *groups* of `shuffle_shards` consecutive shards, and deals
+  the groups to its DataLoader workers round-robin;
+- a worker reads one group at a time and takes its samples in a seeded permutation of the group's union
+  (seeded by (seed, epoch, the group's shards)), so each batch draws from up to `shuffle_shards` shards;
 - each worker cuts its samples into batches, and the DataLoader takes them round-robin over the workers
   that still have batches (PyTorch's in-order IterableDataset behaviour, which `plan_epoch` mirrors and a
   test checks);
 - every process stops after the same number of batches (the smallest over processes), so DDP never
   waits on a rank that ran out.
 
-Resuming at batch k of an epoch is therefore arithmetic: each worker knows how many of its own batches
-the first k held and starts after them, without decoding anything it skips. Which view a sample shows in
-an epoch is `epoch mod V` ("cycle") or drawn from (seed, epoch, key) ("random"); its parameters are
-the stored ones, re-checked against a fresh `sample_params` (a numpy change that moved the views fails
-loudly instead of silently pairing targets with other pixels).
+Memory: a worker holds the encoded image bytes (decoded only when a batch is rendered) and the cached
+targets of the group it reads, about `shuffle_shards` shards' worth per worker. Groups go whole to one
+worker (rather than every worker reading every shard of a group for its own batches) so that each shard
+is read and its targets decompressed once per epoch; the price is that a process with fewer groups than
+workers leaves some workers idle, which only happens on small transfer sets.
+
+Resuming at batch k of an epoch is arithmetic: each worker knows how many of its own batches the first k
+held and starts after them, without decoding anything it skips (groups wholly before the resume point are
+not even opened). Which view a sample shows in an epoch is `epoch mod V` ("cycle") or drawn from (seed,
+epoch, key) ("random"); its parameters are the stored ones, re-checked against a fresh `sample_params`
+(a numpy change that moved the views fails loudly instead of silently pairing targets with other
+pixels). Where the source has content digests (a cache), each image's bytes are checked against the
+digest stored at build time: targets are never paired with other pixels under the same key.
 
 Targets come from the cache (`CacheSource` over the reader's `ShardTargets`: decoded per batch, only the rows
 and views used) or, for the online-teacher baseline, are left to the training step (`teacher_x` holds the
@@ -27,17 +40,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
-from kt.shards import IMAGE_EXTS, BadSamples, decode_image, iter_samples, split_urls
+from kt.shards import BadSamples, decode_image, image_ext, iter_samples, split_urls
 from kt.views import ViewSpec, check_params, render, sample_params, to_tensor
 
 VIEW_POLICIES = ("cycle", "random")
+
+#: targets(rows, views) -> {target name: array with one item per (row, view) pair}
+TargetsFn = Callable[[np.ndarray, np.ndarray], dict]
+
+
+class ShardData(NamedTuple):
+    """What a source gives the stream for one input shard."""
+
+    keys: list[str]  # the samples, in the order rows index them
+    params: np.ndarray | None  # (N, V, P) stored view parameters; None: views sampled from the seed
+    digests: np.ndarray | None  # (N,) content digests of the encoded images; None: content not checked
+    targets: TargetsFn | None  # per-batch target decoder; None: the training step makes targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +76,20 @@ class StreamSpec:
     rank: int = 0
     world_size: int = 1
     workers: int = 0
+    shuffle_shards: int = 8  # shards a worker reads at once and mixes (DistillConfig.shuffle_shards)
+
+
+@dataclasses.dataclass
+class _Item:
+    """One sample of a batch being assembled."""
+
+    group_shard: int  # index into spec.urls
+    row: int
+    view: int
+    key: str
+    params: np.ndarray
+    data: bytes  # encoded image, decoded when the batch is rendered
+    targets: TargetsFn | None
 
 
 def _rng(*parts) -> np.random.Generator:
@@ -62,10 +101,24 @@ def shard_order(spec: StreamSpec, epoch: int) -> list[int]:
     return _rng("shards", spec.seed, epoch).permutation(len(spec.urls)).tolist()
 
 
-def worker_shards(spec: StreamSpec, epoch: int, rank: int, worker: int) -> list[int]:
-    """Indices (into spec.urls) of the shards one (rank, worker) reads this epoch, in order."""
-    nw = max(1, spec.workers)
-    return split_urls(shard_order(spec, epoch), rank, spec.world_size, worker, nw)
+def rank_groups(spec: StreamSpec, epoch: int, rank: int) -> list[tuple[int, ...]]:
+    """The groups of shard indices (into spec.urls) one process reads this epoch, in order."""
+    mine = split_urls(shard_order(spec, epoch), rank, spec.world_size)
+    k = max(1, spec.shuffle_shards)
+    return [tuple(mine[i:i + k]) for i in range(0, len(mine), k)]
+
+
+def worker_groups(spec: StreamSpec, epoch: int, rank: int, worker: int) -> list[tuple[int, ...]]:
+    """The groups one (rank, worker) reads this epoch, in order."""
+    return rank_groups(spec, epoch, rank)[worker::max(1, spec.workers)]
+
+
+def group_order(spec: StreamSpec, epoch: int, group: Sequence[int]) -> list[tuple[int, int]]:
+    """(shard, row) of each sample of a group, in the order the stream takes them: a seeded permutation
+    of the union of the group's shards (rows numbered shard by shard in group order)."""
+    union = [(shard, row) for shard in group for row in range(spec.sizes[shard])]
+    order = _rng("mix", spec.seed, epoch, *group).permutation(len(union))
+    return [union[i] for i in order]
 
 
 def _round_robin(counts: Sequence[int]) -> list[tuple[int, int]]:
@@ -84,8 +137,8 @@ def plan_epoch(spec: StreamSpec, epoch: int, rank: int | None = None) -> list[tu
     nw = max(1, spec.workers)
 
     def sequence(r: int) -> list[tuple[int, int]]:
-        counts = [math.ceil(sum(spec.sizes[i] for i in worker_shards(spec, epoch, r, w)) / spec.batch_size)
-                  for w in range(nw)]
+        counts = [math.ceil(sum(spec.sizes[s] for g in worker_groups(spec, epoch, r, w) for s in g)
+                            / spec.batch_size) for w in range(nw)]
         return _round_robin(counts)
 
     steps = min(len(sequence(r)) for r in range(spec.world_size))
@@ -106,15 +159,13 @@ def view_index(policy: str, views: int, seed: int, epoch: int, key: str) -> int:
 class ReplayStream(IterableDataset):
     """Batches {"x", "keys", "views", "params", targets...} of one epoch, from `skip` on.
 
-    `source(url)` returns, for an input shard, (keys, params (N, V, P) or None, targets_fn) where
-    targets_fn(rows, views) decodes the targets of those (row, view) pairs; `params=None` means views
-    are sampled fresh (online teacher). `teacher_size`, when set, adds the teacher's rendering of the
-    same view as "teacher_x".
+    `source(url)` returns a `ShardData` for an input shard. `teacher_size`, when set, adds the teacher's
+    rendering of the same view as "teacher_x".
     """
 
-    def __init__(self, spec: StreamSpec, epoch: int, skip: int, source, view_spec: ViewSpec, view_seed: int,
-                 views: int, policy: str, image_size: int, mean, std, teacher_size: int = 0,
-                 teacher_norm: tuple | None = None):
+    def __init__(self, spec: StreamSpec, epoch: int, skip: int, source: Callable[[str], ShardData],
+                 view_spec: ViewSpec, view_seed: int, views: int, policy: str, image_size: int, mean, std,
+                 teacher_size: int = 0, teacher_norm: tuple | None = None):
         self.spec, self.epoch, self.skip, self.source = spec, epoch, skip, source
         self.view_spec, self.view_seed, self.views, self.policy = view_spec, view_seed, views, policy
         self.image_size, self.mean, self.std = image_size, mean, std
@@ -133,84 +184,109 @@ class ReplayStream(IterableDataset):
         skipped = sum(1 for w, _ in plan[: self.skip] if w == worker)
         if len(mine) <= skipped:
             return
-        first, last = mine[skipped], mine[-1]
         b = self.spec.batch_size
+        start, stop = mine[skipped] * b, (mine[-1] + 1) * b  # this worker's sample positions to yield
         position = 0  # index of the next sample among this worker's samples this epoch
-        buf: list[tuple] = []
-        for shard in worker_shards(self.spec, self.epoch, self.spec.rank, worker):
-            n = self.spec.sizes[shard]
-            if position + n <= first * b:  # wholly before the resume point: not even opened
+        buf: list[_Item] = []
+        for group in worker_groups(self.spec, self.epoch, self.spec.rank, worker):
+            n = sum(self.spec.sizes[s] for s in group)
+            if position + n <= start:  # wholly before the resume point: not even opened
                 position += n
                 continue
-            if position >= (last + 1) * b:
+            if position >= stop:
                 break
-            yield from self._shard_batches(shard, position, first * b, (last + 1) * b, buf)
+            yield from self._group_batches(group, position, start, stop, buf)
             position += n
         if buf:
             yield self._collate(buf)
 
-    def _shard_batches(self, shard: int, position: int, start: int, stop: int, buf: list) -> Iterator[dict]:
-        url = self.spec.urls[shard]
-        keys, params, targets_fn = self.source(url)
-        order = _rng("samples", self.spec.seed, self.epoch, shard).permutation(len(keys))
-        wanted = {int(order[i]): position + i for i in range(len(keys)) if start <= position + i < stop}
-        if not wanted:
-            return
-        images = _load_images(url, {keys[r] for r in wanted})
-        for i in range(len(keys)):
+    def _group_batches(self, group: tuple[int, ...], position: int, start: int, stop: int,
+                       buf: list[_Item]) -> Iterator[dict]:
+        order = group_order(self.spec, self.epoch, group)
+        # at this point we know which (shard, row) the wanted positions take; read only those shards
+        wanted: dict[int, set[int]] = {}
+        for i, (shard, row) in enumerate(order):
+            if start <= position + i < stop:
+                wanted.setdefault(shard, set()).add(row)
+        data = {shard: self._shard(shard) for shard in wanted}
+        images = {shard: self._images(shard, data[shard], rows) for shard, rows in wanted.items()}
+        for i, (shard, row) in enumerate(order):
             if not start <= position + i < stop:
                 continue
-            row = int(order[i])
-            key = keys[row]
+            d = data[shard]
+            key = d.keys[row]
             v = view_index(self.policy, self.views, self.view_seed, self.epoch, key)
-            if params is None:
+            if d.params is None:
                 p = sample_params(self.view_spec, self.view_seed, key, v)
             else:
-                p = params[row, v]
+                p = d.params[row, v]
                 check_params(self.view_spec, self.view_seed, key, v, p)
-            buf.append((row, v, key, p, images[key], targets_fn))
+            buf.append(_Item(shard, row, v, key, p, images[shard].pop(row), d.targets))
             if len(buf) == self.spec.batch_size:
                 yield self._collate(buf)
                 buf.clear()
 
-    def _collate(self, buf: list) -> dict:
-        batch = {"x": torch.stack([to_tensor(render(img, p, self.image_size), self.mean, self.std)
-                                   for _, _, _, p, img, _ in buf]),
-                 "keys": [k for _, _, k, _, _, _ in buf],
-                 "views": torch.tensor([v for _, v, _, _, _, _ in buf]),
-                 "params": torch.from_numpy(np.stack([p for _, _, _, p, _, _ in buf]))}
+    def _shard(self, shard: int) -> ShardData:
+        data = self.source(self.spec.urls[shard])
+        if len(data.keys) != self.spec.sizes[shard]:
+            raise UserError(f"shard {self.spec.urls[shard]} has {len(data.keys)} samples, the plan "
+                            f"{self.spec.sizes[shard]}; did the cache or the data change during the run?")
+        return data
+
+    def _images(self, shard: int, data: ShardData, rows: set[int]) -> dict[int, bytes]:
+        """Encoded image bytes of `rows` of one data shard, content digests checked where the source has them."""
+        url = self.spec.urls[shard]
+        row_of = {data.keys[r]: r for r in rows}
+        out: dict[int, bytes] = {}
+        for s in iter_samples([url], bad=BadSamples(max_fraction=1.0), decode=False, keep_raw=True,
+                              digest=data.digests is not None):
+            row = row_of.get(s.key)
+            if row is None:
+                continue
+            if s.digest is not None and s.digest != int(data.digests[row]):
+                raise UserError(f"sample {s.key} of data shard {url} is not the image the cache was built from "
+                                "(content digest differs); pass the transfer set the cache was built from")
+            out[row] = s.raw[image_ext(s.raw)]
+        missing = sorted(k for k, r in row_of.items() if r not in out)
+        if missing:
+            raise UserError(f"{len(missing)} cached samples are missing from data shard {url}, "
+                            f"e.g. {', '.join(missing[:3])}; is --data the transfer set the cache was built from?")
+        return out
+
+    def _collate(self, buf: list[_Item]) -> dict:
+        images = [decode_image(item.data) for item in buf]
+        batch = {"x": torch.stack([to_tensor(render(img, item.params, self.image_size), self.mean, self.std)
+                                   for img, item in zip(images, buf)]),
+                 "keys": [item.key for item in buf],
+                 "views": torch.tensor([item.view for item in buf]),
+                 "params": torch.from_numpy(np.stack([item.params for item in buf]))}
         if self.teacher_size:
             mean, std = self.teacher_norm
-            batch["teacher_x"] = torch.stack([to_tensor(render(img, p, self.teacher_size), mean, std)
-                                              for _, _, _, p, img, _ in buf])
-        # targets: group consecutive items by their shard's decoder (a batch may span two shards)
-        parts: list[dict[str, torch.Tensor]] = []
-        start = 0
-        for end in range(1, len(buf) + 1):
-            if end == len(buf) or buf[end][5] is not buf[start][5]:
-                fn = buf[start][5]
-                if fn is not None:
-                    rows = np.array([r for r, *_ in buf[start:end]])
-                    views = np.array([v for _, v, *_ in buf[start:end]])
-                    parts.append({t: torch.from_numpy(a) for t, a in fn(rows, views).items()})
-                start = end
-        if parts:
-            batch["targets"] = {t: torch.cat([p[t] for p in parts]) for t in parts[0]}
+            batch["teacher_x"] = torch.stack([to_tensor(render(img, item.params, self.teacher_size), mean, std)
+                                              for img, item in zip(images, buf)])
+        targets = _batch_targets(buf)
+        if targets is not None:
+            batch["targets"] = targets
         return batch
 
 
-def _load_images(url: str, keys: set[str]) -> dict:
-    """Decoded images of `keys` from one data shard (the other members are read, not decoded)."""
-    images = {}
-    for s in iter_samples([url], bad=BadSamples(max_fraction=1.0), decode=False, keep_raw=True):
-        if s.key in keys:
-            ext = next(e for e in IMAGE_EXTS if e in s.raw)
-            images[s.key] = decode_image(s.raw[ext])
-    missing = sorted(keys - set(images))
-    if missing:
-        raise UserError(f"{len(missing)} cached samples are missing from data shard {url}, "
-                        f"e.g. {', '.join(missing[:3])}; is --data the transfer set the cache was built from?")
-    return images
+def _batch_targets(buf: list[_Item]) -> dict[str, torch.Tensor] | None:
+    """Targets of a batch that mixes shards: each shard's rows decoded in one call, put back in batch order."""
+    by_shard: dict[int, list[int]] = {}
+    for i, item in enumerate(buf):
+        if item.targets is not None:
+            by_shard.setdefault(item.group_shard, []).append(i)
+    if not by_shard:
+        return None
+    out: dict[str, np.ndarray] = {}
+    for positions in by_shard.values():
+        fn = buf[positions[0]].targets
+        decoded = fn(np.array([buf[i].row for i in positions]), np.array([buf[i].view for i in positions]))
+        for name, value in decoded.items():
+            if name not in out:
+                out[name] = np.empty((len(buf),) + value.shape[1:], value.dtype)
+            out[name][positions] = value
+    return {name: torch.from_numpy(value) for name, value in out.items()}
 
 
 def stream_loader(dataset: ReplayStream, pin_memory: bool = False) -> DataLoader:

@@ -123,47 +123,81 @@ def cache_attributes(model: TaskModel, spec: ViewSpec, cfg: BuildConfig, codecs:
 
 
 # ---------------------------------------------------------------------------------------------- data
-class ShardViewBatches(IterableDataset):
-    """Batches of rendered teacher views, each batch from one input shard.
+@dataclass
+class ViewBatch:
+    """Rendered teacher views of one input shard: `rows` index the shard's good samples (its `ShardEnd.keys`)."""
 
-    Yields ("batch", url, sample_indices, view_indices, keys, params (b, P), x (b, 3, S, S)) and, after a
-    shard's last batch, ("end", url, keys, bad, n_read).
-    """
+    url: str
+    rows: np.ndarray  # (b,) sample index within the shard's good samples
+    views: np.ndarray  # (b,) view index
+    keys: list[str]
+    params: np.ndarray  # (b, P)
+    x: torch.Tensor  # (b, 3, S, S) the teacher's input
+
+
+@dataclass
+class ShardEnd:
+    """After a shard's last batch: its good samples, their content digests, and the bad ones."""
+
+    url: str
+    keys: list[str]
+    digests: np.ndarray  # (N,) uint64 kt.shards.content_digest of each good sample's encoded image
+    bad: list[dict]  # {shard, key, reason} of each sample that could not be decoded
+    n_read: int
+
+
+@dataclass
+class TeacherBatch:
+    """What the writer gets for a `ViewBatch`: the teacher's raw outputs and which rows are finite."""
+
+    url: str
+    rows: np.ndarray
+    views: np.ndarray
+    params: np.ndarray
+    raw: dict[str, np.ndarray]  # target -> (b, ...) float32
+    finite: np.ndarray  # (b,) bool: every target of that view is finite
+
+
+class ShardViewBatches(IterableDataset):
+    """`ViewBatch`es of rendered teacher views, each from one input shard, and a `ShardEnd` after each shard."""
 
     def __init__(self, urls: Sequence[str], spec: ViewSpec, seed: int, views: int, image_size: int,
                  mean, std, batch_size: int):
         self.urls, self.spec, self.seed, self.views = list(urls), spec, seed, views
         self.image_size, self.mean, self.std, self.batch_size = image_size, mean, std, batch_size
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[ViewBatch | ShardEnd]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for url in split_urls(self.urls, worker=wid, num_workers=nw):
             yield from self.shard_batches(url)
 
-    def shard_batches(self, url: str) -> Iterator[tuple]:
+    def shard_batches(self, url: str) -> Iterator[ViewBatch | ShardEnd]:
         bad = BadSamples(max_fraction=1.0)
         keys: list[str] = []
-        buf: list[tuple] = []
-        for sample in iter_samples([url], bad=bad):
-            i = len(keys)
+        digests: list[int] = []
+        buf: list[tuple[int, int, np.ndarray, torch.Tensor]] = []  # (row, view, params, x)
+        # iter_samples refuses a key seen twice in the shard; keys across shards are checked at the end
+        for sample in iter_samples([url], bad=bad, digest=True):
+            row = len(keys)
             keys.append(sample.key)
+            digests.append(sample.digest)
             for v in range(self.views):
                 params = sample_params(self.spec, self.seed, sample.key, v)
                 x = to_tensor(render(sample.image, params, self.image_size), self.mean, self.std)
-                buf.append((i, v, params, x))
+                buf.append((row, v, params, x))
                 if len(buf) == self.batch_size:
                     yield self._batch(url, buf, keys)
                     buf = []
         if buf:
             yield self._batch(url, buf, keys)
-        yield ("end", url, keys, bad.bad, bad.total)
+        yield ShardEnd(url, keys, np.asarray(digests, dtype=np.uint64), bad.bad, bad.total)
 
     @staticmethod
-    def _batch(url: str, buf: list[tuple], keys: list[str]) -> tuple:
-        idx = np.array([b[0] for b in buf])
-        return ("batch", url, idx, np.array([b[1] for b in buf]), [keys[i] for i in idx],
-                np.stack([b[2] for b in buf]), torch.stack([b[3] for b in buf]))
+    def _batch(url: str, buf: list[tuple], keys: list[str]) -> ViewBatch:
+        rows = np.array([row for row, *_ in buf])
+        return ViewBatch(url, rows, np.array([v for _, v, *_ in buf]), [keys[i] for i in rows],
+                         np.stack([p for _, _, p, _ in buf]), torch.stack([x for *_, x in buf]))
 
 
 def view_loader(urls, spec, seed, views, image_size, mean, std, batch_size, workers,
@@ -174,35 +208,75 @@ def view_loader(urls, spec, seed, views, image_size, mean, std, batch_size, work
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
+def finite_rows(raw: dict[str, np.ndarray]) -> np.ndarray:
+    """(b,) True where every target of the view is finite: a NaN/inf teacher output poisons training."""
+    return np.logical_and.reduce([np.isfinite(a.reshape(len(a), -1)).all(1) for a in raw.values()])
+
+
 # -------------------------------------------------------------------------------------------- writer
+@dataclass
+class _Encoded:
+    rows: np.ndarray
+    views: np.ndarray
+    params: np.ndarray
+    parts: dict[str, dict[str, np.ndarray]]  # target -> part -> (b, ...)
+
+
+@dataclass
+class AssembledShard:
+    """One input shard ready for `CacheStore.write_shard`: non-finite samples moved to `bad`."""
+
+    keys: list[str]
+    digests: np.ndarray
+    params: np.ndarray  # (N, V, P)
+    targets: dict[str, dict[str, np.ndarray]]  # target -> part -> (N, V, ...)
+    bad: list[dict]
+
+
 class ShardAssembler:
     """Encoded parts of one input shard, filled batch by batch, stacked to (N, V, ...) at the end."""
 
     def __init__(self, views: int, codecs: dict[str, Codec]):
         self.views, self.codecs = views, codecs
-        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, dict]] = []
+        self.batches: list[_Encoded] = []
+        self.nonfinite: dict[int, set[str]] = {}  # row -> targets with a non-finite view
 
-    def add(self, idx, vidx, params, raw: dict[str, np.ndarray]) -> None:
-        self.rows.append((idx, vidx, params, {t: self.codecs[t].encode(raw[t]) for t in self.codecs}))
+    def add(self, batch: TeacherBatch) -> None:
+        raw = batch.raw
+        if not batch.finite.all():
+            for i in np.flatnonzero(~batch.finite):
+                self.nonfinite.setdefault(int(batch.rows[i]), set()).update(
+                    t for t, a in raw.items() if not np.isfinite(a[i]).all())
+            # encode zeros in their place (the rows are dropped at the end): codecs never see NaN
+            raw = {t: np.where(batch.finite.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0).astype(a.dtype)
+                   for t, a in raw.items()}
+        self.batches.append(_Encoded(batch.rows, batch.views, batch.params,
+                                     {t: self.codecs[t].encode(raw[t]) for t in self.codecs}))
 
-    def finish(self, n: int) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
-        if not self.rows:  # every sample of the shard was bad: an empty, still complete, shard
+    def finish(self, end: ShardEnd) -> AssembledShard:
+        n = len(end.keys)
+        if not self.batches:  # every sample of the shard was bad: an empty, still complete, shard
             if n:
                 raise RuntimeError(f"shard assembled no views, expected {n} x {self.views}")
-            return np.zeros((0, self.views, PARAM_DIM), np.float32), {t: {} for t in self.codecs}
-        idx = np.concatenate([r[0] for r in self.rows])
-        vidx = np.concatenate([r[1] for r in self.rows])
-        if len(idx) != n * self.views:
-            raise RuntimeError(f"shard assembled {len(idx)} views, expected {n} x {self.views}")
-        order = np.lexsort((vidx, idx))  # batches arrive in order already; this makes it a checked fact
-        params = np.concatenate([r[2] for r in self.rows])[order].reshape(n, self.views, -1)
+            return AssembledShard([], end.digests, np.zeros((0, self.views, PARAM_DIM), np.float32),
+                                  {t: {} for t in self.codecs}, list(end.bad))
+        rows = np.concatenate([b.rows for b in self.batches])
+        views = np.concatenate([b.views for b in self.batches])
+        if len(rows) != n * self.views:
+            raise RuntimeError(f"shard assembled {len(rows)} views, expected {n} x {self.views}")
+        order = np.lexsort((views, rows))  # batches arrive in order already; this makes it a checked fact
+        keep = np.array([r not in self.nonfinite for r in range(n)], dtype=bool)
+        params = np.concatenate([b.params for b in self.batches])[order].reshape(n, self.views, -1)[keep]
         targets = {}
         for t in self.codecs:
             targets[t] = {}
-            for part in self.rows[0][3][t]:
-                stacked = np.concatenate([r[3][t][part] for r in self.rows])[order]
-                targets[t][part] = stacked.reshape(n, self.views, *stacked.shape[1:])
-        return params, targets
+            for part in self.batches[0].parts[t]:
+                stacked = np.concatenate([b.parts[t][part] for b in self.batches])[order]
+                targets[t][part] = stacked.reshape(n, self.views, *stacked.shape[1:])[keep]
+        bad = list(end.bad) + [{"shard": end.url, "key": end.keys[r],
+                                "reason": f"non-finite teacher output ({', '.join(sorted(ts))})"}
+                               for r, ts in sorted(self.nonfinite.items())]
+        return AssembledShard([k for k, ok in zip(end.keys, keep) if ok], end.digests[keep], params, targets, bad)
 
 
 class Writer(threading.Thread):
@@ -228,16 +302,14 @@ class Writer(threading.Thread):
             except BaseException as e:  # noqa: BLE001 -- handed to the main thread
                 self.error = e
 
-    def _do(self, job: tuple) -> None:
-        if job[0] == "batch":
-            _, url, idx, vidx, params, raw = job
-            self.shards.setdefault(url, ShardAssembler(self.views, self.codecs)).add(idx, vidx, params, raw)
+    def _do(self, job: TeacherBatch | ShardEnd) -> None:
+        if isinstance(job, TeacherBatch):
+            self.shards.setdefault(job.url, ShardAssembler(self.views, self.codecs)).add(job)
             return
-        _, url, keys, bad, n_read = job
-        assembler = self.shards.pop(url, ShardAssembler(self.views, self.codecs))
-        params, targets = assembler.finish(len(keys))
-        self.store.write_shard(shard_id_for(url), url, keys, params, targets, bad, rank=self.rank)
-        self.written.append({"url": url, "samples": len(keys), "bad": len(bad), "read": n_read})
+        shard = self.shards.pop(job.url, ShardAssembler(self.views, self.codecs)).finish(job)
+        self.store.write_shard(shard_id_for(job.url), job.url, shard.keys, shard.params, shard.targets, shard.bad,
+                               rank=self.rank, digests=shard.digests)
+        self.written.append({"url": job.url, "samples": len(shard.keys), "bad": len(shard.bad), "read": job.n_read})
 
     def put(self, job) -> None:
         self.check()
@@ -264,13 +336,14 @@ def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], 
     got: dict[str, list[np.ndarray]] = {t: [] for t in needs}
     n = 0
     for item in dataset:
-        if item[0] != "batch":
+        if not isinstance(item, ViewBatch):
             continue
         with torch.inference_mode():
-            raw = teacher_outputs(model, item[6], needs, place)
+            raw = teacher_outputs(model, item.x, needs, place)
+        finite = finite_rows(raw)  # a non-finite output would poison the basis; the build drops it anyway
         for t in needs:
-            got[t].append(raw[t])
-        n += len(item[2])
+            got[t].append(raw[t][finite])
+        n += int(finite.sum())
         if n >= n_views:
             break
     for t in needs:
@@ -336,13 +409,12 @@ def build_cache(cfg: BuildConfig) -> dict:
         try:
             for item in view_loader(mine, spec, cfg.seed, cfg.views, image_size, model.mean, model.std,
                                     cfg.batch_size, cfg.workers, pin_memory=place.pin_memory):
-                if item[0] == "batch":
-                    _, url, idx, vidx, keys, params, x = item
+                if isinstance(item, ViewBatch):
                     with torch.inference_mode():
-                        raw = teacher_outputs(model, x, targets, place)
-                    writer.put(("batch", url, idx, vidx, params, raw))
-                    n_views += len(idx)
-                    bar.update(len(idx))
+                        raw = teacher_outputs(model, item.x, targets, place)
+                    writer.put(TeacherBatch(item.url, item.rows, item.views, item.params, raw, finite_rows(raw)))
+                    n_views += len(item.rows)
+                    bar.update(len(item.rows))
                 else:
                     writer.put(item)
                     bar.set_postfix(shards=f"{len(writer.written)}/{len(mine)}")
@@ -353,8 +425,27 @@ def build_cache(cfg: BuildConfig) -> dict:
         summary.update(shards_written=len(writer.written), samples=sum(w["samples"] for w in writer.written),
                        bad=sum(w["bad"] for w in writer.written), views_per_s=n_views / max(elapsed, 1e-9))
     state.wait_for_everyone()
+    check_unique_keys(store, urls)
     check_bad_fraction(store, urls, cfg.max_bad_fraction)
     return summary
+
+
+def check_unique_keys(store: CacheStore, urls: Sequence[str]) -> None:
+    """Refuse a transfer set with a key in two shards (within a shard, reading refuses it): the student would
+    pair one key's targets with the other's image. Over every complete shard (keys arrays only), so that a
+    rerun fails again; ranks take disjoint shards, so no rank could see this alone while building."""
+    markers = store.completed()
+    seen: dict[str, str] = {}
+    for url in urls:
+        shard_id = shard_id_for(url)
+        if shard_id not in markers:
+            continue
+        for key in store.array(shard_id, "keys")[...]:
+            key = str(key)
+            if key in seen:
+                raise UserError(f"duplicate sample key {key!r} in shards {seen[key]} and {url}; keys must be unique "
+                                "in a transfer set (rename one, then rerun the build with --overwrite)")
+            seen[key] = url
 
 
 def check_bad_fraction(store: CacheStore, urls: Sequence[str], max_fraction: float) -> None:

@@ -107,6 +107,7 @@ def _plan_table(plan: dict) -> str:
                      f"{t['bytes_per_view']:>12,}{t['bytes_per_sample']:>14,}")
     lines.append(f"{'params':<46}{'':>12}{plan['params_bytes_per_sample']:>14,}")
     lines.append(f"{'keys':<46}{'':>12}{plan['key_bytes_per_sample']:>14,.1f}")
+    lines.append(f"{'content digests':<46}{'':>12}{plan['digest_bytes_per_sample']:>14,}")
     lines.append(f"{'per sample':<46}{'':>12}{plan['bytes_per_sample']:>14,.1f}")
     lines.append(f"predicted size {_human(plan['total_bytes'])} ({plan['total_bytes']:,} bytes, before zstd; "
                  f"codec state {_human(plan['codec_state_bytes'])})")

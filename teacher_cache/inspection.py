@@ -80,7 +80,8 @@ def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_
             state += int(item_shape[-1]) * (codec.d + 1) * 4  # float32 basis and mean
     out["params_bytes_per_sample"] = views * PARAM_DIM * 4
     out["key_bytes_per_sample"] = round(float(key_bytes) + _VLEN_OVERHEAD, 2)
-    per_sample += out["params_bytes_per_sample"] + out["key_bytes_per_sample"]
+    out["digest_bytes_per_sample"] = 8  # uint64 content digest
+    per_sample += out["params_bytes_per_sample"] + out["key_bytes_per_sample"] + out["digest_bytes_per_sample"]
     out["bytes_per_sample"] = round(per_sample, 2)
     out["codec_state_bytes"] = state
     out["total_bytes"] = round(per_sample * num_samples) + state
@@ -281,7 +282,11 @@ def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch
             raise UserError(f"no data shard for cache shard {shard_id}; pass --data with the transfer set")
         want = {key: i for i, (key, *_rest) in enumerate(items)}
         images = {}
-        for sample in iter_samples([urls[shard_id]], bad=BadSamples(max_fraction=1.0)):
+        # every sample read on the way is checked against its stored content digest (not only the wanted)
+        content = reader.shard(shard_id, [], check_views=False)
+        for sample in iter_samples([urls[shard_id]], bad=BadSamples(max_fraction=1.0), digest=True):
+            if sample.key in content.rows:
+                content.check_content(sample.key, sample.digest, urls[shard_id])
             if sample.key in want:
                 images[sample.key] = sample.image
                 if len(images) == len(want):

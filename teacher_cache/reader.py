@@ -12,10 +12,14 @@ Targets are decoded on first use and per requested target, with the codec's vect
 float32 matmul for PCA), so a caller that needs logits never pays for patch features. Stored view
 parameters are re-sampled from (spec, seed, key, view) when a shard is opened (`check_views`): a numpy or
 kt upgrade that changes the view generator fails loudly instead of pairing targets with other views.
+`ShardTargets.digests` are the content digests of the images the targets were computed on, for whoever
+reads images beside them (`check_content`); a cache built before they existed (format 1) is read with
+one warning line on stderr and its content is not checked.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -23,7 +27,7 @@ import numpy as np
 from kt.errors import UserError
 from kt.views import ViewSpec, check_params_batch
 from kt.teacher_cache.codecs import Codec
-from kt.teacher_cache.store import CacheStore, check_compatible, shard_id_for
+from kt.teacher_cache.store import DIGESTS_SINCE, CacheStore, check_compatible, shard_id_for
 
 _NAMED = 5  # how many keys / shard ids an error message names before "and N more"
 
@@ -53,6 +57,10 @@ class CacheReader:
         self.url = str(url)
         self.store = CacheStore.open(self.url, mode="r", storage_options=storage_options)
         self.attrs: dict = self.store.attrs
+        self.format: int = int(self.attrs["kt_cache_format"])
+        if self.format < DIGESTS_SINCE:
+            print(f"warning: cache {self.url} is format {self.format}, built before content digests: images are "
+                  "matched to targets by key only; rebuild it to have them checked", file=sys.stderr)
         have = list(self.attrs["targets"])
         self.targets: list[str] = have if targets is None else list(targets)
         unknown = [t for t in self.targets if t not in have]
@@ -145,7 +153,7 @@ class CacheReader:
             check_params_batch(self.view_spec, self.seed, np.repeat(np.asarray(keys, dtype=object), v).tolist(),
                                np.tile(np.arange(v), n).tolist(), params.reshape(n * v, p))
         return ShardTargets(shard_id, raw["marker"]["url"], keys, params, raw["targets"],
-                            {t: self.codecs[t] for t in names}, raw["marker"])
+                            {t: self.codecs[t] for t in names}, raw["marker"], raw["digests"])
 
     # -- random access --------------------------------------------------------------------------
     def lookup(self, key: str) -> tuple[str, int]:
@@ -196,15 +204,17 @@ class CacheReader:
 
 
 class ShardTargets:
-    """One input shard's cached samples: `keys`, `params` (N, V, P) and `targets` {name: float32 (N, V, ...)}.
+    """One input shard's cached samples: `keys`, `params` (N, V, P), `digests` (N,) uint64 content digests
+    (None for a format-1 cache) and `targets` {name: float32 (N, V, ...)}.
 
     `targets[name]` decodes the whole shard on first access and keeps it; `get(name, rows)` decodes only
     the given rows (a training batch) without keeping anything. `encoded` holds the stored parts.
     """
 
     def __init__(self, shard_id: str, url: str, keys: list[str], params: np.ndarray,
-                 encoded: dict[str, dict[str, np.ndarray]], codecs: dict[str, Codec], marker: dict):
-        self.shard_id, self.url, self.keys, self.params = shard_id, url, keys, params
+                 encoded: dict[str, dict[str, np.ndarray]], codecs: dict[str, Codec], marker: dict,
+                 digests: np.ndarray | None = None):
+        self.shard_id, self.url, self.keys, self.params, self.digests = shard_id, url, keys, params, digests
         self.encoded, self.codecs, self.marker = encoded, codecs, marker
         self.bad: list[dict] = marker.get("bad", [])
         self.targets = _DecodedTargets(self)
@@ -244,6 +254,15 @@ class ShardTargets:
             raise UserError(f"cache shard {self.shard_id} lacks {len(missing)} of {len(keys)} sample keys "
                             f"({_named(missing)}){note}; was the cache built from these shards?")
         return out
+
+    def check_content(self, key: str, digest: int, data_url: str) -> None:
+        """Raise a one-line `UserError` unless `digest` (`kt.shards.content_digest` of a sample's encoded image)
+        is that of the image `key`'s targets were computed on; a shard without digests (format 1) checks nothing."""
+        if self.digests is None:
+            return
+        if int(digest) != int(self.digests[self.rows[key]]):
+            raise UserError(f"sample {key} of data shard {data_url} is not the image cache shard {self.shard_id} "
+                            "was built from (content digest differs); pass the transfer set the cache was built from")
 
     def __repr__(self) -> str:
         return f"ShardTargets({self.shard_id!r}, n={len(self)}, targets={list(self.encoded)})"

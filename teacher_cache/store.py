@@ -15,6 +15,8 @@ Layout::
         <name>                      its state arrays (the PCA mean and basis)
     shards/<shard_id>/              one group per input shard; attributes {url, rank}
         keys                        (N,) variable-length UTF-8 sample keys
+        digests                     (N,) uint64 content digests of the encoded images (format 2;
+                                    `kt.shards.content_digest`): targets belong to these bytes
         params                      (N, V, P) float32 view parameters
         targets/<name>/<part>       (N, V, ...) the codec's parts (see kt.teacher_cache.codecs)
     complete/<shard_id>.json        completion marker (plain JSON object, not a Zarr node)
@@ -32,6 +34,11 @@ for complete, and a rerun simply rewrites every shard without a marker. Markers 
 not root attributes, because ranks writing different shards concurrently would race on one attribute
 document. Checksums cover what was written (dtype, shape and C-order bytes; keys as UTF-8 JSON) and are
 recomputed by `verify_shard`.
+
+Formats: 2 adds `digests`. A format-1 cache (built before) stays readable; its shards have no digests,
+so readers match data by key only and say so once (`CacheReader`); a build refuses to resume it (its
+new shards would be checked and its old ones not), so it is rebuilt with --overwrite or finished by the
+kt that started it.
 
 Concurrency: create the cache on one process (`CacheStore.create`), then open it on the others with
 `CacheStore.open(url, mode="r+")`; ranks then write disjoint shards without further coordination.
@@ -58,7 +65,8 @@ from kt.config import git_revision, package_versions, utc_now
 from kt.errors import UserError
 from kt.teacher_cache.codecs import Codec, parse_codec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DIGESTS_SINCE = 2  # the first format whose shards store content digests
 
 #: fields of the root attributes that decide whether a cache serves a caller, in the order they are checked
 TEACHER_FIELDS = ("arch", "weights_sha256", "task", "num_classes", "classes", "image_size", "mean", "std")
@@ -96,6 +104,9 @@ class CacheStore:
                 raise UserError(f"{url} holds a Zarr group that is not a kt cache; choose another output path")
             if not overwrite:
                 _check_format(existing.attrs.asdict(), url)
+                if existing.attrs["kt_cache_format"] < DIGESTS_SINCE:
+                    raise UserError(f"{url} is a format-{existing.attrs['kt_cache_format']} cache (no content "
+                                    "digests); pass --overwrite to rebuild it, or finish it with the kt that began it")
                 try:
                     check_compatible(existing.attrs.asdict(), attrs, exact_targets=True)
                 except UserError as e:
@@ -167,11 +178,14 @@ class CacheStore:
 
     # -- shards ------------------------------------------------------------------------------------
     def write_shard(self, shard_id: str, url: str, keys: list[str], params: np.ndarray,
-                    targets: dict[str, dict[str, np.ndarray]], bad: list[dict], rank: int = 0) -> None:
-        """Write one input shard's keys, view parameters and encoded targets, then mark it complete.
+                    targets: dict[str, dict[str, np.ndarray]], bad: list[dict], rank: int = 0,
+                    digests: np.ndarray | None = None) -> None:
+        """Write one input shard's keys, view parameters, content digests and encoded targets, then mark it
+        complete.
 
         Arrays have the good samples only, in `keys` order; `bad` lists the skipped ones as
-        {key, reason}. A shard that was written before (complete or not) is replaced.
+        {key, reason}; `digests` (N,) are the samples' `content_digest`s (the build always gives them).
+        A shard that was written before (complete or not) is replaced.
         """
         _check_shard_id(shard_id)
         n = len(keys)
@@ -188,6 +202,8 @@ class CacheStore:
         group = self.group.create_group(f"shards/{shard_id}", overwrite=True, attributes={"url": url, "rank": rank})
         arrays: dict[str, np.ndarray] = {"keys": np.asarray([str(k) for k in keys], dtype=str).reshape(n),
                                          "params": params}
+        if digests is not None:
+            arrays["digests"] = np.asarray(digests, dtype=np.uint64).reshape(n)
         for name, parts in targets.items():
             for part, value in parts.items():
                 value = np.asarray(value)
@@ -237,8 +253,9 @@ class CacheStore:
             return []
 
     def read_shard(self, shard_id: str, targets: list[str] | None = None) -> dict:
-        """{"keys": [str], "params": (N, V, P), "targets": {name: {part: (N, V, ...)}}, "marker": {...}} of a
-        complete shard; the parts are still encoded (decode them with the target's codec)."""
+        """{"keys": [str], "params": (N, V, P), "digests": (N,) uint64 or None (format 1), "targets": {name:
+        {part: (N, V, ...)}}, "marker": {...}} of a complete shard; the parts are still encoded (decode them
+        with the target's codec)."""
         marker = self._require_complete(shard_id)
         names = list(self.attrs["targets"]) if targets is None else list(targets)
         unknown = [t for t in names if t not in self.attrs["targets"]]
@@ -247,6 +264,7 @@ class CacheStore:
             raise UserError(f"cache {self.url} has no target {unknown[0]!r}; it has: {have}")
         group = self.group[f"shards/{shard_id}"]
         out: dict = {"keys": [str(k) for k in group["keys"][...]], "params": group["params"][...],
+                     "digests": group["digests"][...] if "digests" in marker["checksums"] else None,
                      "targets": {}, "marker": marker}
         for name in names:
             prefix = f"targets/{name}/"
@@ -265,6 +283,8 @@ class CacheStore:
             return [f"{shard_id}: no valid completion marker"]
         problems = []
         expected = {"keys", "params"} | {f"targets/{t}" for t in self.attrs["targets"]}
+        if self.attrs["kt_cache_format"] >= DIGESTS_SINCE:
+            expected.add("digests")
         covered = {p if not p.startswith("targets/") else "/".join(p.split("/")[:2]) for p in marker["checksums"]}
         problems += [f"{shard_id}: marker lists no array for {p}" for p in sorted(expected - covered)]
         for path, digest in marker["checksums"].items():

@@ -111,7 +111,7 @@ def test_build_info_plan_agree(built, tiny_teacher, fmnist, capsys):  # noqa: F8
     plan = json.loads(capsys.readouterr().out)
     # logits topk:k=10 of 10 classes: 10 fp16 values + 10 uint8 indices + fp16 tail
     assert plan["targets"]["logits"]["bytes_per_view"] == 32
-    assert plan["targets"]["patches"]["bytes_per_view"] == 2 * 2 * (16 + 2)
+    assert plan["targets"]["patches"]["bytes_per_view"] == 2 * 2 * (16 + 4)  # int8 + float32 scale per token
     assert plan["total_bytes"] == info["bytes"]["predicted"]
     assert 0.2 < info["bytes"]["stored"] / plan["total_bytes"] < 2.0
     assert main(["info", str(built)]) == 0

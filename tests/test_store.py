@@ -44,6 +44,11 @@ def _shard(n: int, seed: int = 0):
     return keys, params, {"logits": logits, "patches": pca.encode(patches)}
 
 
+def _digests(n: int) -> np.ndarray:
+    """Content digests as a build hands them over (any uint64 per sample; format 2 shards have them)."""
+    return np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+
+
 @pytest.fixture
 def cache(tmp_path) -> CacheStore:
     return CacheStore.create(str(tmp_path / "cache.zarr"), _attrs())
@@ -56,12 +61,15 @@ def _files(root) -> list[str]:
 def test_write_read_round_trip(cache):
     keys, params, targets = _shard(10)
     bad = [{"key": "s00_99999", "reason": "truncated"}]
-    cache.write_shard("train-000000", "/data/train-000000.tar", keys, params, targets, bad)
+    digests = np.arange(10, dtype=np.uint64) + np.uint64(2**63)  # the whole uint64 range round-trips
+    cache.write_shard("train-000000", "/data/train-000000.tar", keys, params, targets, bad, digests=digests)
     reopened = CacheStore.open(cache.url)
     assert reopened.attrs["teacher"]["classes"] == ["cat", "dog", "owl"]
-    assert reopened.attrs["kt_cache_format"] == 1 and "numpy" in reopened.attrs["versions"]
+    assert reopened.attrs["kt_cache_format"] == 2 and "numpy" in reopened.attrs["versions"]
     out = reopened.read_shard("train-000000")
     assert out["keys"] == keys
+    np.testing.assert_array_equal(out["digests"], digests)
+    assert out["digests"].dtype == np.uint64 and reopened.verify_shard("train-000000") == []
     np.testing.assert_array_equal(out["params"], params)
     for name, parts in targets.items():
         assert set(out["targets"][name]) == set(parts)
@@ -92,7 +100,7 @@ def test_storage_objects_do_not_grow_with_samples(cache, tmp_path):
 def test_empty_shard_of_only_bad_samples(cache):
     keys, params, targets = _shard(0)
     bad = [{"key": "a", "reason": "truncated"}, {"key": "b", "reason": "not an image"}]
-    cache.write_shard("train-000004", "train-000004.tar", keys, params, targets, bad)
+    cache.write_shard("train-000004", "train-000004.tar", keys, params, targets, bad, digests=_digests(0))
     out = cache.read_shard("train-000004")
     assert out["keys"] == [] and out["params"].shape == (0, V, P)
     assert out["marker"]["n_bad"] == 2 and cache.verify_shard("train-000004") == []
@@ -156,7 +164,7 @@ def test_shard_id_collision_is_refused(cache):
 
 
 def test_verify_detects_tampering(cache, tmp_path):
-    cache.write_shard("train-000000", "train-000000.tar", *_shard(5), bad=[])
+    cache.write_shard("train-000000", "train-000000.tar", *_shard(5), bad=[], digests=_digests(5))
     path = tmp_path / "cache.zarr" / "complete" / "train-000000.json"
     marker = json.loads(path.read_text())
     marker["checksums"]["params"] = "0" * 64
@@ -292,7 +300,7 @@ def test_memory_url_round_trip_and_resume():
     url = f"memory://kt-test-{uuid.uuid4().hex}/cache.zarr"
     cache = CacheStore.create(url, _attrs())
     keys, params, targets = _shard(6)
-    cache.write_shard("train-000000", "train-000000.tar", keys, params, targets, bad=[])
+    cache.write_shard("train-000000", "train-000000.tar", keys, params, targets, bad=[], digests=_digests(6))
     reopened = CacheStore.open(url)
     assert reopened.read_shard("train-000000")["keys"] == keys
     assert reopened.verify_shard("train-000000") == []
@@ -350,12 +358,13 @@ _WRITER = """
 import sys
 import numpy as np
 sys.path.insert(0, {tests!r})
-from test_store import _shard
+from test_store import _digests, _shard
 from kt.teacher_cache.store import CacheStore
 cache = CacheStore.open({url!r}, mode="r+")
 print("ready", flush=True)
 for i in range(10_000):
-    cache.write_shard(f"train-{{i:06d}}", f"train-{{i:06d}}.tar", *_shard(50, seed=i % 7), bad=[])
+    cache.write_shard(f"train-{{i:06d}}", f"train-{{i:06d}}.tar", *_shard(50, seed=i % 7), bad=[],
+                      digests=_digests(50))
 """
 
 

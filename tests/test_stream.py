@@ -6,29 +6,32 @@ import torch
 
 from kt.student.distill import FreshSource, shard_keys
 from kt.student.stream import (ReplayStream, StreamSpec, _rng, plan_epoch, steps_per_epoch, stream_loader,
-                            view_index, worker_shards)
+                               view_index)
 from kt.views import VIEW_PRESETS
 
 
-def make_stream(fmnist, epoch, skip, workers, batch_size=32, rank=0, world=1):
+def make_stream(fmnist, epoch, skip, workers, batch_size=32, rank=0, world=1, shuffle_shards=2):
+    """Three 100-image shards; two per group by default, so that two workers both get a group."""
     urls = fmnist["train"]
     keys = shard_keys(urls)
     spec = StreamSpec(tuple(urls), tuple(len(keys[u]) for u in urls), batch_size, seed=3, rank=rank,
-                      world_size=world, workers=workers)
+                      world_size=world, workers=workers, shuffle_shards=shuffle_shards)
     return spec, ReplayStream(spec, epoch, skip, FreshSource(keys), VIEW_PRESETS["train"], 0, 4, "cycle",
                               24, (0.5,) * 3, (0.5,) * 3), keys
 
 
 def expected_keys(spec, keys, epoch):
-    """Keys per batch from the plan alone, built independently of the stream's iteration code."""
-    per_worker = {}
-    for w in range(max(1, spec.workers)):
-        seq = []
-        for shard in worker_shards(spec, epoch, spec.rank, w):
-            k = keys[spec.urls[shard]]
-            order = _rng("samples", spec.seed, epoch, shard).permutation(len(k))
-            seq += [k[i] for i in order]
-        per_worker[w] = seq
+    """Keys per batch from the plan's definition, built independently of the stream's iteration code:
+    shards shuffled, dealt to ranks, cut into groups of `shuffle_shards` dealt to workers, each group's
+    union permuted, each worker's samples cut into batches taken round-robin."""
+    order = _rng("shards", spec.seed, epoch).permutation(len(spec.urls)).tolist()[spec.rank::spec.world_size]
+    k, nw = spec.shuffle_shards, max(1, spec.workers)
+    groups = [order[i:i + k] for i in range(0, len(order), k)]
+    per_worker = {w: [] for w in range(nw)}
+    for g, group in enumerate(groups):
+        union = [keys[spec.urls[s]][r] for s in group for r in range(spec.sizes[s])]
+        perm = _rng("mix", spec.seed, epoch, *group).permutation(len(union))
+        per_worker[g % nw] += [union[i] for i in perm]
     b = spec.batch_size
     return [per_worker[w][i * b:(i + 1) * b] for w, i in plan_epoch(spec, epoch)]
 
@@ -79,3 +82,52 @@ def test_view_index_policies():
     r = [view_index("random", 4, 0, e, "k") for e in range(40)]
     assert r == [view_index("random", 4, 0, e, "k") for e in range(40)] and set(r) == {0, 1, 2, 3}
     assert [view_index("random", 4, 0, 3, f"k{i}") for i in range(40)] != [view_index("random", 4, 1, 3, f"k{i}") for i in range(40)]
+
+
+# ------------------------------------------------------------------------------------ mixing shards
+CLASSES, PER_CLASS = 4, 60
+
+
+@pytest.fixture(scope="module")
+def class_sorted(tmp_path_factory):
+    """4 classes x 60 tiny images written class by class in 60-image shards: every shard holds one class."""
+    from kt.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    samples = [(f"c{c}-{i:03d}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), c)
+               for c in range(CLASSES) for i in range(PER_CLASS)]
+    from PIL import Image
+
+    urls = write_shards(((k, Image.fromarray(a), c) for k, a, c in samples),
+                        tmp_path_factory.mktemp("sorted"), prefix="sorted", maxcount=PER_CLASS)
+    return urls, {k: c for k, _, c in samples}
+
+
+def majority_fraction(batches, label) -> float:
+    """Mean, over full batches, of the share of the batch's most common class."""
+    fractions = []
+    for keys in batches:
+        if len(keys) == 16:
+            counts = np.bincount([label[k] for k in keys], minlength=CLASSES)
+            fractions.append(counts.max() / len(keys))
+    return float(np.mean(fractions))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_mix_class_sorted_shards(class_sorted, workers):
+    """A transfer set written class by class still gives batches as mixed as a global shuffle's."""
+    urls, label = class_sorted
+    keys = shard_keys(urls)
+    spec = StreamSpec(tuple(urls), tuple(len(keys[u]) for u in urls), 16, seed=0, workers=workers)
+    got = []
+    for epoch in range(3):
+        stream = ReplayStream(spec, epoch, 0, FreshSource(keys), VIEW_PRESETS["train"], 0, 1, "cycle", 8,
+                              (0.5,) * 3, (0.5,) * 3)
+        got += [b["keys"] for b in stream_loader(stream)]
+    everything = sorted(label)
+    rng = np.random.default_rng(1)
+    reference = []
+    for _ in range(200):  # a global shuffle of all samples, cut into batches of 16
+        order = rng.permutation(len(everything))
+        reference += [[everything[i] for i in order[s:s + 16]] for s in range(0, len(order), 16)]
+    assert abs(majority_fraction(got, label) - majority_fraction(reference, label)) <= 0.10
