@@ -97,6 +97,7 @@ def bench_build(args, work: str) -> dict:
     from kt.teacher_cache.build import (
         BuildConfig,
         build_cache,
+        ViewBatch,
         teacher_outputs,
         view_loader,
     )
@@ -111,10 +112,10 @@ def bench_build(args, work: str) -> dict:
         n = 0
         for item in view_loader(urls, spec, 0, args.views, args.image_size, model.mean, model.std,
                                 args.batch_size, args.workers):
-            if item[0] == "batch":
+            if isinstance(item, ViewBatch):
                 with torch.inference_mode():
-                    teacher_outputs(model, item[6], targets)
-                n += len(item[2])
+                    teacher_outputs(model, item.x, targets)
+                n += len(item.rows)
         return n
 
     def build(i: int) -> dict:
@@ -301,9 +302,10 @@ def synthetic_cache(url: str, n: int, views: int, seed: int = 0) -> str:
     logits = {"values": top.astype(np.float16), "indices": indices,
               "tail": np.log(rng.uniform(0.01, 0.3, (n, views))).astype(np.float16)}
     patches = {"coeffs": rng.integers(-127, 128, (n, views, *grid, d), dtype=np.int8),
-               "scale": rng.uniform(0.01, 0.1, (n, views, *grid)).astype(np.float16)}
+               "scale": rng.uniform(0.01, 0.1, (n, views, *grid)).astype(np.float32)}
     store.write_shard("syn-000000", "synthetic://syn-000000.tar", keys, params.reshape(n, views, -1),
-                      {"logits": logits, "patches": patches}, [])
+                      {"logits": logits, "patches": patches}, [],
+                      digests=rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64))
     return "syn-000000"
 
 

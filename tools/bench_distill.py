@@ -34,7 +34,7 @@ from kt.shards import BadSamples, expand_shards, iter_samples
 from kt.views import VIEW_PRESETS
 from kt.student.distill import CacheSource, Distiller, FreshSource
 from kt.student.losses import create_objective
-from kt.student.stream import ReplayStream, StreamSpec, stream_loader
+from kt.student.stream import ReplayStream, ShardData, StreamSpec, stream_loader
 from kt.teacher_cache.build import BuildConfig, build_cache
 from kt.teacher_cache.reader import CacheReader
 
@@ -51,9 +51,9 @@ class LabelSource:
             self.keys[s.shard].append(s.key)
             self.labels[s.shard].append(s.label)
 
-    def __call__(self, url):
+    def __call__(self, url) -> ShardData:
         labels = np.array(self.labels[url])
-        return self.keys[url], None, lambda rows, views: {"labels": labels[rows]}
+        return ShardData(self.keys[url], None, None, lambda rows, views: {"labels": labels[rows]})
 
 
 def timed_steps(loader_fn, step_fn, steps: int, warmup: int = 2) -> list[float]:
