@@ -9,9 +9,13 @@ Pipeline, per process:
   sample each view's parameters from (spec, seed, key, view) and render the teacher's input. At this
   point we have batches that each belong to one input shard, in sample order, views consecutive.
 - The main thread only runs the teacher (one backbone pass gives logits, embedding and grid).
-- One writer thread encodes each batch as it comes and, at a shard's end, writes the shard and its
-  completion marker (`kt.teacher_cache.store`), so neither encoding nor I/O stalls the teacher; a bounded
-  queue keeps the teacher from running away from a slow store.
+- One writer thread (`kt.teacher_cache.writer`) encodes each batch as it comes and, at a shard's end,
+  writes the shard and its completion marker (`kt.teacher_cache.store`), so neither encoding nor I/O
+  stalls the teacher; a bounded queue keeps the teacher from running away from a slow store. Samples
+  whose teacher outputs are not finite are left out there and counted as bad samples.
+- Keys must be unique: reading refuses a key twice in one shard, and once every rank is done the build
+  refuses a key in two shards (`check_unique_keys`). Each sample's content digest is stored beside its
+  targets, so readers can tell the targets belong to these pixels, not only to this key.
 
 Resume is the store's: complete shards are skipped, the rest are redone from their first sample. Codecs
 that need fitting (PCA) are fitted once, by rank 0, on the teacher's outputs for the first views of the
@@ -20,8 +24,6 @@ first input shards, and stored; every rank and every resumed run decodes with th
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -36,9 +38,10 @@ from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
-from kt.views import PARAM_DIM, ViewSpec, load_view_spec, render, sample_params, to_tensor
+from kt.views import ViewSpec, load_view_spec, render, sample_params, to_tensor
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
 from kt.teacher_cache.store import CacheStore, shard_id_for
+from kt.teacher_cache.writer import ShardEnd, TeacherBatch, Writer, finite_rows
 
 @dataclass
 class BuildConfig:
@@ -135,29 +138,6 @@ class ViewBatch:
     x: torch.Tensor  # (b, 3, S, S) the teacher's input
 
 
-@dataclass
-class ShardEnd:
-    """After a shard's last batch: its good samples, their content digests, and the bad ones."""
-
-    url: str
-    keys: list[str]
-    digests: np.ndarray  # (N,) uint64 kt.shards.content_digest of each good sample's encoded image
-    bad: list[dict]  # {shard, key, reason} of each sample that could not be decoded
-    n_read: int
-
-
-@dataclass
-class TeacherBatch:
-    """What the writer gets for a `ViewBatch`: the teacher's raw outputs and which rows are finite."""
-
-    url: str
-    rows: np.ndarray
-    views: np.ndarray
-    params: np.ndarray
-    raw: dict[str, np.ndarray]  # target -> (b, ...) float32
-    finite: np.ndarray  # (b,) bool: every target of that view is finite
-
-
 class ShardViewBatches(IterableDataset):
     """`ViewBatch`es of rendered teacher views, each from one input shard, and a `ShardEnd` after each shard."""
 
@@ -206,123 +186,6 @@ def view_loader(urls, spec, seed, views, image_size, mean, std, batch_size, work
     workers = min(workers, len(urls))
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
-
-
-def finite_rows(raw: dict[str, np.ndarray]) -> np.ndarray:
-    """(b,) True where every target of the view is finite: a NaN/inf teacher output poisons training."""
-    return np.logical_and.reduce([np.isfinite(a.reshape(len(a), -1)).all(1) for a in raw.values()])
-
-
-# -------------------------------------------------------------------------------------------- writer
-@dataclass
-class _Encoded:
-    rows: np.ndarray
-    views: np.ndarray
-    params: np.ndarray
-    parts: dict[str, dict[str, np.ndarray]]  # target -> part -> (b, ...)
-
-
-@dataclass
-class AssembledShard:
-    """One input shard ready for `CacheStore.write_shard`: non-finite samples moved to `bad`."""
-
-    keys: list[str]
-    digests: np.ndarray
-    params: np.ndarray  # (N, V, P)
-    targets: dict[str, dict[str, np.ndarray]]  # target -> part -> (N, V, ...)
-    bad: list[dict]
-
-
-class ShardAssembler:
-    """Encoded parts of one input shard, filled batch by batch, stacked to (N, V, ...) at the end."""
-
-    def __init__(self, views: int, codecs: dict[str, Codec]):
-        self.views, self.codecs = views, codecs
-        self.batches: list[_Encoded] = []
-        self.nonfinite: dict[int, set[str]] = {}  # row -> targets with a non-finite view
-
-    def add(self, batch: TeacherBatch) -> None:
-        raw = batch.raw
-        if not batch.finite.all():
-            for i in np.flatnonzero(~batch.finite):
-                self.nonfinite.setdefault(int(batch.rows[i]), set()).update(
-                    t for t, a in raw.items() if not np.isfinite(a[i]).all())
-            # encode zeros in their place (the rows are dropped at the end): codecs never see NaN
-            raw = {t: np.where(batch.finite.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0).astype(a.dtype)
-                   for t, a in raw.items()}
-        self.batches.append(_Encoded(batch.rows, batch.views, batch.params,
-                                     {t: self.codecs[t].encode(raw[t]) for t in self.codecs}))
-
-    def finish(self, end: ShardEnd) -> AssembledShard:
-        n = len(end.keys)
-        if not self.batches:  # every sample of the shard was bad: an empty, still complete, shard
-            if n:
-                raise RuntimeError(f"shard assembled no views, expected {n} x {self.views}")
-            return AssembledShard([], end.digests, np.zeros((0, self.views, PARAM_DIM), np.float32),
-                                  {t: {} for t in self.codecs}, list(end.bad))
-        rows = np.concatenate([b.rows for b in self.batches])
-        views = np.concatenate([b.views for b in self.batches])
-        if len(rows) != n * self.views:
-            raise RuntimeError(f"shard assembled {len(rows)} views, expected {n} x {self.views}")
-        order = np.lexsort((views, rows))  # batches arrive in order already; this makes it a checked fact
-        keep = np.array([r not in self.nonfinite for r in range(n)], dtype=bool)
-        params = np.concatenate([b.params for b in self.batches])[order].reshape(n, self.views, -1)[keep]
-        targets = {}
-        for t in self.codecs:
-            targets[t] = {}
-            for part in self.batches[0].parts[t]:
-                stacked = np.concatenate([b.parts[t][part] for b in self.batches])[order]
-                targets[t][part] = stacked.reshape(n, self.views, *stacked.shape[1:])[keep]
-        bad = list(end.bad) + [{"shard": end.url, "key": end.keys[r],
-                                "reason": f"non-finite teacher output ({', '.join(sorted(ts))})"}
-                               for r, ts in sorted(self.nonfinite.items())]
-        return AssembledShard([k for k, ok in zip(end.keys, keep) if ok], end.digests[keep], params, targets, bad)
-
-
-class Writer(threading.Thread):
-    """Encodes batches and writes finished shards off the teacher's thread, in arrival order."""
-
-    def __init__(self, store: CacheStore, views: int, codecs: dict[str, Codec], rank: int, max_pending: int = 8):
-        super().__init__(daemon=True)
-        self.store, self.views, self.codecs, self.rank = store, views, codecs, rank
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)
-        self.shards: dict[str, ShardAssembler] = {}
-        self.error: BaseException | None = None
-        self.written: list[dict] = []
-
-    def run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if self.error is not None:
-                continue  # drain after a failure; the main thread raises it
-            try:
-                self._do(job)
-            except BaseException as e:  # noqa: BLE001 -- handed to the main thread
-                self.error = e
-
-    def _do(self, job: TeacherBatch | ShardEnd) -> None:
-        if isinstance(job, TeacherBatch):
-            self.shards.setdefault(job.url, ShardAssembler(self.views, self.codecs)).add(job)
-            return
-        shard = self.shards.pop(job.url, ShardAssembler(self.views, self.codecs)).finish(job)
-        self.store.write_shard(shard_id_for(job.url), job.url, shard.keys, shard.params, shard.targets, shard.bad,
-                               rank=self.rank, digests=shard.digests)
-        self.written.append({"url": job.url, "samples": len(shard.keys), "bad": len(shard.bad), "read": job.n_read})
-
-    def put(self, job) -> None:
-        self.check()
-        self.jobs.put(job)
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        self.jobs.put(None)
-        self.join()
-        self.check()
 
 
 # ----------------------------------------------------------------------------------------- the build

@@ -1,0 +1,164 @@
+"""The build's writer: teacher outputs -> encoded parts -> one complete cache shard, off the teacher's thread.
+
+`Writer` is a thread fed `TeacherBatch`es (a batch of views of one input shard, with the teacher's raw
+outputs) and, after a shard's last batch, its `ShardEnd`. Each batch is encoded as it comes; at a shard's
+end its parts are stacked to (N, V, ...) in sample order and written with its keys, content digests and
+bad-sample list (`CacheStore.write_shard`, which marks the shard complete last).
+
+A sample with a non-finite teacher output (NaN/inf in any target of any view) is a bad sample, like a
+corrupt image: its rows are left out of every array and it is listed with the targets at fault, so
+`--max-bad-fraction` counts it and `kt-cache info` reports it. Codecs never see the non-finite values
+(zeros are encoded in their place before the rows are dropped): a NaN would otherwise turn an int8 scale
+or a top-k into garbage silently.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from kt.views import PARAM_DIM
+from kt.teacher_cache.codecs import Codec
+from kt.teacher_cache.store import CacheStore, shard_id_for
+
+
+@dataclass
+class ShardEnd:
+    """After a shard's last batch: its good samples, their content digests, and the bad ones."""
+
+    url: str
+    keys: list[str]
+    digests: np.ndarray  # (N,) uint64 kt.shards.content_digest of each good sample's encoded image
+    bad: list[dict]  # {shard, key, reason} of each sample that could not be decoded
+    n_read: int
+
+
+@dataclass
+class TeacherBatch:
+    """What the writer gets for a `ViewBatch`: the teacher's raw outputs and which rows are finite."""
+
+    url: str
+    rows: np.ndarray
+    views: np.ndarray
+    params: np.ndarray
+    raw: dict[str, np.ndarray]  # target -> (b, ...) float32
+    finite: np.ndarray  # (b,) bool: every target of that view is finite
+
+
+def finite_rows(raw: dict[str, np.ndarray]) -> np.ndarray:
+    """(b,) True where every target of the view is finite: a NaN/inf teacher output poisons training."""
+    return np.logical_and.reduce([np.isfinite(a.reshape(len(a), -1)).all(1) for a in raw.values()])
+
+
+@dataclass
+class _Encoded:
+    rows: np.ndarray
+    views: np.ndarray
+    params: np.ndarray
+    parts: dict[str, dict[str, np.ndarray]]  # target -> part -> (b, ...)
+
+
+@dataclass
+class AssembledShard:
+    """One input shard ready for `CacheStore.write_shard`: non-finite samples moved to `bad`."""
+
+    keys: list[str]
+    digests: np.ndarray
+    params: np.ndarray  # (N, V, P)
+    targets: dict[str, dict[str, np.ndarray]]  # target -> part -> (N, V, ...)
+    bad: list[dict]
+
+
+class ShardAssembler:
+    """Encoded parts of one input shard, filled batch by batch, stacked to (N, V, ...) at the end."""
+
+    def __init__(self, views: int, codecs: dict[str, Codec]):
+        self.views, self.codecs = views, codecs
+        self.batches: list[_Encoded] = []
+        self.nonfinite: dict[int, set[str]] = {}  # row -> targets with a non-finite view
+
+    def add(self, batch: TeacherBatch) -> None:
+        raw = batch.raw
+        if not batch.finite.all():
+            for i in np.flatnonzero(~batch.finite):
+                self.nonfinite.setdefault(int(batch.rows[i]), set()).update(
+                    t for t, a in raw.items() if not np.isfinite(a[i]).all())
+            # encode zeros in their place (the rows are dropped at the end): codecs never see NaN
+            raw = {t: np.where(batch.finite.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0).astype(a.dtype)
+                   for t, a in raw.items()}
+        self.batches.append(_Encoded(batch.rows, batch.views, batch.params,
+                                     {t: self.codecs[t].encode(raw[t]) for t in self.codecs}))
+
+    def finish(self, end: ShardEnd) -> AssembledShard:
+        n = len(end.keys)
+        if not self.batches:  # every sample of the shard was bad: an empty, still complete, shard
+            if n:
+                raise RuntimeError(f"shard assembled no views, expected {n} x {self.views}")
+            return AssembledShard([], end.digests, np.zeros((0, self.views, PARAM_DIM), np.float32),
+                                  {t: {} for t in self.codecs}, list(end.bad))
+        rows = np.concatenate([b.rows for b in self.batches])
+        views = np.concatenate([b.views for b in self.batches])
+        if len(rows) != n * self.views:
+            raise RuntimeError(f"shard assembled {len(rows)} views, expected {n} x {self.views}")
+        order = np.lexsort((views, rows))  # batches arrive in order already; this makes it a checked fact
+        keep = np.array([r not in self.nonfinite for r in range(n)], dtype=bool)
+        params = np.concatenate([b.params for b in self.batches])[order].reshape(n, self.views, -1)[keep]
+        targets = {}
+        for t in self.codecs:
+            targets[t] = {}
+            for part in self.batches[0].parts[t]:
+                stacked = np.concatenate([b.parts[t][part] for b in self.batches])[order]
+                targets[t][part] = stacked.reshape(n, self.views, *stacked.shape[1:])[keep]
+        bad = list(end.bad) + [{"shard": end.url, "key": end.keys[r],
+                                "reason": f"non-finite teacher output ({', '.join(sorted(ts))})"}
+                               for r, ts in sorted(self.nonfinite.items())]
+        return AssembledShard([k for k, ok in zip(end.keys, keep) if ok], end.digests[keep], params, targets, bad)
+
+
+class Writer(threading.Thread):
+    """Encodes batches and writes finished shards off the teacher's thread, in arrival order."""
+
+    def __init__(self, store: CacheStore, views: int, codecs: dict[str, Codec], rank: int, max_pending: int = 8):
+        super().__init__(daemon=True)
+        self.store, self.views, self.codecs, self.rank = store, views, codecs, rank
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.shards: dict[str, ShardAssembler] = {}
+        self.error: BaseException | None = None
+        self.written: list[dict] = []
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the main thread raises it
+            try:
+                self._do(job)
+            except BaseException as e:  # noqa: BLE001 -- handed to the main thread
+                self.error = e
+
+    def _do(self, job: TeacherBatch | ShardEnd) -> None:
+        if isinstance(job, TeacherBatch):
+            self.shards.setdefault(job.url, ShardAssembler(self.views, self.codecs)).add(job)
+            return
+        shard = self.shards.pop(job.url, ShardAssembler(self.views, self.codecs)).finish(job)
+        self.store.write_shard(shard_id_for(job.url), job.url, shard.keys, shard.params, shard.targets, shard.bad,
+                               rank=self.rank, digests=shard.digests)
+        self.written.append({"url": job.url, "samples": len(shard.keys), "bad": len(shard.bad), "read": job.n_read})
+
+    def put(self, job) -> None:
+        self.check()
+        self.jobs.put(job)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        self.check()
