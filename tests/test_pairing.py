@@ -200,8 +200,8 @@ def test_non_finite_teacher_outputs_are_bad_samples(tiny_teacher, with_black_ima
                                                     monkeypatch):
     real = build.teacher_outputs
 
-    def nan_on_constant_images(model, x, targets):
-        out = real(model, x, targets)
+    def nan_on_constant_images(model, x, targets, *placement):
+        out = real(model, x, targets, *placement)
         constant = (x.flatten(2).std(2).amax(1) == 0).numpy()
         if "embedding" in out:
             out["embedding"][constant, 0] = np.nan
