@@ -92,6 +92,7 @@ def save_checkpoint(model: TaskModel, out_dir, classes: list[str] | None = None,
         "kt_version": _kt_version(),
         "created": utc_now(),
         "extra": extra or {},
+        **_segmentation_fields(model),
     }
     _write_json(out / CARD_FILE, card)
     model.card, model.classes = card, classes
@@ -99,8 +100,19 @@ def save_checkpoint(model: TaskModel, out_dir, classes: list[str] | None = None,
     return out
 
 
+def _segmentation_fields(model) -> dict:
+    """What rebuilds a segmentation model beyond the classification card (absent for classification, so
+    classification cards and fingerprints stay as they were)."""
+    if model.task != "segmentation":
+        return {}
+    return {"output_stride": int(model.output_stride), "head_width": int(model.head_width)}
+
+
 def _saved_form(model: TaskModel, classes) -> tuple[str, dict[str, torch.Tensor], dict | None]:
     """(layout, state dict, library config) that `save_checkpoint` writes."""
+    if model.task == "segmentation":
+        # a restrided backbone with a DeepLabV3 head is no model timm or open_clip can rebuild from a config
+        return native_state(model, kt_layout=True)[:2] + (None,)
     layout, state, reference = native_state(model)
     if layout == "timm":
         try:
@@ -167,7 +179,8 @@ def load_checkpoint(path) -> TaskModel:
     """Rebuild a model from a run folder, a checkpoint folder, or a file in one."""
     weights, card = _checkpoint_files(path)
     model = create_model(card["arch"], int(card["num_classes"]), "none", int(card["image_size"]),
-                         card.get("task", "classification"))
+                         card.get("task", "classification"), output_stride=card.get("output_stride"),
+                         head_width=int(card.get("head_width", 256)))
     load_exact(model, read_safetensors(weights), what=str(weights), layout=_layout(card, weights))
     model.pretrained = card.get("pretrained", "none")
     model.card = card
@@ -177,7 +190,8 @@ def load_checkpoint(path) -> TaskModel:
 
 
 def load_model(spec: str, num_classes: int | None = None, pretrained: str = "none", image_size: int = 0,
-               task: str = "classification", seed: int | None = None, what: str = "model") -> TaskModel:
+               task: str = "classification", seed: int | None = None, what: str = "model",
+               output_stride: int | None = None, head_width: int = 256) -> TaskModel:
     """The model `spec` names: a run folder, a checkpoint folder (or a file in it), or a model name.
 
     A checkpoint comes back as saved (head, classes, weights); `image_size` overrides its input size (CNNs
@@ -186,7 +200,8 @@ def load_model(spec: str, num_classes: int | None = None, pretrained: str = "non
     weights from `pretrained`: none | package | hub | PATH (a run folder, checkpoint folder or state dict
     file; the head is kept where its shape fits). `seed` draws a random init from its own generator,
     leaving the global RNG alone (a teacher must be the same on every rank and rerun). `what` names the
-    model in messages ("teacher", "--init").
+    model in messages ("teacher", "--init"). `output_stride` and `head_width` are create_model's, for a
+    segmentation model built by name.
     """
     spec, pretrained = str(spec), str(pretrained or "none")
     if not spec:
@@ -206,7 +221,8 @@ def load_model(spec: str, num_classes: int | None = None, pretrained: str = "non
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        model = create_model(spec, num_classes or 0, source, image_size or 224, task)
+        model = create_model(spec, num_classes or 0, source, image_size or 224, task,
+                             output_stride=output_stride, head_width=head_width)
     if source != pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -289,6 +305,7 @@ def checkpoint_fingerprint(path) -> dict:
         "mean": list(card["mean"]),
         "std": list(card["std"]),
         "weights_sha256": file_sha256(weights),
+        **{k: card[k] for k in ("output_stride",) if k in card},
     }
 
 
@@ -300,7 +317,8 @@ def weights_sha256(path) -> str:
 
 
 def model_fingerprint(model: TaskModel) -> dict:
-    """What identifies a model's outputs: architecture, task, classes, input, normalisation, weights.
+    """What identifies a model's outputs: architecture, task, classes, input, normalisation, weights, and
+    for segmentation the output stride (the head width is in the weights).
 
     `weights_sha256` is the sha256 of the checkpoint file the weights came from while they are
     unchanged, otherwise of the bytes `save_checkpoint` would write (the same value for the same
@@ -315,6 +333,7 @@ def model_fingerprint(model: TaskModel) -> dict:
         "mean": list(model.mean),
         "std": list(model.std),
         "weights_sha256": _model_weights_sha256(model),
+        **{k: v for k, v in _segmentation_fields(model).items() if k == "output_stride"},
     }
 
 

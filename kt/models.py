@@ -5,6 +5,10 @@ transfer set, the student being distilled and evaluated. One backbone pass gives
 (CLS token / pooled), the spatial grid (ViT patch tokens / the CNN's final map) and the task logits,
 so the cache stores exactly what the student's losses need.
 
+Tasks: "classification" (a linear head on the global feature, logits (B, K)) and "segmentation" (the
+backbone restrided to output stride 8/16/32 and a DeepLabV3 head on its grid, per-pixel logits
+(B, K, H/OS, W/OS); how each family is restrided is `kt.segmentation`).
+
 Names: a timm name (`fastvit_s12`, `vit_large_patch14_dinov2`, `tf_efficientnet_lite0`, ...) or the
 open_clip visual tower as `open_clip:ARCH` / `open_clip:ARCH@TAG` (`open_clip:ViT-L-14@openai`).
 
@@ -24,10 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from kt import segmentation as seg
 from kt.errors import UserError, one_line
 
 OPEN_CLIP_PREFIX = "open_clip:"
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation")
 WEIGHT_SOURCES = ("none", "package", "hub")  # a path goes through kt.checkpoints.load_model
 
 # timm name -> (module, class exposing get_model_file_path()) of the offline ImageNet weights.
@@ -47,7 +52,7 @@ _LITE_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "
 
 
 class TaskModel(nn.Module):
-    """A backbone with uniform feature access and an optional linear task head.
+    """A backbone with uniform feature access and an optional task head.
 
     Attributes:
         arch: the name given to `create_model`.
@@ -58,13 +63,16 @@ class TaskModel(nn.Module):
         mean, std: input normalisation the backbone expects.
         image_size: input size the model was created for.
         pretrained: where the initial weights came from.
-        head: the linear task head on the global feature, or None.
+        head: the task head: linear on the global feature (classification), DeepLabV3 on the grid
+            (segmentation), or None.
+        output_stride: input pixels per grid cell of a segmentation model (None for classification).
+        head_width: channels of the DeepLabV3 head (ASPP and 3x3 conv).
         card, classes: filled by `load_checkpoint` / `save_checkpoint`.
     """
 
     def __init__(self, arch: str, backbone: nn.Module, *, embedding_dim: int, grid_dim: int,
                  mean, std, image_size: int, num_classes: int = 0, task: str = "classification",
-                 pretrained: str = "none"):
+                 pretrained: str = "none", output_stride: int | None = None, head_width: int = 256):
         super().__init__()
         self.arch = arch
         self.task = task
@@ -79,6 +87,8 @@ class TaskModel(nn.Module):
         self.classes: list[str] | None = None
         self._weights_file: Path | None = None  # set when the weights came from a kt checkpoint
         self._weights_versions: tuple | None = None
+        self.output_stride = output_stride
+        self.head_width = int(head_width)
         self.reset_head(num_classes)
 
     def reset_head(self, num_classes: int) -> None:
@@ -88,7 +98,14 @@ class TaskModel(nn.Module):
         self.num_classes = int(num_classes)
         self.classes = None
         if num_classes == 0:
+            if self.task == "segmentation":
+                raise UserError("a segmentation model needs num_classes (the classes of its masks)")
             self.head = None
+            return
+        if self.task == "segmentation":
+            # the grid is exactly image_size / output_stride (kt.segmentation makes it so)
+            self.head = seg.deeplabv3_head(self.grid_dim, num_classes, self.image_size // self.output_stride,
+                                           self.head_width)
             return
         self.head = nn.Linear(self.embedding_dim, num_classes)
         # Small init so a finetuned foundation model starts from near-uniform predictions.
@@ -104,26 +121,33 @@ class TaskModel(nn.Module):
         raise NotImplementedError
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One backbone pass: {"embedding": (B, D), "grid": (B, C, h, w), "logits": (B, K) if head}."""
+        """One backbone pass: {"embedding": (B, D), "grid": (B, C, h, w)} and the head's output:
+        "logits" (B, K) for classification, "seg_logits" (B, K, h, w) for segmentation."""
         embedding, grid = self.embed_and_grid(x)
         out = {"embedding": embedding, "grid": grid}
         if self.head is not None:
-            out["logits"] = self.head(embedding)
+            if self.task == "segmentation":
+                out["seg_logits"] = self.head(grid)
+            else:
+                out["logits"] = self.head(embedding)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K); the embedding (B, D) when there is no head."""
-        embedding, _ = self.embed_and_grid(x)
-        return embedding if self.head is None else self.head(embedding)
+        """Logits (B, K) or per-pixel logits (B, K, h, w); the embedding (B, D) when there is no head."""
+        embedding, grid = self.embed_and_grid(x)
+        if self.head is None:
+            return embedding
+        return self.head(grid) if self.task == "segmentation" else self.head(embedding)
 
 
 # What a teacher cache can hold, per sample view; the reader and the codecs lay them out the same way.
-TARGETS = ("logits", "embedding", "patches")
+TARGETS = ("logits", "embedding", "patches", "seg_logits")
 
 
 def teacher_targets(model: TaskModel, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
     """The targets `names` of one batch as the model's tensors: logits (B, K), embedding (B, D), patches
-    (B, h, w, C), channels last as cached.
+    (B, h, w, C) channels last, seg_logits (B, K, h, w) classes first -- each as the codecs lay out the
+    item (teacher_cache.codecs.ITEM_NDIM).
 
     The one mapping from model outputs to targets, shared by the cache build and the online-teacher baseline
     so that the two can never drift apart.
@@ -133,9 +157,11 @@ def teacher_targets(model: TaskModel, x: torch.Tensor, names) -> dict[str, torch
     for name in names:
         if name == "patches":
             out[name] = feats["grid"].permute(0, 2, 3, 1)
-        elif name in ("logits", "embedding"):
+        elif name in ("logits", "embedding", "seg_logits"):
             if name not in feats:
-                raise UserError(f"target {name} needs a model with a task head; {model.arch} has none")
+                need = "a segmentation head" if name == "seg_logits" else "a classification head"
+                has = f"a {model.task} head" if model.head is not None else "none"
+                raise UserError(f"target {name} needs a model with {need}; {model.arch} has {has}")
             out[name] = feats[name]
         else:
             raise UserError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
@@ -152,15 +178,13 @@ class TimmTaskModel(TaskModel):
         # ViT-style models return (B, N, C) tokens with `num_prefix_tokens` (CLS, registers) in front.
         self.is_tokens = hasattr(backbone, "patch_embed") and hasattr(backbone, "num_prefix_tokens")
         self.channels_last_out = getattr(backbone, "output_fmt", "NCHW") == "NHWC"  # swin & co
-        if self.is_tokens:
-            self.patch_size = tuple(backbone.patch_embed.patch_size)
         self._grid_sizes: dict[int, tuple[int, int]] = {}
 
     def embed_and_grid(self, x):
         feats = self.backbone.forward_features(x)
         embedding = self.backbone.forward_head(feats, pre_logits=True)
         if self.is_tokens:
-            h, w = x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1]
+            h, w = self._token_grid(x.shape[-2], x.shape[-1])
             tokens = feats[:, self.backbone.num_prefix_tokens:]
             grid = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
         elif self.channels_last_out:
@@ -169,9 +193,16 @@ class TimmTaskModel(TaskModel):
             grid = feats
         return embedding, grid
 
+    def _token_grid(self, height: int, width: int) -> tuple[int, int]:
+        proj = getattr(self.backbone.patch_embed, "proj", None)
+        if isinstance(proj, nn.Conv2d):  # the conv's arithmetic: right for restrided (overlapping) patches too
+            return seg.conv_grid(proj, height, width)
+        patch = self.backbone.patch_embed.patch_size
+        return height // patch[0], width // patch[1]
+
     def grid_size(self, image_size):
         if self.is_tokens:
-            return image_size // self.patch_size[0], image_size // self.patch_size[1]
+            return self._token_grid(image_size, image_size)
         # CNN padding and resizing rules differ (MobileViT rounds up to its patch size), so trace the
         # shapes once per size instead of guessing a formula.
         if image_size not in self._grid_sizes:
@@ -209,16 +240,15 @@ class OpenClipTaskModel(TaskModel):
         backbone.output_tokens = True
         super().__init__(arch, backbone, embedding_dim=backbone.output_dim,
                          grid_dim=backbone.transformer.width, **kwargs)
-        self.patch_size = tuple(backbone.patch_size)
 
     def embed_and_grid(self, x):
         pooled, tokens = self.backbone(x)
-        h, w = x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1]
+        h, w = seg.conv_grid(self.backbone.conv1, x.shape[-2], x.shape[-1])
         grid = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
         return pooled, grid
 
     def grid_size(self, image_size):
-        return image_size // self.patch_size[0], image_size // self.patch_size[1]
+        return seg.conv_grid(self.backbone.conv1, image_size, image_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +256,8 @@ class OpenClipTaskModel(TaskModel):
 
 
 def create_model(name: str, num_classes: int = 0, pretrained: str = "none", image_size: int = 224,
-                 task: str = "classification") -> TaskModel:
+                 task: str = "classification", output_stride: int | None = None,
+                 head_width: int = 256) -> TaskModel:
     """Build a `TaskModel` by name.
 
     Args:
@@ -234,17 +265,26 @@ def create_model(name: str, num_classes: int = 0, pretrained: str = "none", imag
         num_classes: outputs of the linear task head; 0 for none.
         pretrained: "none", "package" or "hub" (weights from a path: `kt.checkpoints.load_model`).
         image_size: input size; ViTs are built for it (a multiple of the patch size).
-        task: the task the head serves.
+        task: "classification" or "segmentation" (needs `num_classes`).
+        output_stride: segmentation only: 8 (default), 16 or 32 input pixels per grid cell.
+        head_width: segmentation only: channels of the DeepLabV3 head.
     """
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     if num_classes < 0:
         raise UserError(f"num_classes must be >= 0, got {num_classes}")
+    if task == "segmentation":
+        if not num_classes:
+            raise UserError("task segmentation needs num_classes (the classes of its masks, background included)")
+        output_stride = seg.check_output_stride(8 if output_stride is None else output_stride, image_size)
+    elif output_stride is not None:
+        raise UserError(f"output_stride is for task segmentation, not {task}")
     pretrained = str(pretrained)
     if pretrained not in WEIGHT_SOURCES:
         raise UserError(f"unknown weight source {pretrained!r} for create_model; expected one of "
                         f"{', '.join(WEIGHT_SOURCES)} (a path is kt.checkpoints.load_model's)")
-    common = dict(num_classes=num_classes, image_size=image_size, task=task, pretrained=pretrained)
+    common = dict(num_classes=num_classes, image_size=image_size, task=task, pretrained=pretrained,
+                  output_stride=output_stride, head_width=head_width)
     if name.startswith(OPEN_CLIP_PREFIX):
         return _create_open_clip(name, source=pretrained, **common)
     return _create_timm(name, source=pretrained, **common)
@@ -257,7 +297,7 @@ def _unknown_name(name: str, known: list[str]) -> UserError:
 
 
 def _create_timm(name: str, *, source: str, num_classes: int, image_size: int, task: str,
-                 pretrained: str) -> TimmTaskModel:
+                 pretrained: str, output_stride: int | None, head_width: int) -> TimmTaskModel:
     import timm
 
     if not timm.is_model(name):
@@ -268,6 +308,10 @@ def _create_timm(name: str, *, source: str, num_classes: int, image_size: int, t
     cfg = timm.models.get_pretrained_cfg(name)
     # Models with a fixed input size (ViTs) are built for the requested size; CNNs take any size.
     size_kwargs = {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
+    family = None
+    if output_stride is not None:
+        family = seg.timm_family(name)
+        size_kwargs = seg.timm_create_kwargs(family, output_stride)
     classifier = None
     if source == "none":
         backbone = timm.create_model(name, pretrained=False, num_classes=0, **size_kwargs)
@@ -279,9 +323,12 @@ def _create_timm(name: str, *, source: str, num_classes: int, image_size: int, t
         except Exception as e:  # network, missing weights, hub errors: all the user's to fix
             raise UserError(f"cannot get hub weights for {name}: {one_line(e)}") from e
         classifier = _take_classifier(backbone)
+    if family is not None:
+        seg.restride_timm(family, backbone, output_stride)
     mean, std = _timm_norm(backbone, cfg)
     model = TimmTaskModel(name, backbone, num_classes=num_classes, mean=mean, std=std,
-                          image_size=image_size, task=task, pretrained=pretrained)
+                          image_size=image_size, task=task, pretrained=pretrained,
+                          output_stride=output_stride, head_width=head_width)
     copy_head(model, classifier)
     return model
 
@@ -304,9 +351,11 @@ def _take_classifier(backbone: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def copy_head(model: TaskModel, state: dict[str, torch.Tensor] | None) -> None:
+    """Load `state` into the head where every tensor fits it (a classifier into a segmentation head never)."""
     if model.head is None or state is None:
         return
-    if tuple(state["weight"].shape) == tuple(model.head.weight.shape):
+    expected = model.head.state_dict()
+    if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
         model.head.load_state_dict(state)
 
 
@@ -356,7 +405,7 @@ def _rename_lite_keys(source: dict[str, torch.Tensor], backbone: nn.Module) -> d
 
 
 def _create_open_clip(name: str, *, source: str, num_classes: int, image_size: int, task: str,
-                      pretrained: str) -> OpenClipTaskModel:
+                      pretrained: str, output_stride: int | None, head_width: int) -> OpenClipTaskModel:
     import open_clip
     from open_clip.model import _build_vision_tower
 
@@ -371,14 +420,16 @@ def _create_open_clip(name: str, *, source: str, num_classes: int, image_size: i
         raise UserError(f"pretrained='package' has weights only for {', '.join(PACKAGE_WEIGHTS)}, "
                         f"not {name}")
     tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
-    model_cfg = open_clip_model_cfg(name, image_size)
+    # a tower to restride is built at its native size: its position grid is resampled once, to H/OS
+    build_size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"] if output_stride else image_size
+    model_cfg = open_clip_model_cfg(name, build_size)
     quick_gelu = model_cfg["quick_gelu"]
     if source == "hub":
         if not tag:
             raise UserError(f"pretrained='hub' needs the weights named: open_clip:{arch}@TAG "
                             f"with TAG one of {', '.join(tags) or '(none known)'}")
         try:
-            full = open_clip.create_model(arch, pretrained=tag, force_image_size=image_size,
+            full = open_clip.create_model(arch, pretrained=tag, force_image_size=build_size,
                                           force_quick_gelu=quick_gelu)
         except Exception as e:  # network or hub errors
             raise UserError(f"cannot get hub weights for {name}: {one_line(e)}") from e
@@ -390,10 +441,13 @@ def _create_open_clip(name: str, *, source: str, num_classes: int, image_size: i
     if not (hasattr(visual, "output_tokens") and hasattr(visual, "patch_size")
             and hasattr(visual, "transformer")):
         raise UserError(f"open_clip:{arch} has no ViT visual tower; kt needs its patch-token grid")
+    if output_stride is not None:
+        seg.restride_open_clip(visual, output_stride, image_size)
     mean = tag_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
     std = tag_cfg.get("std", open_clip.OPENAI_DATASET_STD)
     return OpenClipTaskModel(name, visual, num_classes=num_classes, mean=mean, std=std,
-                             image_size=image_size, task=task, pretrained=pretrained)
+                             image_size=image_size, task=task, pretrained=pretrained,
+                             output_stride=output_stride, head_width=head_width)
 
 
 def open_clip_model_cfg(name: str, image_size: int) -> dict:
