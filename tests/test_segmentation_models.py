@@ -200,3 +200,16 @@ def test_bad_segmentation_input_is_a_user_error(kwargs, message):
         create_model(name, task="segmentation", **kwargs)
     with pytest.raises(UserError, match="output_stride is for task segmentation"):
         create_model("test_vit", num_classes=3, image_size=64, output_stride=8)
+
+
+def test_seg_models_benchmark_counts_parameters_and_flops():
+    from tools.bench import _parse
+    from tools import bench_seg_models
+
+    args = _parse(bench_seg_models, ["--models", "test_vit", "--image-size", "64", "--num-classes", "5"])
+    (row,) = bench_seg_models.run(args)["models"]
+    reference = _seg("test_vit")
+    assert row["grid"] == [8, 8] and row["seg_logits_shape"] == [1, 5, 8, 8]
+    assert row["head_params_m"] == round(sum(p.numel() for p in reference.head.parameters()) / 1e6, 3)
+    # the final 1x1 conv alone: 2 FLOPs per multiply-add, 256 inputs, 5 classes, 64 cells
+    assert row["backbone_gflops"] > 0 and row["head_gflops"] * 1e9 >= 2 * 256 * 5 * 64

@@ -1,10 +1,11 @@
-"""Benchmarks, one entry point: `python -m tools.bench {cache,distill,retrieval,export} [--json] [...]`.
+"""Benchmarks, one entry point: `python -m tools.bench {cache,distill,retrieval,export,gpu,seg-models} [--json]`.
 
     python -m tools.bench cache --json          # teacher cache: build overhead, bytes, fidelity, reader
     python -m tools.bench distill --json        # student distillation from the cache
     python -m tools.bench retrieval             # curate time / memory, IVF-PQ recall
     python -m tools.bench export --json         # device students: latency per image, onnxruntime vs torch
     python -m tools.bench gpu --json            # GPU: teacher images/s, build, student steps/s, bf16 fidelity
+    python -m tools.bench seg-models --json     # segmentation: parameters and FLOPs of OS8 backbones + heads
 
 Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
 when asked for, so one benchmark's heavy imports never slow another. Results are recorded with their
@@ -23,6 +24,7 @@ BENCHMARKS = {
     "retrieval": "tools.bench_retrieval",
     "export": "tools.bench_export",
     "gpu": "tools.bench_gpu",
+    "seg-models": "tools.bench_seg_models",
 }
 
 
