@@ -213,3 +213,18 @@ def test_seg_models_benchmark_counts_parameters_and_flops():
     assert row["head_params_m"] == round(sum(p.numel() for p in reference.head.parameters()) / 1e6, 3)
     # the final 1x1 conv alone: 2 FLOPs per multiply-add, 256 inputs, 5 classes, 64 cells
     assert row["backbone_gflops"] > 0 and row["head_gflops"] * 1e9 >= 2 * 256 * 5 * 64
+
+
+def test_classification_checkpoint_initialises_a_segmentation_backbone(tmp_path):
+    from kt.checkpoints import load_model
+
+    classifier = create_model("test_vit", num_classes=3, image_size=64)
+    save_checkpoint(classifier, tmp_path / "cls")
+    model = load_model("test_vit", num_classes=5, pretrained=str(tmp_path / "cls"), image_size=64,
+                       task="segmentation", output_stride=8)
+    before, after = classifier.backbone.state_dict(), model.backbone.state_dict()
+    # every weight carried over; the position grid (4x4 at 64 px) resampled to the native 10x10 that the
+    # restrided ViT keeps and resamples per input
+    assert [k for k in before if not torch.equal(before[k], after[k])] == ["pos_embed"]
+    assert after["pos_embed"].shape[1] == 1 + 10 * 10
+    _check_seg(model.eval(), 64)
