@@ -16,9 +16,10 @@ a finer grid than classification backbones give (stride 14-32), and each family 
   weights fit unchanged (dilation changes no parameter).
 - fastvit_*: timm refuses `output_stride`; the stride-2 patch embeddings in front of stages 2 and 3 are set
   to stride 1 (the large and small kernel convs and the module's own `stride`, which
-  `reparameterize_model` uses to build the fused conv). No dilation is added: FastViT's reparameterisation
-  (RepMixer, MobileOne) builds its fused convs without a dilation argument, so dilated branches would not
-  survive `reparameterize_model`; the receptive field of stages 2-3 shrinks instead.
+  `reparameterize_model` uses to build the fused conv). No dilation is added: timm's RepMixer and RepCPE
+  `reparameterize()` build their fused convs without a dilation argument (timm 1.0.31; MobileOneBlock keeps
+  its own), so dilated token mixers would change output under `reparameterize_model`; the receptive field of
+  stages 2-3 shrinks instead (4x more cells for the same kernels).
 
 Head: torchvision's DeepLabV3 (ASPP + 3x3 conv + BN + ReLU + 1x1 conv, the paper's), with the ASPP width
 `head_width` and atrous rates scaled to the grid (`aspp_rates`).
