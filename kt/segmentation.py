@@ -35,7 +35,6 @@ import torch.nn as nn
 from kt.errors import UserError
 
 OUTPUT_STRIDES = (8, 16, 32)
-TASKS_WITH_STRIDE = ("segmentation",)
 
 # The families kt can restride, each with how (the names a user can give are in the descriptions).
 RESTRIDE_FAMILIES = {
