@@ -29,7 +29,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 from PIL import Image
@@ -197,11 +197,14 @@ def _raw_members(url: str, bad: BadSamples | None) -> Iterator[dict]:
         yield from wds.tariterators.group_by_keys(members, handler=handler)
 
 
-def iter_samples(urls: Sequence[str], bad: BadSamples | None = None, decode: bool = True,
+def iter_samples(urls: Sequence[str], bad: BadSamples | None = None,
+                 decode: bool | Callable[[str, bytes], Image.Image] = True,
                  keep_raw: bool = False, digest: bool = False) -> Iterator[Sample]:
     """Samples of the given shards in order; undecodable ones are skipped and recorded in `bad`.
 
-    A key that comes twice in one shard raises `UserError`. `digest` fills `Sample.digest`.
+    A key that comes twice in one shard raises `UserError`. `digest` fills `Sample.digest`. `decode` may be
+    a function (key, image bytes) -> image, for a caller that decodes each sample its own way (at the
+    reduced scale its views need: `kt.render.decode_for_views`); its failures count as bad.
     """
     for url in urls:
         seen: set[str] = set()
@@ -218,7 +221,7 @@ def iter_samples(urls: Sequence[str], bad: BadSamples | None = None, decode: boo
                     raise ValueError(f"no image member (has: {sorted(k for k in raw if not k.startswith('__'))})")
                 if "cls" in raw:
                     label = int(raw["cls"].decode().strip())
-                image = decode_image(raw[ext]) if decode else None
+                image = (decode(key, raw[ext]) if callable(decode) else decode_image(raw[ext])) if decode else None
             except Exception as e:  # noqa: BLE001 -- any decode failure is a bad sample, not a crash
                 if bad is None:
                     raise UserError(f"bad sample {key} in {url}: {e}") from None

@@ -38,7 +38,8 @@ from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
-from kt.views import ViewSpec, load_view_spec, render, sample_params, to_tensor
+from kt.render import decode_for_views, render, to_tensor
+from kt.views import ViewSpec, load_view_spec, sample_params
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
 from kt.teacher_cache.store import CacheStore, shard_id_for
 from kt.teacher_cache.writer import ShardEnd, TeacherBatch, Writer, finite_rows
@@ -157,13 +158,19 @@ class ShardViewBatches(IterableDataset):
         keys: list[str] = []
         digests: list[int] = []
         buf: list[tuple[int, int, np.ndarray, torch.Tensor]] = []  # (row, view, params, x)
+        views: dict[str, np.ndarray] = {}
+
+        def decode(key: str, data: bytes):
+            # a JPEG decodes at the reduced scale that all of its views still allow (kt.render)
+            views[key] = np.stack([sample_params(self.spec, self.seed, key, v) for v in range(self.views)])
+            return decode_for_views(data, views[key], self.image_size)
+
         # iter_samples refuses a key seen twice in the shard; keys across shards are checked at the end
-        for sample in iter_samples([url], bad=bad, digest=True):
+        for sample in iter_samples([url], bad=bad, digest=True, decode=decode):
             row = len(keys)
             keys.append(sample.key)
             digests.append(sample.digest)
-            for v in range(self.views):
-                params = sample_params(self.spec, self.seed, sample.key, v)
+            for v, params in enumerate(views.pop(sample.key)):
                 x = to_tensor(render(sample.image, params, self.image_size), self.mean, self.std)
                 buf.append((row, v, params, x))
                 if len(buf) == self.batch_size:
