@@ -1,4 +1,4 @@
-"""Benchmarks, one entry point: `python -m tools.bench {cache,distill,retrieval,export,gpu,seg-models} [--json]`.
+"""Benchmarks, one entry point: `python -m tools.bench {cache,distill,retrieval,export,gpu,seg-models,pipeline} [--json]`.
 
     python -m tools.bench cache --json          # teacher cache: build overhead, bytes, fidelity, reader
     python -m tools.bench distill --json        # student distillation from the cache
@@ -6,6 +6,7 @@
     python -m tools.bench export --json         # device students: latency per image, onnxruntime vs torch
     python -m tools.bench gpu --json            # GPU: teacher images/s, build, student steps/s, bf16 fidelity
     python -m tools.bench seg-models --json     # segmentation: parameters and FLOPs of OS8 backbones + heads
+    python -m tools.bench pipeline --json       # data path: render views/s per core, writer, build + stream ceilings
 
 Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
 when asked for, so one benchmark's heavy imports never slow another. Results are recorded with their
@@ -25,6 +26,7 @@ BENCHMARKS = {
     "export": "tools.bench_export",
     "gpu": "tools.bench_gpu",
     "seg-models": "tools.bench_seg_models",
+    "pipeline": "tools.bench_pipeline",
 }
 
 

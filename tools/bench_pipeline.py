@@ -1,0 +1,329 @@
+"""Data-path benchmark: can the CPU side (decode, render, encode, write, replay) keep a GPU busy?
+
+    python -m tools.bench pipeline --json            # the figures in docs/benchmarks.md and docs/capacity.md
+    python -m tools.bench pipeline --json --quick    # a smaller run, for a smoke check
+
+- `render`: views/s per core of decode + render + to_tensor for one view (CPU seconds of this process,
+  one torch thread), for the `train` and `light` specs at 224 and 64 px, from typical 500x375 photos
+  (the photographs bundled with scikit-image/scikit-learn, seeded 4:3 crops resized to 500x375) stored
+  as JPEG (quality 85, ~50 KB) and PNG. `amortised_v4` decodes once for 4 views, as a cache build with
+  `--views 4` does. `tensor_cpu` is the batched tensor path (`kt.render_tensor`) on CPU tensors, where
+  present: rendering only, from the decoded uint8 images.
+- `writer`: views/s of ONE writer thread (`kt.teacher_cache.build.Writer`: encode + compress + write
+  through `CacheStore`) per target set, from synthetic teacher outputs of ViT-L/14 shape (1000 logits,
+  1024-d embedding, 16x16x1024 patch grid) with the default codecs (topk:k=10, fp16, pca:d=64,int8).
+- `build_zero_teacher`: `build_cache` on 500x375 JPEG shards with a teacher that costs nothing (constant
+  outputs), 224 px, logits + embedding: the pipeline's ceiling in views/s, beside the DataLoader alone
+  (decode + render, no writer) on the same data; `over_loader` is their ratio.
+- `stream_zero_student`: the distillation stream (`ReplayStream` over that cache: stored parameters
+  checked, targets decoded, views rendered at 224 px) consumed by a student that costs nothing.
+
+CPU seconds include finished DataLoader workers (getrusage children), so views/s per core stays
+meaningful on a machine shared with other work; wall-clock rates are reported beside them. The load
+average before and after says how quiet the machine was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--views", type=int, default=200, help="views timed per render configuration")
+    p.add_argument("--images", type=int, default=256, help="500x375 JPEGs in the build/stream transfer set")
+    p.add_argument("--build-views", type=int, default=2, help="views per image in the zero-teacher build")
+    p.add_argument("--writer-views", type=int, default=4096, help="views written per writer target set")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers for build and stream")
+    p.add_argument("--size", type=int, default=224, help="teacher/student input size for build and stream")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: render,writer,build,stream")
+    p.add_argument("--quick", action="store_true", help="small counts, for a smoke check")
+    p.add_argument("--workdir", default=None, help="keep shards and stores here instead of a temporary directory")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def run(args=None) -> dict:
+    if not isinstance(args, argparse.Namespace):
+        args = build_parser().parse_args(args)
+    import torch
+
+    if args.quick:
+        args.views, args.images, args.writer_views = 24, 32, 512
+    torch.set_num_threads(1)  # per-core figures; DataLoader workers run one thread each as well
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    result: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_start": list(os.getloadavg())}}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        if "render" not in skip:
+            result["render"] = bench_render(args)
+        if "writer" not in skip:
+            result["writer"] = bench_writer(args, work)
+        if not {"build", "stream"} <= skip:
+            urls = photo_shards(Path(work) / "photos", args.images)
+            cache = str(Path(work) / "zero.zarr")
+            result["build_zero_teacher"] = bench_build(args, urls, cache)
+            if "stream" not in skip:
+                result["stream_zero_student"] = bench_stream(args, urls, cache)
+    result["goals"] = goals(result)
+    result["machine"]["load_avg_end"] = list(os.getloadavg())
+    return result
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def photos_500x375(n: int, seed: int = 0) -> list[Image.Image]:
+    """`n` seeded 4:3 crops (60-100% of the photo) of the bundled photographs, resized to 500x375."""
+    from tools.make_shards import bundled_photos
+
+    photos = [(name, a) for name, a in bundled_photos() if min(a.shape[:2]) >= 300]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        _, a = photos[int(rng.integers(len(photos)))]
+        h, w = a.shape[:2]
+        cw = int(min(w, h * 4 / 3) * rng.uniform(0.6, 1.0))
+        ch = int(cw * 3 / 4)
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = Image.fromarray(a[y:y + ch, x:x + cw]).convert("RGB")
+        out.append(img.resize((500, 375), Image.Resampling.LANCZOS))
+    return out
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def photo_shards(out: Path, n: int) -> list[str]:
+    from kt.shards import write_shards
+
+    samples = ({"__key__": f"photo-{i:06d}", "jpg": encode(img, "JPEG"), "cls": b"0"}
+               for i, img in enumerate(photos_500x375(n, seed=1)))
+    return write_shards(samples, out, prefix="photos", maxcount=max(1, n // 2))
+
+
+def _cpu() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+# --------------------------------------------------------------------------------------------- render
+def bench_render(args) -> dict:
+    from kt.render import decode_for_views, render, to_tensor
+    from kt.views import VIEW_PRESETS, sample_params
+
+    images = photos_500x375(16)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out: dict = {}
+    for fmt in ("JPEG", "PNG"):
+        data = [encode(img, fmt) for img in images]
+        out[f"{fmt.lower()}_bytes_mean"] = int(np.mean([len(d) for d in data]))
+        for spec_name in ("train", "light"):
+            spec = VIEW_PRESETS[spec_name]
+            params = [sample_params(spec, 0, f"k{i}", i % 4) for i in range(args.views)]
+            for size in (224, 64):
+                row: dict = {}
+                t_dec = t_ren = t_ten = 0.0
+                for i, p in enumerate(params):
+                    t0 = time.process_time()
+                    img = decode_for_views(data[i % len(data)], p, size)
+                    t1 = time.process_time()
+                    view = render(img, p, size)
+                    t2 = time.process_time()
+                    to_tensor(view, mean, std)
+                    t3 = time.process_time()
+                    t_dec, t_ren, t_ten = t_dec + t1 - t0, t_ren + t2 - t1, t_ten + t3 - t2
+                n = len(params)
+                row["views_per_s_per_core"] = round(n / (t_dec + t_ren + t_ten))
+                row["amortised_v4_views_per_s_per_core"] = round(n / (t_dec / 4 + t_ren + t_ten))
+                row["ms"] = {"decode": round(1e3 * t_dec / n, 3), "render": round(1e3 * t_ren / n, 3),
+                             "to_tensor": round(1e3 * t_ten / n, 3)}
+                tensor = _tensor_render_rate(data, params, size, mean, std)
+                if tensor is not None:
+                    row["tensor_cpu"] = tensor
+                out[f"{spec_name}_{size}px_{fmt.lower()}"] = row
+    return out
+
+
+def _tensor_render_rate(data, params, size, mean, std, batch: int = 32) -> dict | None:
+    """The batched tensor path on CPU: decode (PIL, full) excluded, render + normalise per view."""
+    try:
+        from kt.render_tensor import images_to_tensors, render_batch
+    except ImportError:
+        return None
+    sources = images_to_tensors([Image.open(io.BytesIO(d)).convert("RGB") for d in data])
+    t = 0.0
+    for i in range(0, len(params), batch):
+        p = np.stack(params[i:i + batch])
+        src = [sources[j % len(sources)] for j in range(i, i + len(p))]
+        t0 = time.process_time()
+        render_batch(src, p, size, mean=mean, std=std)
+        t += time.process_time() - t0
+    return {"render_ms": round(1e3 * t / len(params), 3), "views_per_s_per_core": round(len(params) / t)}
+
+
+# --------------------------------------------------------------------------------------------- writer
+TARGET_SETS = {
+    "logits": ["logits"],
+    "logits+embedding": ["logits", "embedding"],
+    "logits+embedding+patches": ["logits", "embedding", "patches"],
+}
+VIT_L = {"logits": (1000,), "embedding": (1024,), "patches": (16, 16, 1024)}  # ViT-L/14 at 224 px
+
+
+def synthetic_outputs(rng: np.random.Generator, n: int, targets) -> dict[str, np.ndarray]:
+    """Teacher-like outputs: peaked logits, unit embeddings, low-rank patch grids (compress like real ones)."""
+    out = {}
+    if "logits" in targets:
+        out["logits"] = (rng.standard_normal((n, 1000)) * 2 + 8 * (rng.random((n, 1000)) > 0.995)).astype(np.float32)
+    if "embedding" in targets:
+        e = rng.standard_normal((n, 1024)).astype(np.float32)
+        out["embedding"] = e / np.linalg.norm(e, axis=1, keepdims=True)
+    if "patches" in targets:
+        basis = rng.standard_normal((32, 1024)).astype(np.float32)
+        coef = rng.standard_normal((n, 16, 16, 32)).astype(np.float32)
+        out["patches"] = coef @ basis + 0.1 * rng.standard_normal((n, 16, 16, 1024)).astype(np.float32)
+    return out
+
+
+def bench_writer(args, work: str, batch: int = 64, views: int = 4) -> dict:
+    from kt.teacher_cache.build import Writer, parse_codecs
+    from kt.teacher_cache.store import CacheStore
+    from kt.views import VIEW_PRESETS, sample_params_batch
+
+    rng = np.random.default_rng(0)
+    spec = VIEW_PRESETS["train"]
+    out = {}
+    for name, targets in TARGET_SETS.items():
+        codecs = parse_codecs([], targets)
+        for t, c in codecs.items():
+            c.item_shape = VIT_L[t]
+        if "patches" in codecs:
+            codecs["patches"].fit(synthetic_outputs(rng, 8, ["patches"])["patches"])
+        attrs = {"teacher": {"arch": "synthetic-vit-l14", "weights_sha256": "0" * 64, "task": "classification",
+                             "num_classes": 1000, "classes": None, "image_size": 224,
+                             "mean": [0.5] * 3, "std": [0.5] * 3},
+                 "view": {"spec": spec.to_dict(), "seed": 0, "views_per_image": views},
+                 "targets": {t: {"codec": c.spec, "item_shape": list(VIT_L[t])} for t, c in codecs.items()}}
+        store = CacheStore.create(os.path.join(work, f"writer-{len(out)}.zarr"), attrs, overwrite=True)
+        for t, c in codecs.items():
+            store.write_codec_state(t, *c.state())
+        codecs = store.load_codecs()
+        batches = [synthetic_outputs(rng, batch, targets) for _ in range(4)]
+        per_shard = 1024  # views per input shard (256 images x 4 views)
+        n_total = max(per_shard, args.writer_views // per_shard * per_shard)
+        writer = Writer(store, views, codecs, rank=0)
+        wall, cpu = time.perf_counter(), _cpu()
+        writer.start()
+        for s in range(n_total // per_shard):
+            url = f"/synthetic/shard-{s:06d}.tar"  # never opened: the writer only names shards by it
+            keys = [f"s{s}-{i:06d}" for i in range(per_shard // views)]
+            for b in range(per_shard // batch):
+                flat = np.arange(b * batch, (b + 1) * batch)
+                idx, vidx = flat // views, flat % views
+                params = sample_params_batch(spec, 0, [keys[i] for i in idx], vidx.tolist())
+                writer.put(("batch", url, idx, vidx, params, batches[b % len(batches)]))
+            writer.put(("end", url, keys, [], len(keys)))
+        writer.close()
+        wall, cpu = time.perf_counter() - wall, _cpu() - cpu
+        out[name] = {"views_per_s_per_thread": round(n_total / wall), "views_per_cpu_s": round(n_total / cpu),
+                     "views": n_total, "codecs": {t: c.spec for t, c in codecs.items()},
+                     "stored_bytes_per_view": round(store.nbytes_stored() / n_total, 1)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- build
+def zero_teacher(image_size: int):
+    """A TaskModel whose forward costs nothing: constant ViT-L/14-shaped outputs, sliced to the batch."""
+    import torch
+
+    from kt.models import TaskModel
+
+    class ZeroTeacher(TaskModel):
+        def __init__(self):
+            super().__init__("zero-cost", torch.nn.Identity(), embedding_dim=1024, grid_dim=1024,
+                             mean=(0.5,) * 3, std=(0.5,) * 3, image_size=image_size, num_classes=1000)
+            g = torch.Generator().manual_seed(0)
+            # plain attributes, not buffers: the cache fingerprints the state dict, which stays empty
+            self.outputs = {"logits": torch.randn(512, 1000, generator=g) * 2,
+                            "embedding": torch.randn(512, 1024, generator=g),
+                            "grid": torch.randn(512, 1024, 16, 16, generator=g)}
+
+        def forward_features(self, x):
+            b = len(x)
+            return {name: value[:b] for name, value in self.outputs.items()}
+
+    return ZeroTeacher().eval()
+
+
+def bench_build(args, urls, cache: str) -> dict:
+    import kt.teacher_cache.build as build
+    from kt.views import VIEW_PRESETS
+
+    targets = ["logits", "embedding"]
+    original = build.load_teacher
+    build.load_teacher = lambda *a, **k: zero_teacher(args.size)  # the harness swaps the teacher, nothing else
+    try:
+        cfg = build.BuildConfig(teacher="zero-cost", data="::".join(urls), out=cache, views=args.build_views,
+                                seed=0, targets=targets, image_size=args.size, batch_size=64, workers=args.workers,
+                                overwrite=True)
+        wall, cpu = time.perf_counter(), _cpu()
+        summary = build.build_cache(cfg)
+        wall, cpu = time.perf_counter() - wall, _cpu() - cpu
+    finally:
+        build.load_teacher = original
+    n = summary["samples"] * args.build_views
+    model = zero_teacher(args.size)
+    lwall, lcpu, ln = time.perf_counter(), _cpu(), 0
+    for item in build.view_loader(urls, VIEW_PRESETS["train"], 0, args.build_views, args.size, model.mean,
+                                  model.std, 64, args.workers):
+        if item[0] == "batch":
+            ln += len(item[2])
+    lwall, lcpu = time.perf_counter() - lwall, _cpu() - lcpu
+    return {"views_per_s": round(n / wall), "views_per_cpu_s": round(n / cpu),
+            "loader_views_per_s": round(ln / lwall), "loader_views_per_cpu_s": round(ln / lcpu),
+            "over_loader": round(wall / lwall, 3), "views": n, "images": summary["samples"],
+            "views_per_image": args.build_views, "image_size": args.size, "workers": args.workers,
+            "targets": targets, "input": "500x375 JPEG q85"}
+
+
+# --------------------------------------------------------------------------------------------- stream
+def bench_stream(args, urls, cache: str) -> dict:
+    from kt.student.distill import CacheSource
+    from kt.student.stream import ReplayStream, StreamSpec, stream_loader
+    from kt.teacher_cache.reader import CacheReader
+
+    reader = CacheReader(cache, targets=["logits", "embedding"])
+    sizes = tuple(len(reader.shard(u, []).keys) for u in urls)
+    spec = StreamSpec(tuple(urls), sizes, 64, seed=0, workers=args.workers)
+    loader = stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["logits", "embedding"]), reader.view_spec,
+                                        reader.seed, reader.views_per_image, "cycle", args.size,
+                                        (0.5,) * 3, (0.5,) * 3))
+    wall, cpu, n = time.perf_counter(), _cpu(), 0
+    for batch in loader:
+        n += len(batch["x"])
+    wall, cpu = time.perf_counter() - wall, _cpu() - cpu
+    return {"views_per_s": round(n / wall), "views_per_cpu_s": round(n / cpu), "views": n,
+            "image_size": args.size, "workers": args.workers, "targets": ["logits", "embedding"]}
+
+
+def goals(result: dict) -> dict:
+    out = {}
+    r = result.get("render", {}).get("train_224px_jpeg")
+    if r:
+        out["train_224_jpeg_views_per_s_per_core"] = r["views_per_s_per_core"]
+        out["train_224_jpeg_ge_1000"] = r["views_per_s_per_core"] >= 1000
+    w = result.get("writer", {}).get("logits+embedding")
+    if w:
+        out["writer_logits_embedding_views_per_s"] = w["views_per_s_per_thread"]
+        out["writer_ge_5000"] = w["views_per_s_per_thread"] >= 5000
+    return out
