@@ -1,0 +1,98 @@
+"""The batched tensor render (kt.render_tensor, the GPU path) against the PIL render on the same stored
+parameters: MAD <= 1/255 per group of views. Runs on CPU tensors here; the `gpu` test repeats it on
+CUDA with nvJPEG decoding (`make gpu-check`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kt.render import render
+from kt.render_tensor import decode_batch, images_to_tensors, render_batch
+from kt.views import RANDAUG_OPS, VIEW_PRESETS, sample_params, sample_params_batch
+from tests import render_reference as ref
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, Image.Image]:
+    return {name: img.convert("RGB") for name, img in ref.photos().items()}
+
+
+def _compare(images: list[Image.Image], sources: list[torch.Tensor], params: np.ndarray, size) -> list[float]:
+    got = render_batch(sources, params, size).cpu().permute(0, 2, 3, 1).numpy()
+    return [ref.mad(g, render(img, p, size)) for g, img, p in zip(got, images, params)]
+
+
+def _check_specs(photos, device, views: int = 12, sizes=(224, 64, (48, 32))):
+    for spec in ("train", "light", "eval"):
+        params = sample_params_batch(VIEW_PRESETS[spec], 5, [f"t/{i}" for i in range(views)],
+                                     [i % 4 for i in range(views)])
+        for name, img in photos.items():
+            sources = images_to_tensors([img] * len(params), device)
+            for size in sizes:
+                diffs = _compare([img] * len(params), sources, params, size)
+                assert np.mean(diffs) <= 1.0, (spec, name, size, np.round(diffs, 2))
+                assert max(diffs) <= 3.0, (spec, name, size, np.round(diffs, 2))
+
+
+def test_tensor_render_matches_pil_on_cpu(photos):
+    # the tensor path on CPU is a reference check, not a fast path (PIL is faster on one core): kept small
+    name = next(iter(photos))
+    _check_specs({name: photos[name]}, "cpu", views=8, sizes=(64, (48, 32)))
+
+
+@pytest.mark.slow
+def test_tensor_render_matches_pil_on_cpu_full(photos):
+    _check_specs(photos, "cpu")
+
+
+@pytest.mark.parametrize("op", RANDAUG_OPS)
+def test_each_op_matches_pil(photos, op):
+    img = next(iter(photos.values()))
+    p = sample_params(VIEW_PRESETS["train"], 0, "op", 0)
+    p[9:] = -1
+    p[9] = RANDAUG_OPS.index(op)
+    p[10] = {"Rotate": 27, "ShearX": 0.27, "ShearY": -0.27, "TranslateX": 0.4, "TranslateY": -0.4,
+             "Solarize": 128, "Posterize": 4}.get(op, 1.8)
+    for flip in (0, 1):
+        p[4] = flip
+        diffs = _compare([img], images_to_tensors([img], "cpu"), p[None], 64)
+        assert diffs[0] <= 1.0, (op, flip, diffs)
+
+
+def test_normalised_output_matches_to_tensor(photos):
+    from kt.render import to_tensor
+
+    img = next(iter(photos.values()))
+    p = sample_params(VIEW_PRESETS["light"], 0, "n", 0)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = render_batch(images_to_tensors([img], "cpu"), p[None], 32, mean=mean, std=std)[0]
+    u8 = render_batch(images_to_tensors([img], "cpu"), p[None], 32)[0]
+    expect = to_tensor(Image.fromarray(u8.permute(1, 2, 0).numpy()), mean, std)
+    torch.testing.assert_close(x, expect, atol=1e-5, rtol=0)
+
+
+def test_decode_batch_matches_pil_decode(photos):
+    img = next(iter(photos.values()))
+    for fmt in ("PNG", "JPEG"):
+        data = ref.encode(img, fmt)
+        got = decode_batch([data], "cpu")[0].permute(1, 2, 0).numpy()
+        from kt.shards import decode_image
+
+        assert ref.mad(got, decode_image(data).convert("RGB")) <= (0.0 if fmt == "PNG" else 1.0)
+
+
+@pytest.mark.gpu
+def test_tensor_render_matches_pil_on_cuda(photos):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _check_specs(photos, "cuda")
+    img = next(iter(photos.values()))
+    data = ref.encode(img, "JPEG")
+    decoded = decode_batch([data, ref.encode(img, "PNG")], "cuda")
+    assert all(t.device.type == "cuda" for t in decoded)
+    from kt.shards import decode_image
+
+    assert ref.mad(decoded[0].cpu().permute(1, 2, 0).numpy(), decode_image(data).convert("RGB")) <= 1.5
