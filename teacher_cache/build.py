@@ -57,6 +57,8 @@ class BuildConfig:
     image_size: int = field(0, "teacher input size (0: the checkpoint's)")
     batch_size: int = field(64, "teacher batch size")
     workers: int = field(2, "DataLoader workers decoding and rendering")
+    writer_threads: int = field(1, "threads encoding, compressing and writing targets; raise it when the "
+                                   "writer limits the build (python -m tools.bench pipeline: views/s per thread)")
     codec: list = field([], "TARGET=SPEC overrides of the default codecs, e.g. logits=topk:k=10")
     max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt")
     fit_views: int = field(256, "teacher outputs sampled to fit PCA codecs")
@@ -230,6 +232,8 @@ def build_cache(cfg: BuildConfig) -> dict:
             raise UserError(f"--{name} is required")
     if cfg.views < 1:
         raise UserError("--views must be at least 1")
+    if cfg.writer_threads < 1:
+        raise UserError(f"--writer-threads must be at least 1, got {cfg.writer_threads}")
     state = PartialState(cpu=accelerate_cpu())
     urls = expand_shards(cfg.data)
     ids = [shard_id_for(u) for u in urls]
@@ -271,7 +275,7 @@ def build_cache(cfg: BuildConfig) -> dict:
                "shards_written": 0, "samples": 0, "bad": 0, "views_per_s": 0.0, "device": str(place.device),
                "teacher_dtype": str(place.teacher_dtype or torch.float32).removeprefix("torch.")}
     if mine:
-        writer = Writer(store, cfg.views, codecs, state.process_index)
+        writer = Writer(store, cfg.views, codecs, state.process_index, threads=cfg.writer_threads)
         writer.start()
         bar = tqdm(desc=f"kt-cache build (rank {state.process_index})", unit="view", mininterval=1.0,
                    disable=not state.is_local_main_process, dynamic_ncols=True)

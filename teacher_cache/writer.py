@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kt.errors import UserError
 from kt.views import PARAM_DIM
 from kt.teacher_cache.codecs import Codec
 from kt.teacher_cache.store import CacheStore, shard_id_for
@@ -81,16 +82,26 @@ class ShardAssembler:
         self.nonfinite: dict[int, set[str]] = {}  # row -> targets with a non-finite view
 
     def add(self, batch: TeacherBatch) -> None:
+        self.add_encoded(*self.encode(batch))
+
+    def encode(self, batch: TeacherBatch) -> tuple[_Encoded, dict[int, set[str]]]:
+        """The batch's encoded parts and its non-finite rows; touches no state, so threads may run it."""
         raw = batch.raw
+        nonfinite: dict[int, set[str]] = {}
         if not batch.finite.all():
             for i in np.flatnonzero(~batch.finite):
-                self.nonfinite.setdefault(int(batch.rows[i]), set()).update(
+                nonfinite.setdefault(int(batch.rows[i]), set()).update(
                     t for t, a in raw.items() if not np.isfinite(a[i]).all())
             # encode zeros in their place (the rows are dropped at the end): codecs never see NaN
             raw = {t: np.where(batch.finite.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0).astype(a.dtype)
                    for t, a in raw.items()}
-        self.batches.append(_Encoded(batch.rows, batch.views, batch.params,
-                                     {t: self.codecs[t].encode(raw[t]) for t in self.codecs}))
+        return _Encoded(batch.rows, batch.views, batch.params,
+                        {t: self.codecs[t].encode(raw[t]) for t in self.codecs}), nonfinite
+
+    def add_encoded(self, encoded: _Encoded, nonfinite: dict[int, set[str]]) -> None:
+        self.batches.append(encoded)
+        for row, targets in nonfinite.items():
+            self.nonfinite.setdefault(row, set()).update(targets)
 
     def finish(self, end: ShardEnd) -> AssembledShard:
         n = len(end.keys)
@@ -118,16 +129,32 @@ class ShardAssembler:
         return AssembledShard([k for k, ok in zip(end.keys, keep) if ok], end.digests[keep], params, targets, bad)
 
 
-class Writer(threading.Thread):
-    """Encodes batches and writes finished shards off the teacher's thread, in arrival order."""
+class Writer:
+    """Encodes batches and writes finished shards off the teacher's thread, with `threads` parallel threads.
 
-    def __init__(self, store: CacheStore, views: int, codecs: dict[str, Codec], rank: int, max_pending: int = 8):
-        super().__init__(daemon=True)
+    Encoding (numpy) and compression + I/O (numcodecs, zarr) release the GIL, so threads scale until the
+    cores do. Batches of one shard may be encoded by different threads in any order; the assembler sorts
+    rows by (sample, view) before writing, so the store is bit for bit the same for any thread count. A
+    shard's end waits for its own batches still being encoded (all were queued before it, so they are
+    already taken) and then writes the shard and its completion marker, one atomic step as before.
+    """
+
+    def __init__(self, store: CacheStore, views: int, codecs: dict[str, Codec], rank: int, max_pending: int = 8,
+                 threads: int = 1):
+        if threads < 1:
+            raise UserError(f"--writer-threads must be at least 1, got {threads}")
         self.store, self.views, self.codecs, self.rank = store, views, codecs, rank
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_pending * threads)
         self.shards: dict[str, ShardAssembler] = {}
         self.error: BaseException | None = None
         self.written: list[dict] = []
+        self._in_flight: dict[str, int] = {}  # url -> batches queued but not yet added to its assembler
+        self._cond = threading.Condition()
+        self._threads = [threading.Thread(target=self.run, daemon=True, name=f"kt-writer-{i}") for i in range(threads)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
 
     def run(self) -> None:
         while True:
@@ -135,23 +162,47 @@ class Writer(threading.Thread):
             if job is None:
                 return
             if self.error is not None:
+                self._done(job)
                 continue  # drain after a failure; the main thread raises it
             try:
                 self._do(job)
             except BaseException as e:  # noqa: BLE001 -- handed to the main thread
                 self.error = e
+                self._done(job)
+
+    def _done(self, job) -> None:
+        """Account for a job that was dropped or failed, and wake threads waiting for their shard."""
+        with self._cond:
+            if isinstance(job, TeacherBatch):
+                self._in_flight[job.url] -= 1
+            self._cond.notify_all()
 
     def _do(self, job: TeacherBatch | ShardEnd) -> None:
         if isinstance(job, TeacherBatch):
-            self.shards.setdefault(job.url, ShardAssembler(self.views, self.codecs)).add(job)
+            with self._cond:
+                assembler = self.shards.setdefault(job.url, ShardAssembler(self.views, self.codecs))
+            encoded = assembler.encode(job)  # outside the lock: this is the work
+            with self._cond:
+                assembler.add_encoded(*encoded)
+                self._in_flight[job.url] -= 1
+                self._cond.notify_all()
             return
-        shard = self.shards.pop(job.url, ShardAssembler(self.views, self.codecs)).finish(job)
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_flight.get(job.url, 0) == 0 or self.error is not None)
+            assembler = self.shards.pop(job.url, ShardAssembler(self.views, self.codecs))
+        self.check()
+        shard = assembler.finish(job)
         self.store.write_shard(shard_id_for(job.url), job.url, shard.keys, shard.params, shard.targets, shard.bad,
                                rank=self.rank, digests=shard.digests)
-        self.written.append({"url": job.url, "samples": len(shard.keys), "bad": len(shard.bad), "read": job.n_read})
+        with self._cond:
+            self.written.append({"url": job.url, "samples": len(shard.keys), "bad": len(shard.bad),
+                                 "read": job.n_read})
 
     def put(self, job) -> None:
         self.check()
+        if isinstance(job, TeacherBatch):
+            with self._cond:
+                self._in_flight[job.url] = self._in_flight.get(job.url, 0) + 1
         self.jobs.put(job)
 
     def check(self) -> None:
@@ -159,6 +210,8 @@ class Writer(threading.Thread):
             raise self.error
 
     def close(self) -> None:
-        self.jobs.put(None)
-        self.join()
+        for _ in self._threads:
+            self.jobs.put(None)
+        for t in self._threads:
+            t.join()
         self.check()
