@@ -96,3 +96,4 @@ def test_tensor_render_matches_pil_on_cuda(photos):
     from kt.shards import decode_image
 
     assert ref.mad(decoded[0].cpu().permute(1, 2, 0).numpy(), decode_image(data).convert("RGB")) <= 1.5
+
