@@ -6,9 +6,10 @@
 - `render`: views/s per core of decode + render + to_tensor for one view (CPU seconds of this process,
   one torch thread), for the `train` and `light` specs at 224 and 64 px, from typical 500x375 photos
   (the photographs bundled with scikit-image/scikit-learn, seeded 4:3 crops resized to 500x375) stored
-  as JPEG (quality 85, ~50 KB) and PNG. `amortised_v4` decodes once for 4 views, as a cache build with
-  `--views 4` does. `tensor_cpu` is the batched tensor path (`kt.render_tensor`) on CPU tensors, where
-  present: rendering only, from the decoded uint8 images.
+  as JPEG (quality 95, ~44 KB) and PNG. `amortised_v4` decodes once for 4 views, as a cache build with
+  `--views 4` does.
+- `render_gpu` (where CUDA is present): the GPU path, `kt.render_tensor` (nvJPEG decode of 256 images, one
+  batched render of their 256 views), views/s of the device, best of 2 after a warm-up round.
 - `writer`: views/s of ONE writer thread (`kt.teacher_cache.build.Writer`: encode + compress + write
   through `CacheStore`) per target set, from synthetic teacher outputs of ViT-L/14 shape (1000 logits,
   1024-d embedding, 16x16x1024 patch grid) with the default codecs (topk:k=10, fp16, pca:d=64,int8).
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writer-threads", default="1,2", help="writer thread counts timed (BuildConfig.writer_threads)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers for build and stream")
     p.add_argument("--size", type=int, default=224, help="teacher/student input size for build and stream")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: render,writer,build,stream")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: render,render_gpu,writer,build,stream")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke check")
     p.add_argument("--workdir", default=None, help="keep shards and stores here instead of a temporary directory")
     p.add_argument("--json", action="store_true")
@@ -66,6 +67,8 @@ def run(args=None) -> dict:
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         if "render" not in skip:
             result["render"] = bench_render(args)
+        if "render_gpu" not in skip and torch.cuda.is_available():
+            result["render_gpu"] = bench_render_gpu(args)
         if "writer" not in skip:
             result["writer"] = bench_writer(args, work)
         if not {"build", "stream"} <= skip:
@@ -100,7 +103,7 @@ def photos_500x375(n: int, seed: int = 0) -> list[Image.Image]:
 
 def encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    img.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))  # ~44 KB: a typical web photo
     return buf.getvalue()
 
 
@@ -148,28 +151,39 @@ def bench_render(args) -> dict:
                 row["amortised_v4_views_per_s_per_core"] = round(n / (t_dec / 4 + t_ren + t_ten))
                 row["ms"] = {"decode": round(1e3 * t_dec / n, 3), "render": round(1e3 * t_ren / n, 3),
                              "to_tensor": round(1e3 * t_ten / n, 3)}
-                tensor = _tensor_render_rate(data, params, size, mean, std)
-                if tensor is not None:
-                    row["tensor_cpu"] = tensor
                 out[f"{spec_name}_{size}px_{fmt.lower()}"] = row
     return out
 
 
-def _tensor_render_rate(data, params, size, mean, std, batch: int = 32) -> dict | None:
-    """The batched tensor path on CPU: decode (PIL, full) excluded, render + normalise per view."""
-    try:
-        from kt.render_tensor import images_to_tensors, render_batch
-    except ImportError:
-        return None
-    sources = images_to_tensors([Image.open(io.BytesIO(d)).convert("RGB") for d in data])
-    t = 0.0
-    for i in range(0, len(params), batch):
-        p = np.stack(params[i:i + batch])
-        src = [sources[j % len(sources)] for j in range(i, i + len(p))]
-        t0 = time.process_time()
-        render_batch(src, p, size, mean=mean, std=std)
-        t += time.process_time() - t0
-    return {"render_ms": round(1e3 * t / len(params), 3), "views_per_s_per_core": round(len(params) / t)}
+def bench_render_gpu(args, batch: int = 256) -> dict:
+    """The GPU path (`kt.render_tensor`): nvJPEG decode and batched render of `batch` views per call, on CUDA."""
+    import torch
+
+    from kt.render_tensor import decode_batch, render_batch
+    from kt.views import VIEW_PRESETS, sample_params_batch
+
+    images = photos_500x375(32)
+    out: dict = {"device": torch.cuda.get_device_name(0), "batch": batch}
+    for fmt in ("JPEG", "PNG"):
+        data = [encode(images[i % len(images)], fmt) for i in range(batch)]
+        for spec_name in ("train", "light"):
+            params = sample_params_batch(VIEW_PRESETS[spec_name], 0, [f"k{i}" for i in range(batch)], 0)
+            for size in (224, 64):
+                rates = []
+                for _ in range(3):  # the first round warms up kernels and the allocator
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    sources = decode_batch(data, "cuda")
+                    torch.cuda.synchronize()
+                    t1 = time.perf_counter()
+                    render_batch(sources, params, size, mean=(0.5,) * 3, std=(0.5,) * 3)
+                    torch.cuda.synchronize()
+                    rates.append((t1 - t0, time.perf_counter() - t1))
+                dec, ren = min(r[0] for r in rates[1:]), min(r[1] for r in rates[1:])
+                out[f"{spec_name}_{size}px_{fmt.lower()}"] = {
+                    "decode_views_per_s": round(batch / dec), "render_views_per_s": round(batch / ren),
+                    "views_per_s": round(batch / (dec + ren))}
+    return out
 
 
 # --------------------------------------------------------------------------------------------- writer
@@ -309,7 +323,7 @@ def bench_build(args, urls, cache: str) -> dict:
             "loader_views_per_s": round(ln / lwall), "loader_views_per_cpu_s": round(ln / lcpu),
             "over_loader": round(wall / lwall, 3), "views": n, "images": summary["samples"],
             "views_per_image": args.build_views, "image_size": args.size, "workers": args.workers,
-            "targets": targets, "input": "500x375 JPEG q85"}
+            "targets": targets, "input": "500x375 JPEG q95"}
 
 
 # --------------------------------------------------------------------------------------------- stream
