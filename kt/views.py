@@ -23,6 +23,10 @@ Crop boxes are sampled assuming a square source image (the transfer sets here ar
 square-resized photographs). A non-square source gets the same normalised box, so its crop is stretched
 by the source's aspect ratio; resize such sources to square before building the cache if that matters.
 
+Rendering (parameters -> pixels) lives in `kt.render` (PIL, CPU) and `kt.render_tensor` (batched, GPU); both
+names stay importable from here. Their speed-ups changed pixels by less than 1/255 on average and no
+parameter, so the view format version is still 1 (the reasoning is in `kt.render`'s docstring).
+
 Parameter layout (see `param_names()`):
     0-3   crop box x0, y0, x1, y1 (normalised source coordinates)
     4     horizontal flip (0 or 1)
