@@ -129,7 +129,7 @@ def affine(x: torch.Tensor, matrix: Affine, clips: Sequence[Affine], fill: Seque
     (u, v), *rest = _centres([matrix, *clips], w, h, x.device)
     grid = torch.stack([2 * u / w - 1, 2 * v / h - 1], -1).to(torch.float32)[None]
     out = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-    out = _round8(out)
+    out = out.trunc().clamp_(0, 255)  # PIL's bilinear transform truncates (measured: rounding misses 45%)
     keep = (u >= 0) & (u < w) & (v >= 0) & (v < h)
     for cu, cv in rest:
         keep &= (cu >= 0) & (cu < w) & (cv >= 0) & (cv < h)
