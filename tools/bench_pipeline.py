@@ -300,8 +300,8 @@ def bench_build(args, urls, cache: str) -> dict:
     from kt.views import VIEW_PRESETS
 
     targets = ["logits", "embedding"]
-    original = build.load_teacher
-    build.load_teacher = lambda *a, **k: zero_teacher(args.size)  # the harness swaps the teacher, nothing else
+    original = build.load_model
+    build.load_model = lambda *a, **k: zero_teacher(args.size)  # the harness swaps the teacher, nothing else
     try:
         cfg = build.BuildConfig(teacher="zero-cost", data="::".join(urls), out=cache, views=args.build_views,
                                 seed=0, targets=targets, image_size=args.size, batch_size=64, workers=args.workers,
@@ -310,7 +310,7 @@ def bench_build(args, urls, cache: str) -> dict:
         summary = build.build_cache(cfg)
         wall, cpu = time.perf_counter() - wall, _cpu() - cpu
     finally:
-        build.load_teacher = original
+        build.load_model = original
     n = summary["samples"] * args.build_views
     model = zero_teacher(args.size)
     lwall, lcpu, ln = time.perf_counter(), _cpu(), 0
