@@ -246,7 +246,7 @@ def bench_writer(args, work: str, batch: int = 64, views: int = 4) -> dict:
 
 def _write(store, codecs, batches, spec, views: int, batch: int, n_views: int, threads: int) -> dict:
     """Views/s of one Writer with `threads` threads writing shards of 1,024 views (256 images x 4 views)."""
-    from kt.teacher_cache.build import Writer
+    from kt.teacher_cache.writer import ShardEnd, TeacherBatch, Writer, finite_rows
     from kt.views import sample_params_batch
 
     per_shard = 1024
@@ -260,8 +260,9 @@ def _write(store, codecs, batches, spec, views: int, batch: int, n_views: int, t
             flat = np.arange(b * batch, (b + 1) * batch)
             idx, vidx = flat // views, flat % views
             params = sample_params_batch(spec, 0, [keys[i] for i in idx], vidx.tolist())
-            jobs.append(("batch", url, idx, vidx, params, batches[b % len(batches)]))
-        jobs.append(("end", url, keys, [], len(keys)))
+            raw = batches[b % len(batches)]
+            jobs.append(TeacherBatch(url, idx, vidx, params, raw, finite_rows(raw)))
+        jobs.append(ShardEnd(url, keys, np.arange(len(keys), dtype=np.uint64), [], len(keys)))
     wall, cpu = time.perf_counter(), _cpu()
     writer.start()
     for job in jobs:
@@ -316,8 +317,8 @@ def bench_build(args, urls, cache: str) -> dict:
     lwall, lcpu, ln = time.perf_counter(), _cpu(), 0
     for item in build.view_loader(urls, VIEW_PRESETS["train"], 0, args.build_views, args.size, model.mean,
                                   model.std, 64, args.workers):
-        if item[0] == "batch":
-            ln += len(item[2])
+        if isinstance(item, build.ViewBatch):
+            ln += len(item.rows)
     lwall, lcpu = time.perf_counter() - lwall, _cpu() - lcpu
     return {"views_per_s": round(n / wall), "views_per_cpu_s": round(n / cpu),
             "loader_views_per_s": round(ln / lwall), "loader_views_per_cpu_s": round(ln / lcpu),
