@@ -37,8 +37,9 @@ from kt.device import Placement, model_device, placement
 from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
-from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, split_urls
+from kt.shards import BadSamples, decode_image, expand_shards, iter_samples, load_classes, split_urls
 from kt.render import decode_for_views, render, to_tensor
+from kt.render_tensor import images_to_tensors, render_batch
 from kt.views import ViewSpec, load_view_spec, sample_params
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
 from kt.teacher_cache.store import CacheStore, shard_id_for
@@ -57,6 +58,8 @@ class BuildConfig:
     image_size: int = field(0, "teacher input size (0: the checkpoint's)")
     batch_size: int = field(64, "teacher batch size")
     workers: int = field(2, "DataLoader workers decoding and rendering")
+    render: str = field("auto", "where views are rendered: auto (the GPU when CUDA is present, else the "
+                                "DataLoader workers) | cpu | cuda; both give the same views within 1/255")
     writer_threads: int = field(1, "threads encoding, compressing and writing targets; raise it when the "
                                    "writer limits the build (python -m tools.bench pipeline: views/s per thread)")
     codec: list = field([], "TARGET=SPEC overrides of the default codecs, e.g. logits=topk:k=10")
@@ -138,16 +141,20 @@ class ViewBatch:
     views: np.ndarray  # (b,) view index
     keys: list[str]
     params: np.ndarray  # (b, P)
-    x: torch.Tensor  # (b, 3, S, S) the teacher's input
+    x: torch.Tensor | list[torch.Tensor]  # (b, 3, S, S) the teacher's input; device_render: b uint8 (3, H, W) sources
 
 
 class ShardViewBatches(IterableDataset):
-    """`ViewBatch`es of rendered teacher views, each from one input shard, and a `ShardEnd` after each shard."""
+    """`ViewBatch`es of rendered teacher views, each from one input shard, and a `ShardEnd` after each shard.
+
+    With `device_render` the workers only decode: x is the views' decoded uint8 sources, rendered as one
+    batch on the teacher's GPU (`kt.render_tensor.render_batch`) from the same params."""
 
     def __init__(self, urls: Sequence[str], spec: ViewSpec, seed: int, views: int, image_size: int,
-                 mean, std, batch_size: int):
+                 mean, std, batch_size: int, device_render: bool = False):
         self.urls, self.spec, self.seed, self.views = list(urls), spec, seed, views
         self.image_size, self.mean, self.std, self.batch_size = image_size, mean, std, batch_size
+        self.device_render = device_render
 
     def __iter__(self) -> Iterator[ViewBatch | ShardEnd]:
         info = get_worker_info()
@@ -165,6 +172,8 @@ class ShardViewBatches(IterableDataset):
         def decode(key: str, data: bytes):
             # a JPEG decodes at the reduced scale that all of its views still allow (kt.render)
             views[key] = np.stack([sample_params(self.spec, self.seed, key, v) for v in range(self.views)])
+            if self.device_render:  # the GPU path renders from the full image
+                return decode_image(data)
             return decode_for_views(data, views[key], self.image_size)
 
         # iter_samples refuses a key seen twice in the shard; keys across shards are checked at the end
@@ -172,8 +181,10 @@ class ShardViewBatches(IterableDataset):
             row = len(keys)
             keys.append(sample.key)
             digests.append(sample.digest)
+            source = images_to_tensors([sample.image], "cpu")[0] if self.device_render else None
             for v, params in enumerate(views.pop(sample.key)):
-                x = to_tensor(render(sample.image, params, self.image_size), self.mean, self.std)
+                x = source if self.device_render else \
+                    to_tensor(render(sample.image, params, self.image_size), self.mean, self.std)
                 buf.append((row, v, params, x))
                 if len(buf) == self.batch_size:
                     yield self._batch(url, buf, keys)
@@ -182,16 +193,16 @@ class ShardViewBatches(IterableDataset):
             yield self._batch(url, buf, keys)
         yield ShardEnd(url, keys, np.asarray(digests, dtype=np.uint64), bad.bad, bad.total)
 
-    @staticmethod
-    def _batch(url: str, buf: list[tuple], keys: list[str]) -> ViewBatch:
+    def _batch(self, url: str, buf: list[tuple], keys: list[str]) -> ViewBatch:
         rows = np.array([row for row, *_ in buf])
+        x = [x for *_, x in buf]
         return ViewBatch(url, rows, np.array([v for _, v, *_ in buf]), [keys[i] for i in rows],
-                         np.stack([p for _, _, p, _ in buf]), torch.stack([x for *_, x in buf]))
+                         np.stack([p for _, _, p, _ in buf]), x if self.device_render else torch.stack(x))
 
 
 def view_loader(urls, spec, seed, views, image_size, mean, std, batch_size, workers,
-                pin_memory: bool = False) -> DataLoader:
-    dataset = ShardViewBatches(urls, spec, seed, views, image_size, mean, std, batch_size)
+                pin_memory: bool = False, device_render: bool = False) -> DataLoader:
+    dataset = ShardViewBatches(urls, spec, seed, views, image_size, mean, std, batch_size, device_render)
     workers = min(workers, len(urls))
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
@@ -232,6 +243,7 @@ def build_cache(cfg: BuildConfig) -> dict:
             raise UserError(f"--{name} is required")
     if cfg.views < 1:
         raise UserError("--views must be at least 1")
+    render_device_for(cfg.render)  # a bad choice fails before anything loads
     if cfg.writer_threads < 1:
         raise UserError(f"--writer-threads must be at least 1, got {cfg.writer_threads}")
     state = PartialState(cpu=accelerate_cpu())
@@ -244,6 +256,7 @@ def build_cache(cfg: BuildConfig) -> dict:
     targets = parse_targets(cfg.targets)
     codecs = parse_codecs(cfg.codec, targets)  # bad specs fail before the teacher loads
     place = placement(state.device, cfg.teacher_precision)
+    render_device = render_device_for(cfg.render, place.device)
     # a random init is seeded: one teacher per cache, the same on every rank and every rerun
     model = load_model(cfg.teacher, pretrained=cfg.pretrained, image_size=cfg.image_size, seed=0,
                        what="teacher").eval()
@@ -282,8 +295,12 @@ def build_cache(cfg: BuildConfig) -> dict:
         start, n_views = time.perf_counter(), 0
         try:
             for item in view_loader(mine, spec, cfg.seed, cfg.views, image_size, model.mean, model.std,
-                                    cfg.batch_size, cfg.workers, pin_memory=place.pin_memory):
+                                    cfg.batch_size, cfg.workers, pin_memory=place.pin_memory,
+                                    device_render=render_device is not None):
                 if isinstance(item, ViewBatch):
+                    if render_device is not None:  # sources: render the batch on the teacher's GPU
+                        item.x = render_batch([s.to(render_device, non_blocking=place.non_blocking) for s in item.x],
+                                              item.params, image_size, model.mean, model.std)
                     with torch.inference_mode():
                         raw = teacher_outputs(model, item.x, targets, place)
                     writer.put(TeacherBatch(item.url, item.rows, item.views, item.params, raw, finite_rows(raw)))
@@ -333,3 +350,18 @@ def check_bad_fraction(store: CacheStore, urls: Sequence[str], max_fraction: flo
         first = next(b for m in done for b in m["bad"])
         raise UserError(f"{bad} of {read} samples are bad ({bad / read:.1%} > --max-bad-fraction "
                         f"{max_fraction:.1%}), e.g. {first['key']}: {first['reason']}; see kt-cache info")
+
+
+def render_device_for(choice: str, device: torch.device | str | None = None) -> torch.device | None:
+    """The device that renders views in the main process, the teacher's (None: the DataLoader workers render
+    with PIL). `device` is this process's device; by default the first CUDA device when there is one."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--render must be auto, cpu or cuda, got {choice!r}")
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cpu":
+        return None
+    if device.type == "cuda":
+        return device
+    if choice == "cuda":
+        raise UserError("--render cuda: this process has no CUDA device (use --render auto or cpu)")
+    return None

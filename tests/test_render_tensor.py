@@ -97,3 +97,35 @@ def test_tensor_render_matches_pil_on_cuda(photos):
 
     assert ref.mad(decoded[0].cpu().permute(1, 2, 0).numpy(), decode_image(data).convert("RGB")) <= 1.5
 
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_build_batches_rendered_on_device_match_worker_renders(fmnist, device):
+    """The cache build's GPU path (workers decode, one render_batch in the main process), on CPU tensors
+    and, marked gpu, on CUDA: the same views as the DataLoader workers' PIL renders."""
+    from kt.teacher_cache.build import ShardViewBatches, ViewBatch, render_device_for
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        assert render_device_for("auto", "cuda:0") == torch.device("cuda:0")
+    else:
+        assert render_device_for("cpu") is None and render_device_for("auto", "cpu") is None
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    args = (fmnist["train"][:1], VIEW_PRESETS["train"], 0, 2, 32, mean, std, 50)
+    pil = [b for b in ShardViewBatches(*args) if isinstance(b, ViewBatch)]
+    dev = [b for b in ShardViewBatches(*args, device_render=True) if isinstance(b, ViewBatch)]
+    assert len(pil) == len(dev) and all(isinstance(b.x, list) for b in dev)
+    for a, b in zip(pil, dev):
+        np.testing.assert_array_equal(a.params, b.params)
+        x = render_batch([t.to(device) for t in b.x], b.params, 32, mean=mean, std=std).cpu()
+        levels = (x - a.x).abs() * torch.tensor(std).view(1, 3, 1, 1) * 255
+        assert float(levels.mean()) <= 1.0
+
+
+def test_render_choice_is_checked(fmnist, tmp_path, capsys):
+    from kt.teacher_cache.cli import main
+
+    assert main(["build", "--teacher", "test_vit", "--data", fmnist["train"][0], "--out", str(tmp_path / "c"),
+                 "--targets", "embedding", "--render", "gpu"]) == 2
+    assert "--render must be auto, cpu or cuda" in capsys.readouterr().err
