@@ -1,4 +1,5 @@
-"""Benchmarks, one entry point: `python -m tools.bench {cache,distill,retrieval,export,gpu,seg-models,pipeline} [--json]`.
+"""Benchmarks, one entry point: `python -m tools.bench NAME [--json]` (NAME: cache, distill, retrieval, export, gpu,
+seg-models, pipeline).
 
     python -m tools.bench cache --json          # teacher cache: build overhead, bytes, fidelity, reader
     python -m tools.bench distill --json        # student distillation from the cache
