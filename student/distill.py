@@ -32,7 +32,8 @@ from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import load_view_spec
 from kt.student.losses import OBJECTIVES, DistillObjective, create_objective
-from kt.student.stream import VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, steps_per_epoch, stream_loader
+from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, plan_epoch, steps_per_epoch,
+                               stream_loader)
 from kt.student.loop import CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit
 
 
@@ -260,6 +261,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     spec = StreamSpec(tuple(urls), tuple(sizes), cfg.batch_size, cfg.seed, rank, world, cfg.workers,
                       cfg.shuffle_shards)
     steps = steps_per_epoch(spec)
+    # the exact batch count of every epoch (they differ by a few), so the cosine ends at its minimum
+    per_epoch = [len(plan_epoch(spec, e)) for e in range(cfg.epochs)]
     if steps == 0:
         raise UserError("the transfer set is empty (or smaller than one batch per process)")
 
@@ -274,7 +277,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     def loss_fn(modules, batch):
         return modules(place.to(batch))
 
-    result = fit(cfg, model, make_loader, steps, loss_fn, out, accelerator=accelerator,
+    result = fit(cfg, model, make_loader, per_epoch, loss_fn, out, accelerator=accelerator,
                  desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True)
     summary = {"out": str(out), "model": cfg.model, "objective": cfg.objective, "completed": result.completed,
                "processes": world, "steps": result.global_step, "steps_per_epoch": steps,

@@ -84,11 +84,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         write_run_record(out, cfg)
     dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std)
     batch_size = min(cfg.batch_size, len(dataset))
-    steps = len(dataset) // batch_size
     accelerator = create_accelerator(cfg, out)
     pin = placement(accelerator.device).pin_memory
+    # steps per epoch: None lets fit count the batches accelerate gives this process (it deals the
+    # batches of the labeled set out to processes), so the schedule has the same shape on any process count
     result = fit(cfg, model, lambda epoch: labeled_loader(dataset, epoch, batch_size, cfg.workers, pin_memory=pin),
-                 steps, classification_loss(cfg.label_smoothing), out, accelerator=accelerator,
+                 None, classification_loss(cfg.label_smoothing), out, accelerator=accelerator,
                  desc=f"finetune {model.arch}")
     summary = {"out": str(out), "model": model.arch, "labeled_images": len(samples), "completed": result.completed,
                "steps": result.global_step, "bad_samples": len(bad.bad)}

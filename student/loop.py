@@ -3,8 +3,8 @@ distillation from the cache.
 
 A job hands `fit` its trainable modules, a loader factory `make_loader(epoch)` whose batches are a pure
 function of (seed, epoch, position), and a loss function. `fit` owns everything else: AdamW, cosine decay
-with linear warm-up (per step), mixed precision and gradient accumulation through `accelerate`, a
-progress bar, metrics as JSONL plus TensorBoard through accelerate's trackers, and exact resume: the
+with linear warm-up (per step), mixed precision through `accelerate`, gradient accumulation in windows
+that end at every epoch end (so an epoch-end save never drops half-accumulated gradients), a progress bar, metrics as JSONL plus TensorBoard through accelerate's trackers, and exact resume: the
 accelerate state (model, optimizer, scheduler, RNG) and the position (epoch, step in epoch) are saved
 every `save_every` optimizer steps and at every epoch end, and a rerun of the same command continues
 from the last save, skipping the batches of the interrupted epoch it had already taken.
@@ -16,13 +16,14 @@ a job from the model another run left in `checkpoint/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import yaml
@@ -46,7 +47,8 @@ class OptimConfig:
     weight_decay: float = field(0.05, "AdamW decoupled weight decay, the usual value for small nets")
     warmup_epochs: float = field(1.0, "linear warm-up length; keeps early steps from wrecking pretrained weights")
     min_lr_ratio: float = field(0.01, "cosine decays to this fraction of lr")
-    grad_accum: int = field(1, "optimizer step every N batches (effective batch = batch_size * N * processes)")
+    grad_accum: int = field(1, "optimizer step every N batches (effective batch = batch_size * N * processes); "
+                               "the last window of an epoch may be shorter")
     grad_clip: float = field(0.0, "max gradient norm; 0 disables")
     mixed_precision: str = field("no", "accelerate mixed precision: no | fp16 | bf16")
     save_every: int = field(0, "also save resumable state every N optimizer steps (0: at epoch ends only)")
@@ -76,8 +78,10 @@ def create_accelerator(cfg: OptimConfig, out_dir: str | Path):
     AcceleratorState._reset_state(reset_partial_state=False)
     # without CUDA, accelerate only forms a multi-process (gloo) group when told it runs on CPU
     cpu = accelerate_cpu()
-    # prepared loaders copy batches to the GPU asynchronously; the loaders pin them (kt.device.placement)
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+    # prepared loaders copy batches to the GPU asynchronously; the loaders pin them (kt.device.placement).
+    # Gradient accumulation is fit's own (windows cut at epoch ends, which accelerate only does for loaders it
+    # prepared itself, and the distillation stream is not one), so accelerate is told to step every batch
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
                        log_with="tensorboard", project_dir=str(out_dir), cpu=cpu,
                        dataloader_config=DataLoaderConfiguration(non_blocking=not cpu))
 
@@ -117,7 +121,21 @@ class FitResult:
     is_main_process: bool = True
 
 
-def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Iterable], steps_per_epoch: int,
+def _with_last(batches: Iterable) -> Iterator[tuple[Any, bool]]:
+    """(batch, is_last_of_epoch): one batch of lookahead tells where the epoch ends, whatever the loader."""
+    it = iter(batches)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterable],
+        steps_per_epoch: int | Sequence[int] | None,
         loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], out_dir: str | Path,
         accelerator=None, desc: str = "train", prepare_loader: bool = True,
         loader_skips: bool = False) -> FitResult:
@@ -126,12 +144,18 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
     Args:
         modules: everything with trainable parameters (model plus any projection heads).
         make_loader: epoch -> iterable of batches (a DataLoader; it is passed through accelerate).
-        steps_per_epoch: batches per epoch for this process (sets the schedule length).
+        steps_per_epoch: batches per epoch for this process (sets the schedule length): one number, one per
+            epoch, or None to take the length of the accelerate-prepared loader (which splits the batches of
+            a map-style loader across processes).
         loss_fn: (prepared modules, batch) -> (scalar loss, dict of float metrics).
         prepare_loader: pass each epoch's loader through accelerate (map-style data: accelerate shards
             the batches across processes). False for streams that already split shards per rank.
         loader_skips: `make_loader(epoch, skip)` starts the epoch at batch `skip` itself (a stream that can
             seek); otherwise accelerate skips the first batches by reading them.
+
+    Gradient accumulation windows are `grad_accum` batches counted from each epoch's start, the last one
+    cut at the epoch end (its gradient rescaled to the mean over its batches, like every other window's),
+    so every save falls between windows and resume is exact whatever the epoch length.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -147,9 +171,15 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
     no_decay = [p for p in params if p.ndim <= 1]  # norms and biases, as timm's param_groups_weight_decay
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    updates_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
-    total = updates_per_epoch * cfg.epochs
-    schedule = cosine_with_warmup(total, int(cfg.warmup_epochs * updates_per_epoch), cfg.min_lr_ratio)
+    if steps_per_epoch is None:
+        steps_per_epoch = len(accelerator.prepare_data_loader(make_loader(0)))
+    per_epoch = [steps_per_epoch] * cfg.epochs if isinstance(steps_per_epoch, int) else list(steps_per_epoch)
+    if cfg.epochs and min(per_epoch[: cfg.epochs]) <= 0:
+        raise UserError(f"{desc}: an epoch holds no full batch per process ({accelerator.num_processes} processes); "
+                        "lower --batch-size or use more data")
+    updates = [math.ceil(n / cfg.grad_accum) for n in per_epoch[: cfg.epochs]]
+    total = sum(updates)
+    schedule = cosine_with_warmup(total, int(cfg.warmup_epochs * (updates[0] if updates else 0)), cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     modules, optimizer = accelerator.prepare(modules, optimizer)
     # the scheduler steps once per optimizer update on every process; registered so save_state keeps it
@@ -186,28 +216,37 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
             loader = make_loader(epoch)
             loader = accelerator.prepare_data_loader(loader) if prepare_loader else loader
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        batch_index = skip
+        batch_index = skip  # saves happen between windows only, so `skip` starts a window
         skip = 0
+        window = 0  # batches accumulated since the last optimizer step
         modules.train()
-        for batch in batches:
-            with accelerator.accumulate(modules):
-                loss, metrics = loss_fn(modules, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(modules.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        for batch, epoch_end in _with_last(batches):
+            window += 1
             batch_index += 1
+            sync = epoch_end or window == cfg.grad_accum
+            # DDP all-reduces on the window's last backward only
+            with contextlib.nullcontext() if sync else accelerator.no_sync(modules):
+                loss, metrics = loss_fn(modules, batch)
+                accelerator.backward(loss / cfg.grad_accum)
             metrics = {"loss": float(loss.detach()), **metrics}
             for k, v in metrics.items():
                 running[k] = running.get(k, 0.0) + v
             n_running += 1
-            if not accelerator.sync_gradients:
+            if not sync:
                 continue
+            if window < cfg.grad_accum:  # a short window at the epoch end: the mean over its own batches
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(cfg.grad_accum / window)
+            window = 0
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(modules.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             global_step += 1
             bar.update(1)
-            if global_step % cfg.log_every == 0 or batch_index == steps_per_epoch:
+            if global_step % cfg.log_every == 0 or epoch_end:
                 last = {k: v / n_running for k, v in running.items()}
                 last.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step=global_step)
                 running, n_running = {}, 0
@@ -216,10 +255,13 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[[int], Itera
                 if accelerator.is_main_process:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
-            if cfg.save_every and global_step % cfg.save_every == 0:
+            if cfg.save_every and global_step % cfg.save_every == 0 and not epoch_end:
                 save(epoch, batch_index)
             if cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
-                save(epoch, batch_index)
+                if epoch_end:
+                    save(epoch + 1, 0)
+                else:
+                    save(epoch, batch_index)
                 bar.close()
                 accelerator.end_training()
                 return FitResult(False, global_step, epoch, last, accelerator.is_main_process)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,30 @@ def test_resume_mid_epoch_equals_uninterrupted(fmnist, cache, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_grad_accum_windows_end_at_epoch_ends_and_resume_exactly(fmnist, cache, tmp_path, monkeypatch, capsys):
+    """10 batches per epoch in windows of 3 -> 3, 3, 3, 1: 4 optimizer steps per epoch, and a kill right
+    after the epoch-end save loses nothing (the stream is not accelerate-prepared, so fit cuts the windows)."""
+    from tests import kill_after_epoch
+
+    args = ("--objective", "task", "--grad-accum", "3")
+    assert train(fmnist, cache, tmp_path / "a", *args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 * 4
+    log = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in log] == [0] * 4 + [1] * 4
+    assert log[-1]["lr"] == pytest.approx(1e-3 * 0.01)  # the cosine ends at its minimum
+    with monkeypatch.context() as m:
+        kill_after_epoch.install(m)
+        with pytest.raises(kill_after_epoch.Killed):
+            train(fmnist, cache, tmp_path / "b", *args)
+    assert train(fmnist, cache, tmp_path / "b", *args) == 0
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a = load_checkpoint(tmp_path / "a" / "checkpoint").state_dict()
+    b = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_one_cache_trains_two_architectures(fmnist, cache, tmp_path):
     before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
     for student in ("test_vit", "test_convnext"):
@@ -191,3 +216,30 @@ def test_two_process_training(fmnist, cache, tmp_path):
     expected = steps_per_epoch(StreamSpec(tuple(fmnist["train"]), (100, 100, 100), 16, 0, 0, 2, 0))
     assert summaries[0]["steps_per_epoch"] == expected < 300 // 16  # each rank takes its own shards
     assert (tmp_path / "ddp" / "checkpoint" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_process_grad_accum_resume_equals_uninterrupted(fmnist, cache, tmp_path):
+    """Two processes, 7 batches per epoch each in windows of 3 (3, 3, 1): killed right after the first
+    epoch-end save and resumed == uninterrupted, and the schedule ends at its minimum."""
+    from kt.student.stream import StreamSpec, steps_per_epoch
+
+    assert steps_per_epoch(StreamSpec(tuple(fmnist["train"]), (100, 100, 100), 16, 0, 0, 2, 0)) == 7
+    args = ["train", "--model", "test_vit", "--cache", str(cache), "--data", str(fmnist["root"] / "train"),
+            "--image-size", "32", "--batch-size", "16", "--epochs", "2", "--workers", "0", "--objective", "task",
+            "--grad-accum", "3", "--log-every", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    subprocess.run(launch + ["-m", "kt.student.cli", *args, "--out", str(tmp_path / "a")], check=True, timeout=600,
+                   capture_output=True)
+    killed = subprocess.run(launch + ["tests/kill_after_epoch.py", *args, "--out", str(tmp_path / "b")],
+                            timeout=600, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    assert killed.returncode != 0 and not (tmp_path / "b" / "checkpoint").exists()
+    subprocess.run(launch + ["-m", "kt.student.cli", *args, "--out", str(tmp_path / "b")], check=True, timeout=600,
+                   capture_output=True)
+    log = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 2 * 3 and log[-1]["lr"] == pytest.approx(1e-3 * 0.01)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a = load_checkpoint(tmp_path / "a" / "checkpoint").state_dict()
+    b = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
