@@ -107,3 +107,22 @@ def test_grad_accumulation_and_mixed_precision(fmnist, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 5
     assert main(base + ["--batch-size", "8", "--mixed-precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completed"]
+
+
+@pytest.mark.slow
+def test_two_process_schedule_is_per_process(fmnist, tmp_path):
+    """Two processes share the 10 batches of an epoch (5 each): the cosine ends at its minimum after
+    2 x 5 optimizer steps, and warm-up lasts one epoch of them."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "-m", "kt.student.cli", "finetune", "--data", str(fmnist["root"] / "train"), *TINY,
+           "--labels-per-class", "4", "--batch-size", "4", "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
+    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert summaries and all(s["steps"] == 2 * 5 for s in summaries)
+    log = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [x["lr"] for x in log]
+    assert lrs[4] == pytest.approx(0.01)  # warm-up: one epoch = 5 steps per process
+    assert lrs[-1] == pytest.approx(0.01 * 0.01)  # the cosine ends at its minimum
