@@ -20,7 +20,7 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
@@ -34,17 +34,59 @@ PACKAGES = ("kt", "torch", "torchvision", "timm", "open_clip_torch", "webdataset
 
 
 def field(default: Any, help: str, *, positional: bool = False, required: bool = False,  # noqa: A002
-          **kw) -> Any:
-    """A dataclass field with its reason; mutable defaults are copied per instance.
+          min: float | None = None, max: float | None = None, gt: float | None = None,  # noqa: A002
+          choices: Sequence[Any] | None = None, **kw) -> Any:
+    """A dataclass field with its reason and its valid values; mutable defaults are copied per instance.
 
     `positional`: the command line takes it as a bare argument (`kt-cache info STORE`) instead of a flag.
     `required`: the resolved value (after YAML and flags) must not be empty. Checked in `build_config`, not by
     argparse, so a YAML file may supply it.
+    `min`/`max` bound a number inclusively, `gt` exclusively, `choices` lists the valid values; `build_config`
+    checks them for every command the same way (`check_config`), so a bad value is one line, not a traceback
+    deep in a library or a run that "completes" doing nothing.
     """
-    meta = {"help": help, "positional": positional, "required": required}
+    meta: dict[str, Any] = {"help": help, "positional": positional, "required": required}
+    for name, value in (("min", min), ("max", max), ("gt", gt)):
+        if value is not None:
+            meta[name] = value
+    if choices is not None:
+        meta["choices"] = tuple(choices)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def valid_range(f: dataclasses.Field) -> str:
+    """The valid values of a field in words ('' when it declares none)."""
+    m = f.metadata
+    if "choices" in m:
+        return "one of " + ", ".join(map(str, m["choices"]))
+    parts = []
+    if "gt" in m:
+        parts.append(f"> {m['gt']}")
+    if "min" in m:
+        parts.append(f">= {m['min']}")
+    if "max" in m:
+        parts.append(f"<= {m['max']}")
+    return " and ".join(parts)
+
+
+def check_config(cfg: Any) -> None:
+    """Raise `UserError` naming the first field whose value is outside its declared range or choices."""
+    for f in dataclasses.fields(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        if value is None or not ({"min", "max", "gt", "choices"} & set(m)):
+            continue
+        if "choices" in m:
+            bad = any(v not in m["choices"] for v in (value if isinstance(value, list) else [value]))
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad = True
+        else:
+            bad = (value != value or ("min" in m and value < m["min"]) or ("max" in m and value > m["max"])
+                   or ("gt" in m and value <= m["gt"]))
+        if bad:
+            where = f.name.upper() if m.get("positional") else _flag(f.name)
+            raise UserError(f"{where} {value!r}: must be {valid_range(f)}")
 
 
 def _flag(name: str) -> str:
@@ -89,7 +131,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = "required" if f.metadata.get("required") else f"default: {default}"
-        helptext = f"{f.metadata.get('help', '')} ({kind})"
+        valid = valid_range(f)
+        helptext = f"{f.metadata.get('help', '')} ({kind}{'; ' + valid if valid else ''})"
         parse = lambda s, tp=tp: _parse_value(tp, s)  # noqa: E731
         metavar = _base_type(tp).__name__.upper()
         if f.metadata.get("positional"):
@@ -144,6 +187,7 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrid
         if f.metadata.get("required") and getattr(cfg, f.name) in (None, "", [], {}):
             where = f.name.upper() if f.metadata.get("positional") else _flag(f.name)
             raise UserError(f"{where} is required")
+    check_config(cfg)
     return cfg
 
 

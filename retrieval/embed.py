@@ -182,6 +182,20 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
     return {**summary, "bad": len(bad.bad)}
 
 
+def check_finite(arr, keys: list[str], name: str, block_size: int = 65536) -> None:
+    """Refuse NaN or infinite values (naming the first row and its key): faiss would rank them arbitrarily
+    and the curated set would silently depend on garbage."""
+    for start in range(0, arr.shape[0], block_size):
+        block = np.asarray(arr[start:start + block_size], dtype=np.float32)
+        rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if len(rows):
+            total = sum(int((~np.isfinite(np.asarray(arr[s:s + block_size], dtype=np.float32)).all(axis=1)).sum())
+                        for s in range(start, arr.shape[0], block_size))
+            row = start + int(rows[0])
+            raise UserError(f"{name}: {total} rows hold NaN or infinite values, e.g. row {row} (key {keys[row]!r}); "
+                            "fix or drop them before importing")
+
+
 def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pretrained: str = "hub",
                       normalize: bool = False, block_size: int = 65536) -> str:
     """A store from an (N, D) .npy (memmapped, copied in blocks) and a keys file, one key per line."""
@@ -198,6 +212,7 @@ def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pre
     key_list = Path(keys).read_text().splitlines()
     if len(key_list) != arr.shape[0]:
         raise UserError(f"{keys} has {len(key_list)} keys for {arr.shape[0]} embeddings; need one per row")
+    check_finite(arr, key_list, embeddings, block_size)  # before the store exists: nothing half-written
     sample = np.asarray(arr[: min(len(arr), 10000)], dtype=np.float32)
     fp = encoder_fingerprint(encoder, pretrained, "image", None)
     writer = StoreWriter(out, arr.shape[1], fp, normalize or is_normalized(sample),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kt.config import config_dict, field, write_run_record
+from kt.config import check_config, config_dict, field, write_run_record
 from kt.errors import UserError
 from kt.checkpoints import load_model, save_checkpoint
 from kt.device import check_precision, model_device, placement
@@ -46,21 +46,21 @@ class DistillConfig(OptimConfig):
     teacher_pretrained: str = field("none", "weights when --teacher is a model name")
     data: str = field("", "transfer-set shards (the ones the cache was built from)")
     objective: str = field("task", "task | embedding-contrastive | patch-cosine")
-    temperature: float = field(1.0, "task objective: KL temperature (the loss is scaled by T^2)")
+    temperature: float = field(1.0, "task objective: KL temperature (the loss is scaled by T^2)", gt=0)
     project_teacher: bool = field(False, "embedding-contrastive: also project the teacher side (DINOv2 variant)")
     view_policy: str = field("cycle", "which cached view an epoch uses: cycle (epoch mod V) | random (seeded)")
-    views: int = field(4, "online mode: views per image to draw from (a cache fixes its own)")
+    views: int = field(4, "online mode: views per image to draw from (a cache fixes its own)", min=1)
     view_spec: str = field("", "expected view spec ('' accepts the cache's; online mode default: train)")
-    view_seed: int = field(0, "online mode: view seed (a cache fixes its own)")
+    view_seed: int = field(0, "online mode: view seed (a cache fixes its own)", min=0)
     expect_teacher: str = field("", "teacher checkpoint the cache must have been built from ('' skips)")
     expect_classes: str = field("", "classes.json or shard dir whose classes the teacher must have ('' skips)")
     teacher_precision: str = field("bf16", "online teacher on CUDA: bf16 autocast (the teacher dominates the step; "
                                            "fidelity in docs/benchmarks.md) | fp32; on CPU always fp32")
-    image_size: int = field(64, "student input size; views are re-rendered at it")
-    batch_size: int = field(64, "images per process per step")
-    workers: int = field(2, "DataLoader workers rendering views")
+    image_size: int = field(64, "student input size; views are re-rendered at it", min=8)
+    batch_size: int = field(64, "images per process per step", min=1)
+    workers: int = field(2, "DataLoader workers rendering views", min=0)
     shuffle_shards: int = field(8, "shards each DataLoader worker reads at once and mixes into its batches "
-                                   "(memory: about this many shards' images and targets per worker)")
+                                   "(memory: about this many shards' images and targets per worker)", min=1)
     out: str = field("", "run folder")
 
 
@@ -186,6 +186,7 @@ def load_expected_classes(arg: str) -> list[str] | None:
 
 
 def run_distill(cfg: DistillConfig) -> dict:
+    check_config(cfg)  # also when called as a library, not through build_config
     for name in ("data", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")

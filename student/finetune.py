@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kt.config import config_dict, field, write_run_record
+from kt.config import check_config, config_dict, field, write_run_record
 from kt.device import placement
 from kt.errors import UserError
 from kt.checkpoints import load_model, save_checkpoint
@@ -38,14 +38,15 @@ class FinetuneConfig(OptimConfig):
                           "task head new); --model is taken from it")
     data: str = field("", "labeled training shards (shard spec)")
     val_data: str = field("", "shards evaluated after training ('' skips evaluation)")
-    labels_per_class: int | None = field(50, "labeled images per class taken from --data (None: all)")
-    subset_seed: int = field(0, "which labeled images; independent of --seed so runs can share a subset")
-    image_size: int = field(64, "model input size; Fashion-MNIST's 28 px upsampled")
-    batch_size: int = field(64, "images per process per step")
+    labels_per_class: int | None = field(50, "labeled images per class taken from --data (None: all)", min=1)
+    subset_seed: int = field(0, "which labeled images; independent of --seed so runs can share a subset", min=0)
+    image_size: int = field(64, "model input size; Fashion-MNIST's 28 px upsampled", min=8)
+    batch_size: int = field(64, "images per process per step", min=1)
     view: str = field("light", "view preset / JSON / file for training augmentation")
-    label_smoothing: float = field(0.1, "cross-entropy label smoothing; regularises tiny labeled sets")
-    workers: int = field(2, "DataLoader workers (this machine has 2 cores)")
-    max_bad_fraction: float = field(0.01, "fail when more than this fraction of read samples is corrupt")
+    label_smoothing: float = field(0.1, "cross-entropy label smoothing; regularises tiny labeled sets", min=0, max=1)
+    workers: int = field(2, "DataLoader workers (this machine has 2 cores)", min=0)
+    max_bad_fraction: float = field(0.01, "fail when more than this fraction of read samples is corrupt", min=0,
+                                  max=1)
     out: str = field("", "run folder")
 
 
@@ -61,6 +62,7 @@ def classification_loss(label_smoothing: float):
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Finetune, save the checkpoint, evaluate; returns the summary (also printed by the CLI)."""
+    check_config(cfg)  # also when called as a library, not through build_config
     if not cfg.out:
         raise UserError("--out is required")
     if not cfg.data:

@@ -4,7 +4,8 @@ distillation from the cache.
 A job hands `fit` its trainable modules, a loader factory `make_loader(epoch)` whose batches are a pure
 function of (seed, epoch, position), and a loss function. `fit` owns everything else: AdamW, cosine decay
 with linear warm-up (per step), mixed precision through `accelerate`, gradient accumulation in windows
-that end at every epoch end (so an epoch-end save never drops half-accumulated gradients), a progress bar, metrics as JSONL plus TensorBoard through accelerate's trackers, and exact resume: the
+that end at every epoch end (so an epoch-end save never drops half-accumulated gradients), a progress
+bar, metrics as JSONL plus TensorBoard through accelerate's trackers, and exact resume: the
 accelerate state (model, optimizer, scheduler, RNG) and the position (epoch, step in epoch) are saved
 every `save_every` optimizer steps and at every epoch end, and a rerun of the same command continues
 from the last save, skipping the batches of the interrupted epoch it had already taken.
@@ -42,19 +43,22 @@ STATE_DIR = "state"
 class OptimConfig:
     """What `fit` needs: the optimisation and bookkeeping half of every training config."""
 
-    epochs: int = field(30, "passes over the data; small labeled sets need many")
-    lr: float = field(1e-3, "AdamW peak learning rate after warm-up")
-    weight_decay: float = field(0.05, "AdamW decoupled weight decay, the usual value for small nets")
-    warmup_epochs: float = field(1.0, "linear warm-up length; keeps early steps from wrecking pretrained weights")
-    min_lr_ratio: float = field(0.01, "cosine decays to this fraction of lr")
+    epochs: int = field(30, "passes over the data; small labeled sets need many", min=1)
+    lr: float = field(1e-3, "AdamW peak learning rate after warm-up", gt=0)
+    weight_decay: float = field(0.05, "AdamW decoupled weight decay, the usual value for small nets", min=0)
+    warmup_epochs: float = field(1.0, "linear warm-up length; keeps early steps from wrecking pretrained weights",
+                                min=0)
+    min_lr_ratio: float = field(0.01, "cosine decays to this fraction of lr", min=0, max=1)
     grad_accum: int = field(1, "optimizer step every N batches (effective batch = batch_size * N * processes); "
-                               "the last window of an epoch may be shorter")
-    grad_clip: float = field(0.0, "max gradient norm; 0 disables")
-    mixed_precision: str = field("no", "accelerate mixed precision: no | fp16 | bf16")
-    save_every: int = field(0, "also save resumable state every N optimizer steps (0: at epoch ends only)")
-    stop_after_steps: int = field(0, "stop (as if killed) after N optimizer steps; 0 runs to the end (tests, smoke runs)")
-    log_every: int = field(10, "optimizer steps between metric log lines")
-    seed: int = field(0, "seeds data order, views and initialisation")
+                               "the last window of an epoch may be shorter", min=1)
+    grad_clip: float = field(0.0, "max gradient norm; 0 disables", min=0)
+    mixed_precision: str = field("no", "accelerate mixed precision: no | fp16 | bf16",
+                                 choices=("no", "fp16", "bf16"))
+    save_every: int = field(0, "also save resumable state every N optimizer steps (0: at epoch ends only)", min=0)
+    stop_after_steps: int = field(0, "stop (as if killed) after N optimizer steps; 0 runs to the end "
+                                     "(tests, smoke runs)", min=0)
+    log_every: int = field(10, "optimizer steps between metric log lines", min=1)
+    seed: int = field(0, "seeds data order, views and initialisation", min=0)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:

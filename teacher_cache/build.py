@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kt.config import accelerate_cpu, config_dict, field, run_record
+from kt.config import accelerate_cpu, check_config, config_dict, field, run_record
 from kt.device import Placement, model_device, placement
 from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
@@ -42,6 +42,7 @@ from kt.render import decode_for_views, render, to_tensor
 from kt.render_tensor import images_to_tensors, render_batch
 from kt.views import ViewSpec, load_view_spec, sample_params
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
+from kt.teacher_cache.lock import StoreLock
 from kt.teacher_cache.store import CacheStore, shard_id_for
 from kt.teacher_cache.writer import ShardEnd, TeacherBatch, Writer, finite_rows
 
@@ -51,20 +52,22 @@ class BuildConfig:
     pretrained: str = field("none", "weights when --teacher is a model name: none | package | hub | PATH")
     data: str = field("", "transfer-set shards (shard spec)")
     out: str = field("", "cache store: local path or fsspec URL")
-    views: int = field(4, "views per image; students cycle through them across epochs")
-    seed: int = field(0, "view seed; the student replays views from it")
+    views: int = field(4, "views per image; students cycle through them across epochs", min=1)
+    seed: int = field(0, "view seed; the student replays views from it", min=0)
     targets: list = field(["logits"], "what to cache: logits,embedding,patches")
     view_spec: str = field("train", "view preset name, JSON or file; the student must train with the same")
-    image_size: int = field(0, "teacher input size (0: the checkpoint's)")
-    batch_size: int = field(64, "teacher batch size")
-    workers: int = field(2, "DataLoader workers decoding and rendering")
+    image_size: int = field(0, "teacher input size (0: the checkpoint's)", min=0)
+    batch_size: int = field(64, "teacher batch size", min=1)
+    workers: int = field(2, "DataLoader workers decoding and rendering", min=0)
     render: str = field("auto", "where views are rendered: auto (the GPU when CUDA is present, else the "
-                                "DataLoader workers) | cpu | cuda; both give the same views within 1/255")
+                                "DataLoader workers) | cpu | cuda; both give the same views within 1/255",
+                        choices=("auto", "cpu", "cuda"))
     writer_threads: int = field(1, "threads encoding, compressing and writing targets; raise it when the "
-                                   "writer limits the build (python -m tools.bench pipeline: views/s per thread)")
+                                   "writer limits the build (python -m tools.bench pipeline: views/s per thread)",
+                                min=1)
     codec: list = field([], "TARGET=SPEC overrides of the default codecs, e.g. logits=topk:k=10")
-    max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt")
-    fit_views: int = field(256, "teacher outputs sampled to fit PCA codecs")
+    max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt", min=0, max=1)
+    fit_views: int = field(256, "teacher outputs sampled to fit PCA codecs", min=1)
     teacher_precision: str = field("bf16", "teacher forwards on CUDA: bf16 autocast (about 2x the throughput; "
                                            "fidelity in docs/benchmarks.md) | fp32; on CPU always fp32")
     overwrite: bool = field(False, "replace a cache of another teacher/view spec at --out")
@@ -235,8 +238,8 @@ def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], 
 
 def build_cache(cfg: BuildConfig) -> dict:
     """Run the build for this process's share of the input shards; returns a summary."""
+    check_config(cfg)  # also when called as a library, not through build_config
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
     for name in ("teacher", "data", "out"):
         if not getattr(cfg, name):
@@ -255,6 +258,31 @@ def build_cache(cfg: BuildConfig) -> dict:
     spec = load_view_spec(cfg.view_spec)
     targets = parse_targets(cfg.targets)
     codecs = parse_codecs(cfg.codec, targets)  # bad specs fail before the teacher loads
+    # one writer per store, taken before the teacher loads so a second build is refused at once
+    lock = StoreLock(cfg.out)
+    refused = None
+    if state.is_main_process:  # one lock per build; the other ranks write under rank 0's
+        try:
+            lock.acquire()
+        except UserError as e:
+            refused = str(e)
+    if state.num_processes > 1:  # every rank stops with rank 0, none waits at a barrier alone
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise UserError(refused)
+    try:
+        return _build_locked(cfg, state, urls, spec, targets, codecs)
+    finally:
+        lock.release()
+
+
+def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, targets: list[str],
+                  codecs: dict[str, Codec]) -> dict:
+    """The build proper, run while rank 0 holds the store's lock."""
+    from tqdm.auto import tqdm
+
     place = placement(state.device, cfg.teacher_precision)
     render_device = render_device_for(cfg.render, place.device)
     # a random init is seeded: one teacher per cache, the same on every rank and every rerun
