@@ -111,15 +111,25 @@ def info_nce(student_emb: Tensor, teacher_emb: Tensor, temperature: float | Tens
 
 
 def resize_patches(teacher_grid: Tensor, size: tuple[int, int]) -> Tensor:
-    """Teacher patches (B, H, W, C), channels-last as cached, to (B, C, h, w) by bilinear resizing.
+    """Teacher patches (B, H, W, C), channels-last as cached, to (B, C, h, w): area averaging where the grid
+    shrinks, bilinear interpolation where it grows.
 
-    `align_corners=False` treats each patch as a cell covering its area, which is how a ViT patch grid
-    and a CNN feature map both tile the image; equal sizes are passed through untouched.
+    Shrinking by plain bilinear sampling reads only the patches next to each sample point (16x16 -> 4x4 uses
+    64 of the 256 teacher patches) and aliases; averaging each output cell's area (adaptive average pooling,
+    overlapping cells where the ratio is not whole) lets every teacher patch count. Growing has nothing to
+    average, so bilinear with `align_corners=False` treats each patch as a cell covering its area, which is how
+    a ViT patch grid and a CNN feature map both tile the image. An axis that shrinks while the other grows is
+    first averaged, then interpolated. Equal sizes are passed through untouched.
     """
     grid = teacher_grid.float().permute(0, 3, 1, 2)
-    if tuple(grid.shape[-2:]) == tuple(size):
+    (h, w), (H, W) = tuple(size), tuple(grid.shape[-2:])
+    if (h, w) == (H, W):
         return grid
-    return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)
+    if h < H or w < W:
+        grid = F.adaptive_avg_pool2d(grid, (min(h, H), min(w, W)))
+    if h > H or w > W:
+        grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+    return grid
 
 
 def patch_cosine(student_grid: Tensor, teacher_grid: Tensor) -> Tensor:

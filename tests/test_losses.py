@@ -154,12 +154,27 @@ def _naive_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return out
 
 
-def test_patch_cosine_matches_manual_resized_cosine():
-    B, C, h, w, H, W = 2, 5, 3, 4, 7, 6
+def _naive_area(x, out_h, out_w):
+    """(H, W, C) -> (out_h, out_w, C): each output cell the mean of the input cells its area overlaps
+    (adaptive average pooling's cells: [floor(i H / h), ceil((i + 1) H / h)))."""
+    in_h, in_w, c = x.shape
+    out = np.zeros((out_h, out_w, c))
+    for i in range(out_h):
+        y0, y1 = math.floor(i * in_h / out_h), math.ceil((i + 1) * in_h / out_h)
+        for j in range(out_w):
+            x0, x1 = math.floor(j * in_w / out_w), math.ceil((j + 1) * in_w / out_w)
+            out[i, j] = x[y0:y1, x0:x1].mean((0, 1))
+    return out
+
+
+@pytest.mark.parametrize("h, w, H, W, reference", [(3, 4, 7, 6, "area"), (6, 5, 3, 4, "bilinear")])
+def test_patch_cosine_matches_manual_resized_cosine(h, w, H, W, reference):
+    B, C = 2, 5
     s, t = torch.randn(B, C, h, w, generator=_gen(20)), torch.randn(B, H, W, C, generator=_gen(21))
     total, count = 0.0, 0
     for b in range(B):
-        resized = _naive_bilinear(t[b].double().numpy(), h, w)
+        resize = _naive_area if reference == "area" else _naive_bilinear
+        resized = resize(t[b].double().numpy(), h, w)
         assert np.allclose(resize_patches(t[b:b + 1], (h, w))[0].permute(1, 2, 0).numpy(), resized, atol=1e-5)
         for i in range(h):
             for j in range(w):
@@ -242,3 +257,15 @@ def test_objective_refusals():
     student, targets = _batch()
     with pytest.raises(UserError, match="needs cached target 'embedding'.*holds: logits"):
         create_objective("embedding-contrastive", STUDENT, TEACHER)(student, {"logits": targets["logits"]})
+
+
+def test_shrinking_teacher_patches_all_count():
+    """16x16 teacher patches to a 4x4 student grid: every teacher patch moves the loss (bilinear sampling
+    read 64 of the 256), each with the same weight (area averaging over whole 4x4 cells)."""
+    t = torch.randn(1, 16, 16, 8, generator=_gen(30), requires_grad=True)
+    s = torch.randn(1, 8, 4, 4, generator=_gen(31))
+    patch_cosine(s, t).backward()
+    footprint = t.grad.abs().sum(-1)[0]
+    assert bool((footprint > 0).all()), f"{int((footprint > 0).sum())} of 256 teacher patches reach the loss"
+    resized = resize_patches(t.detach(), (4, 4))[0].permute(1, 2, 0).double().numpy()
+    assert np.allclose(resized, _naive_area(t.detach()[0].double().numpy(), 4, 4), atol=1e-6)
