@@ -314,7 +314,8 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     summary = {"out": cfg.out, "rank": state.process_index, "shards_total": len(urls),
                "shards_skipped": len(split_urls(urls, state.process_index, state.num_processes)) - len(mine),
                "shards_written": 0, "samples": 0, "bad": 0, "views_per_s": 0.0, "device": str(place.device),
-               "teacher_dtype": str(place.teacher_dtype or torch.float32).removeprefix("torch.")}
+               "teacher_dtype": str(place.teacher_dtype or torch.float32).removeprefix("torch."),
+               "codecs": {t: c.spec for t, c in codecs.items()}}  # what `auto` chose, among others
     if mine:
         writer = Writer(store, cfg.views, codecs, state.process_index, threads=cfg.writer_threads)
         writer.start()

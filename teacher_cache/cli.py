@@ -61,7 +61,7 @@ def _add_codec_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", dest="codec_flags", action="append", default=None, metavar="TARGET=SPEC",
                         help="codec per target, repeatable or comma-separated, e.g. logits=topk:k=10 "
                              "patches=pca:d=64,int8 (defaults: logits topk:k=10, embedding fp16, "
-                             "patches pca:d=64,int8)")
+                             "patches auto:cos=0.98: the smallest PCA whose held-out cosine reaches 0.98, else int8)")
 
 
 def _codec_overrides(args: argparse.Namespace) -> dict:
@@ -131,7 +131,12 @@ def info_command(args: argparse.Namespace) -> int:
     ]
     for name, e in info["targets"].items():
         extra = f", explained variance {e['explained_variance']:.3f}" if "explained_variance" in e else ""
-        lines.append(f"target     {name}: {e['codec']}, item shape {tuple(e['item_shape'] or ())}{extra}")
+        codec = e["codec"]
+        if "chosen" in e:
+            fid = e["selection"]["fidelity"]
+            codec += (f" -> {e['chosen']} (held-out cosine mean {fid['cosine_mean']:.4f}, "
+                      f"min {fid['cosine_min']:.4f})")
+        lines.append(f"target     {name}: {codec}, item shape {tuple(e['item_shape'] or ())}{extra}")
     expected = s["expected"] if s["expected"] is not None else "?"
     lines.append(f"shards     {s['complete']} / {expected} complete"
                  + (f"; incomplete: {listing(s['incomplete'])}" if s["incomplete"] else ""))

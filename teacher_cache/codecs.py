@@ -25,6 +25,10 @@ Codecs (spec strings as written on the command line, `--codec TARGET=SPEC`):
     pca:d=D[,int8|fp16]  features    projection on a PCA basis of D components (fitted on a sample, mean
                                      and basis stored in the cache), coefficients as int8 + per-vector
                                      float32 scale (default) or float16
+    auto[:cos=C]      features       chosen at fit time: the smallest `pca:d=D,int8` (D = 8, 16, 32, ...
+                                     below the channel count) whose mean cosine on held-out vectors of the
+                                     fit sample reaches C (default 0.98), else `int8`; the cache stores the
+                                     chosen codec, and its measured fidelity as `selection`
 
 What `decode` returns: features come back as float32 features. Logit codecs return *normalised
 log-probabilities* log q, where q is the decoded distribution: the kept classes get their own
@@ -49,7 +53,9 @@ ITEM_NDIM = {"logits": 1, "embedding": 1, "patches": 3, "seg_logits": 3}
 DEFAULT_CODECS = {
     "logits": "topk:k=10",  # 42 bytes per view for 1000 classes (goal <= 50), tail mass kept
     "embedding": "fp16",  # one vector per view: full precision costs little
-    "patches": "pca:d=64,int8",  # 68 bytes per token: 11.3x below fp16 for 384 channels, 38x for 1280
+    # the smallest codec that keeps the patch targets trustworthy on this teacher: a fixed pca:d=64,int8 kept
+    # a mean cosine of 0.74 (min 0.16) on the Lite2 grid (docs/benchmarks.md), i.e. distorted targets
+    "patches": "auto:cos=0.98",
     "seg_logits": "pixel-topk:k=3",  # a pixel's distribution is nearly always concentrated on few classes
 }
 
@@ -70,6 +76,7 @@ class Codec:
     def __init__(self, target: str):
         self.target = target
         self.item_shape: tuple[int, ...] | None = None  # bound on first fit/encode, stored in state
+        self.selection: dict | None = None  # how `auto` chose this codec (stored in state), else None
 
     # -- spec and construction -------------------------------------------------------------------
     @property
@@ -108,7 +115,10 @@ class Codec:
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """JSON attributes and arrays that rebuild this codec with `from_state`."""
         shape = None if self.item_shape is None else list(self.item_shape)
-        return {"spec": self.spec, "target": self.target, "item_shape": shape}, {}
+        attrs = {"spec": self.spec, "target": self.target, "item_shape": shape}
+        if self.selection is not None:
+            attrs["selection"] = self.selection
+        return attrs, {}
 
     @classmethod
     def from_state(cls, attrs: dict, arrays: dict[str, np.ndarray]) -> "Codec":
@@ -117,6 +127,7 @@ class Codec:
             raise ValueError(f"state of a {type(codec).__name__}, not a {cls.__name__}")
         if attrs.get("item_shape") is not None:
             codec.item_shape = tuple(attrs["item_shape"])
+        codec.selection = attrs.get("selection")
         codec._load_arrays(arrays)
         return codec
 
@@ -218,18 +229,14 @@ class PcaCodec(Codec):
         x = np.asarray(sample, dtype=np.float64).reshape(-1, channels)
         if x.shape[0] < self.d:
             raise UserError(f"codec {self.spec}: the PCA sample has {x.shape[0]} vectors, needs >= {self.d}")
-        mean = x.mean(0)
-        xc = x - mean
-        cov = xc.T @ xc / x.shape[0]
-        eigval, eigvec = np.linalg.eigh(cov)
-        order = np.argsort(eigval)[::-1][: self.d]
-        basis = eigvec[:, order]
-        # fix each component's sign (largest entry positive) so that refits give the same basis
-        signs = np.sign(basis[np.abs(basis).argmax(0), np.arange(self.d)])
-        basis *= np.where(signs == 0, 1.0, signs)
-        total = float(np.clip(eigval, 0, None).sum())
-        self.explained = float(np.clip(eigval[order], 0, None).sum() / total) if total > 0 else 1.0
-        self.mean, self.basis = mean.astype(np.float32), basis.astype(np.float32)
+        self.set_components(*principal_components(x))
+
+    def set_components(self, mean: np.ndarray, eigval: np.ndarray, basis: np.ndarray) -> None:
+        """Keep the first `d` of all components (`principal_components`): what fitting with `d` gives, so
+        `auto` decomposes once and tries every `d`."""
+        total = float(eigval.sum())
+        self.explained = float(eigval[: self.d].sum() / total) if total > 0 else 1.0
+        self.mean, self.basis = mean.astype(np.float32), np.ascontiguousarray(basis[:, : self.d], dtype=np.float32)
 
     def encode(self, x):
         self._split(x)
@@ -364,10 +371,114 @@ class PixelTopKCodec(TopKCodec):
     class_axis = -3
 
 
+class AutoCodec(Codec):
+    """A feature codec chosen on the data: the smallest PCA (int8 coefficients) whose mean cosine on held-out
+    vectors reaches `cos`, else int8. How well PCA keeps a teacher's features depends on the teacher (a fixed
+    d=64 kept 0.999 on DINOv2-like grids and 0.74 on EfficientNet-Lite2's), so the build measures instead of
+    guessing. After `fit` it encodes, decodes and stores itself as the chosen codec (`chosen`), whose `state`
+    records the choice (`selection`: requested spec, fidelity, every candidate tried); before `fit` its size
+    is that of the `int8` fallback, an upper bound (what `kt-cache plan` predicts)."""
+
+    name = "auto"
+    usage = "auto[:cos=C]"
+    targets = ("embedding", "patches")
+    held_out = 0.25  # fraction of the fit sample's items (views) kept out of the fit to measure on
+    dims = (8, 16, 32, 64, 128, 256, 512, 1024)  # PCA sizes tried, smallest first
+
+    def __init__(self, target: str, cos: float = 0.98):
+        super().__init__(target)
+        self.cos = cos
+        self.chosen: Codec | None = None
+
+    @property
+    def spec(self) -> str:
+        return f"auto:cos={self.cos:g}"
+
+    @classmethod
+    def from_args(cls, target, kv, flags):
+        if flags or set(kv) - {"cos"}:
+            raise UserError(f"invalid codec arguments {flags + sorted(set(kv) - {'cos'})} for {target}; "
+                            f"write {cls.usage}")
+        try:
+            cos = float(kv.get("cos", 0.98))
+        except ValueError:
+            cos = float("nan")
+        if not 0 < cos <= 1:
+            raise UserError(f"codec auto for {target} needs 0 < cos <= 1, got {kv.get('cos')!r}; write {cls.usage}")
+        return cls(target, cos)
+
+    def fit(self, sample):
+        lead, item = self._split(sample)
+        sample = np.asarray(sample, dtype=np.float32).reshape((-1,) + item)  # items (views) first
+        n_test = max(1, int(round(len(sample) * self.held_out))) if len(sample) > 1 else 0
+        fit_part, test = sample[: len(sample) - n_test], sample[len(sample) - n_test:]
+        if not len(test):
+            test = fit_part  # one item: nothing to hold out, measured in-sample
+        channels = item[-1]
+        vectors = fit_part.reshape(-1, channels).astype(np.float64)
+        dims = [d for d in self.dims if d < channels and d <= len(vectors)]
+        tried = []
+        chosen: Codec | None = None
+        if dims:
+            components = principal_components(vectors)
+            for d in dims:
+                codec = PcaCodec(self.target, d)
+                codec.item_shape = item
+                codec.set_components(*components)
+                fid = fidelity(self.target, test, codec.decode(codec.encode(test)))
+                tried.append({"codec": codec.spec, **_rounded(fid)})
+                if fid["cosine_mean"] >= self.cos:
+                    chosen = codec
+                    break
+        if chosen is None:
+            chosen = Int8Codec(self.target)
+            chosen.item_shape = item
+            fid = fidelity(self.target, test, chosen.decode(chosen.encode(test)))
+            tried.append({"codec": chosen.spec, **_rounded(fid)})
+        chosen.selection = {"requested": self.spec, "fidelity": {k: v for k, v in tried[-1].items() if k != "codec"},
+                            "held_out_items": int(len(test)), "fit_items": int(len(fit_part)), "tried": tried}
+        self.chosen = chosen
+
+    def _fitted(self) -> Codec:
+        if self.chosen is None:
+            raise RuntimeError(f"codec {self.spec} for {self.target} is used before fit()")
+        return self.chosen
+
+    def encode(self, x):
+        return self._fitted().encode(x)
+
+    def decode(self, parts):
+        return self._fitted().decode(parts)
+
+    def part_specs(self, item_shape):
+        return (self.chosen or Int8Codec(self.target)).part_specs(item_shape)
+
+    def state(self):
+        return self._fitted().state()
+
+
+def principal_components(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, eigenvalues, basis) of (N, C) vectors: every component, the largest first, each column's sign
+    fixed (largest entry positive) so that refits give the same basis."""
+    mean = x.mean(0)
+    xc = x - mean
+    eigval, eigvec = np.linalg.eigh(xc.T @ xc / x.shape[0])
+    order = np.argsort(eigval)[::-1]
+    basis = eigvec[:, order]
+    signs = np.sign(basis[np.abs(basis).argmax(0), np.arange(basis.shape[1])])
+    basis *= np.where(signs == 0, 1.0, signs)
+    return mean, np.clip(eigval[order], 0, None), basis
+
+
+def _rounded(fid: dict) -> dict:
+    return {k: round(v, 6) for k, v in fid.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 #: per target, the codecs it accepts (explicit table: no registry filled by imports)
 CODECS: dict[str, dict[str, type[Codec]]] = {
-    target: {c.name: c for c in (Fp16Codec, Int8Codec, PcaCodec, TopKCodec, PixelTopKCodec) if target in c.targets}
+    target: {c.name: c for c in (Fp16Codec, Int8Codec, PcaCodec, AutoCodec, TopKCodec, PixelTopKCodec)
+             if target in c.targets}
     for target in ITEM_NDIM
 }
 

@@ -144,9 +144,11 @@ def cache_info(url: str) -> dict:
         state = store.read_codec_state(name)
         if state is not None and state[0].get("explained_variance") is not None:
             targets[name]["explained_variance"] = state[0]["explained_variance"]
+        if state is not None and state[0].get("selection") is not None:  # `auto`: what it chose, how faithful
+            targets[name].update(chosen=state[0]["spec"], selection=state[0]["selection"])
     key_bytes = _mean_key_bytes(store, done)
     views = int(attrs["view"]["views_per_image"])
-    predicted = predict_size({t: (e["codec"], e["item_shape"]) for t, e in attrs["targets"].items()},
+    predicted = predict_size({t: (e.get("chosen", e["codec"]), e["item_shape"]) for t, e in targets.items()},
                              views, samples, key_bytes)
     stored = store.nbytes_stored()
     return {

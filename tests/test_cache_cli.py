@@ -123,7 +123,7 @@ def test_plan_with_num_samples_prints_a_table(tiny_teacher, capsys):  # noqa: F8
     assert main(["plan", "--teacher", tiny_teacher, "--targets", "logits,patches", "--views", "4",
                  "--num-samples", "1000000"]) == 0
     out = capsys.readouterr().out
-    assert "predicted size" in out and "topk:k=10" in out and "pca:d=64,int8" in out
+    assert "predicted size" in out and "topk:k=10" in out and "auto:cos=0.98" in out
 
 
 def test_verify_clean_then_damaged(built, tiny_teacher, tmp_path, capsys):  # noqa: F811
@@ -281,3 +281,27 @@ def test_shard_with_only_bad_samples_completes_empty(tiny_teacher, corrupt_shard
     empty = markers[shard_id_for(broken[0])]
     assert empty["n_samples"] == 0 and empty["n_bad"] == 3
     assert markers[shard_id_for(corrupt_shard[0])]["n_samples"] == 6
+
+
+def test_default_patch_codec_is_chosen_on_the_fit_views(tiny_teacher, small_shards, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "auto.zarr"
+    assert main(build_args(tiny_teacher, small_shards[:1], out)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    store = CacheStore.open(str(out))
+    attrs, _ = store.read_codec_state("patches")
+    assert store.attrs["targets"]["patches"]["codec"] == "auto:cos=0.98"  # what was asked (resume compares it)
+    assert summary["codecs"]["patches"] == attrs["spec"] != "auto:cos=0.98"  # what was chosen and stored
+    selection = attrs["selection"]
+    assert selection["requested"] == "auto:cos=0.98" and selection["tried"][-1]["codec"] == attrs["spec"]
+    assert selection["fidelity"]["cosine_mean"] >= 0.98 or attrs["spec"] == "int8"
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["targets"]["patches"]
+    assert info["chosen"] == attrs["spec"] and info["selection"] == selection
+    assert main(["info", str(out)]) == 0
+    assert f"auto:cos=0.98 -> {attrs['spec']} (held-out cosine mean" in capsys.readouterr().out
+    # the reader decodes with the chosen codec; a rerun resumes the same cache
+    from kt.teacher_cache.reader import CacheReader
+
+    assert CacheReader(str(out)).codecs["patches"].spec == attrs["spec"]
+    assert main(build_args(tiny_teacher, small_shards[:1], out)) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards_skipped"] == 1

@@ -279,7 +279,8 @@ def test_defaults_parse_and_bytes_per_item():
     assert codecs["logits"].bytes_per_item((1000,)) == 10 * 2 + 10 * 2 + 2  # values, uint16 indices, tail
     assert codecs["logits"].bytes_per_item((10,)) == 10 * 2 + 10 * 1 + 2  # uint8 indices
     assert codecs["embedding"].bytes_per_item((1024,)) == 2048
-    assert codecs["patches"].bytes_per_item((16, 16, 384)) == 256 * (64 + 4)  # int8 coefficients, float32 scale
+    # auto before its fit: the int8 fallback, the most it can cost (what `kt-cache plan` predicts)
+    assert codecs["patches"].bytes_per_item((16, 16, 384)) == 256 * (384 + 4)  # int8 values, float32 scale
     assert codecs["seg_logits"].bytes_per_item((21, 64, 64)) == 64 * 64 * (3 * 2 + 3 * 1 + 2)
     assert parse_codec("int8", "patches").bytes_per_item((16, 16, 384)) == 256 * (384 + 4)
 
@@ -293,3 +294,41 @@ def test_fidelity_reports():
     assert fid["kl_max"] == pytest.approx(0.0, abs=1e-9) and fid["top1_agreement"] == 1.0
     with pytest.raises(ValueError):
         fidelity("logits", logits, logits[:2])
+
+
+def test_auto_picks_the_smallest_pca_that_keeps_the_threshold_on_held_out_views():
+    x = _low_rank_patches(40)  # rank 12 in 96 channels: d=8 loses a third of the signal, d=16 keeps it
+    codec = _fitted("patches", "auto", x)
+    chosen = codec.chosen
+    assert chosen.spec == "pca:d=16,int8"
+    sel = chosen.selection
+    assert sel["requested"] == "auto:cos=0.98" and sel["held_out_items"] == 10 and sel["fit_items"] == 30
+    assert [t["codec"] for t in sel["tried"]] == ["pca:d=8,int8", "pca:d=16,int8"]
+    assert sel["tried"][0]["cosine_mean"] < 0.98 <= sel["fidelity"]["cosine_mean"]
+    # the recorded fidelity is the stored codec's own on the held-out views (fitted without them)
+    held = x[30:]
+    fid = fidelity("patches", held, chosen.decode(chosen.encode(held)))
+    assert fid["cosine_mean"] == pytest.approx(sel["fidelity"]["cosine_mean"], abs=1e-6)
+    # the same as fitting pca:d=16 on the fit views directly
+    direct = _fitted("patches", "pca:d=16,int8", x[:30])
+    assert np.allclose(direct.basis, chosen.basis, atol=1e-6) and np.allclose(direct.mean, chosen.mean)
+    # stored and reloaded: the concrete codec with its selection, decoding identically
+    attrs, arrays = codec.state()
+    again = Codec.from_state(json.loads(json.dumps(attrs)), arrays)
+    assert again.spec == "pca:d=16,int8" and again.selection == sel
+    parts = codec.encode(x)
+    assert np.array_equal(again.decode(parts), codec.decode(parts))
+
+
+def test_auto_falls_back_to_int8_and_a_stricter_threshold_costs_more():
+    noise = _raw("patches", (40,))  # full-rank noise: no PCA below 24 channels keeps 0.98
+    codec = _fitted("patches", "auto:cos=0.98", noise)
+    assert codec.chosen.spec == "int8" and codec.chosen.selection["fidelity"]["cosine_mean"] > 0.99
+    x = _low_rank_patches(40, noise=0.05)
+    loose, strict = _fitted("patches", "auto:cos=0.9", x).chosen, _fitted("patches", "auto:cos=0.9999", x).chosen
+    assert loose.bytes_per_item((4, 4, 96)) < strict.bytes_per_item((4, 4, 96))
+    for bad in ("auto:cos=0", "auto:cos=1.5", "auto:cos=x", "auto:d=4", "auto:int8"):
+        with pytest.raises(UserError):
+            parse_codec(bad, "patches")
+    with pytest.raises(RuntimeError, match="before fit"):
+        parse_codec("auto", "embedding").encode(_raw("embedding"))
