@@ -75,6 +75,8 @@ def check_config(cfg: Any) -> None:
     """Raise `UserError` naming the first field whose value is outside its declared range or choices."""
     for f in dataclasses.fields(cfg):
         value, m = getattr(cfg, f.name), f.metadata
+        if dataclasses.is_dataclass(value):  # a nested config (curate's IVF-PQ knobs) has its own ranges
+            check_config(value)
         if value is None or not ({"min", "max", "gt", "choices"} & set(m)):
             continue
         if "choices" in m:

@@ -35,14 +35,17 @@ INDEXES = ("flat", "ivfpq")
 @dataclasses.dataclass
 class CurateConfig:
     strategy: str = field("query-balanced", "the paper's best strategy for task-oriented transfer")
-    size: int = field(10000, "N, the number of images in the curated transfer set")
-    seed: int = field(0, "query order of the query-balanced trimming; the random draw")
-    block_size: int = field(65536, "gallery rows in memory at once (128 MiB at D=512); never changes results")
-    exclude_threshold: float = field(0.05, "Euclidean; near-duplicates of excluded images on unit-norm embeddings")
-    copy_threshold: float = field(1e-6, "Euclidean; a gallery row this close to a query is that query's copy")
+    size: int = field(10000, "N, the number of images in the curated transfer set", min=1)
+    seed: int = field(0, "query order of the query-balanced trimming; the random draw", min=0)
+    block_size: int = field(65536, "gallery rows in memory at once (128 MiB at D=512); never changes results",
+                            min=1)
+    exclude_threshold: float = field(0.05, "Euclidean; near-duplicates of excluded images on unit-norm embeddings",
+                                     min=0)
+    copy_threshold: float = field(1e-6, "Euclidean; a gallery row this close to a query is that query's copy",
+                                  min=0)
     index: str = field("flat", "'flat': exact; 'ivfpq': approximate kNN for query-balanced on huge galleries")
     ivfpq: ix.IVFPQConfig = dataclasses.field(default_factory=ix.IVFPQConfig)
-    recall_queries: int = field(100, "queries whose exact lists measure IVF-PQ recall@10")
+    recall_queries: int = field(100, "queries whose exact lists measure IVF-PQ recall@10", min=0)
     device: str = field("auto", "faiss-gpu when present")
 
     def validate(self) -> None:
@@ -64,13 +67,15 @@ class CurateJob(CurateConfig):
     queries: str = field("", "embedding store of the labeled images or class prompts", required=True)
     gallery: str = field("", "embedding store of the candidate images", required=True)
     out: str = field("", "output directory (manifest.csv, shards/)", required=True)
-    size: int | None = field(None, "N, the number of images in the curated transfer set", required=True)
+    size: int | None = field(None, "N, the number of images in the curated transfer set", required=True,
+                               min=1)
     exclude: str = field("", "embedding store whose near-duplicates are dropped (the test set)")
     shards: bool = field(True, "write webdataset shards beside the manifest (--no-shards: the manifest only)")
-    nlist: int = field(ix.IVFPQConfig.nlist, "IVF-PQ coarse cells")
-    pq_m: int = field(ix.IVFPQConfig.pq_m, "IVF-PQ sub-quantisers")
-    nprobe: int = field(ix.IVFPQConfig.nprobe, "IVF-PQ cells visited per query")
-    rerank: int = field(ix.IVFPQConfig.rerank, "IVF-PQ candidates per neighbour re-ranked exactly (1: none)")
+    nlist: int = field(ix.IVFPQConfig.nlist, "IVF-PQ coarse cells", min=1)
+    pq_m: int = field(ix.IVFPQConfig.pq_m, "IVF-PQ sub-quantisers", min=1)
+    nprobe: int = field(ix.IVFPQConfig.nprobe, "IVF-PQ cells visited per query", min=1)
+    rerank: int = field(ix.IVFPQConfig.rerank, "IVF-PQ candidates per neighbour re-ranked exactly (1: none)",
+                        min=1)
 
     def __post_init__(self):
         self.ivfpq = ix.IVFPQConfig(nlist=self.nlist, pq_m=self.pq_m, nprobe=self.nprobe, rerank=self.rerank)

@@ -160,14 +160,15 @@ def nearest(points: np.ndarray, read_block: Callable[[int, int], np.ndarray], n_
 # -------------------------------------------------------------------------------------- approximate
 @dataclasses.dataclass
 class IVFPQConfig:
-    nlist: int = field(1024, "coarse cells; ~sqrt(N) to 4*sqrt(N) is faiss' advice for 1M rows")
-    pq_m: int = field(64, "sub-quantisers (D must be a multiple); 64 bytes per row at 8 bits")
-    nbits: int = field(8, "bits per sub-quantiser code")
-    nprobe: int = field(32, "cells visited per query: recall against speed")
-    train_size: int = field(65536, "rows sampled to train the quantisers (faiss wants >= 39 * nlist)")
-    seed: int = field(0, "training sample")
-    rerank: int = field(4, "candidates per wanted neighbour re-ranked by exact distance (1: PQ distances only)")
-    rerank_rows: int = field(131072, "candidate rows held at once while re-ranking (256 MiB at D=512)")
+    nlist: int = field(1024, "coarse cells; ~sqrt(N) to 4*sqrt(N) is faiss' advice for 1M rows", min=1)
+    pq_m: int = field(64, "sub-quantisers (D must be a multiple); 64 bytes per row at 8 bits", min=1)
+    nbits: int = field(8, "bits per sub-quantiser code", min=1, max=16)
+    nprobe: int = field(32, "cells visited per query: recall against speed", min=1)
+    train_size: int = field(65536, "rows sampled to train the quantisers (faiss wants >= 39 * nlist)", min=1)
+    seed: int = field(0, "training sample", min=0)
+    rerank: int = field(4, "candidates per wanted neighbour re-ranked by exact distance (1: PQ distances only)",
+                        min=1)
+    rerank_rows: int = field(131072, "candidate rows held at once while re-ranking (256 MiB at D=512)", min=1)
 
 
 class IVFPQIndex:

@@ -29,8 +29,8 @@ class EvalConfig:
     checkpoint: str = field("", "run folder, checkpoint folder, or a model name")
     data: str = field("", "evaluation shards")
     runs: list = field([], "run folders to aggregate (mean +- std of their eval.json) instead of --checkpoint")
-    batch_size: int = field(256, "images per forward pass")
-    workers: int = field(2, "DataLoader workers decoding and rendering")
+    batch_size: int = field(256, "images per forward pass", min=1)
+    workers: int = field(2, "DataLoader workers decoding and rendering", min=0)
     device: str = field("auto", "auto (CUDA when present) | cpu | cuda | cuda:N")
 
 

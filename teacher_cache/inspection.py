@@ -32,13 +32,13 @@ _CONSISTENT_COS = 0.99  # features: min cosine(fresh re-encoded, cached) over ve
 class PlanConfig:
     teacher: str = field("", "teacher checkpoint, run folder or model name", required=True)
     pretrained: str = field("none", "weights when --teacher is a model name")
-    image_size: int = field(0, "teacher input size (0: the checkpoint's)")
+    image_size: int = field(0, "teacher input size (0: the checkpoint's)", min=0)
     targets: str = field("logits", "comma-separated: logits,embedding,patches")
-    views: int = field(4, "views per image")
+    views: int = field(4, "views per image", min=1)
     codec: list = field([], "TARGET=SPEC per target (see build)")
-    num_samples: int | None = field(None, "transfer-set size (or give --data)")
+    num_samples: int | None = field(None, "transfer-set size (or give --data)", min=0)
     data: str = field("", "transfer-set shards, counted and their keys measured (or give --num-samples)")
-    key_bytes: int = field(_KEY_BYTES, "bytes per key without --data")
+    key_bytes: int = field(_KEY_BYTES, "bytes per key without --data", min=0)
     json: bool = field(False, "print JSON instead of a table")
 
 
@@ -53,9 +53,10 @@ class VerifyConfig:
     store: str = field("", "cache path or URL", positional=True, required=True)
     teacher: str = field("", "teacher checkpoint (default: the one the cache was built with)")
     data: str = field("", "transfer-set shards (default: the input shards the cache records)")
-    samples: int = field(64, "(key, view) pairs re-run through the teacher; 0 skips the fidelity check")
-    seed: int = field(0, "which pairs are sampled")
-    batch_size: int = field(64, "teacher batch size for the re-run")
+    samples: int = field(64, "(key, view) pairs re-run through the teacher; 0 skips the fidelity check",
+                         min=0)
+    seed: int = field(0, "which pairs are sampled", min=0)
+    batch_size: int = field(64, "teacher batch size for the re-run", min=1)
     json: bool = field(False, "print JSON instead of text")
 
 

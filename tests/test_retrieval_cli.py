@@ -62,7 +62,7 @@ def test_import_and_curate_outputs(stores):
 @pytest.mark.parametrize("argv, message", [
     (["--strategy", "nearest", "--size", "3"], "unknown strategy"),
     (["--size", "51"], "51"),
-    (["--size", "0"], "positive"),
+    (["--size", "0"], "--size 0: must be >= 1"),
     (["--size", "3", "--index", "hnsw"], "unknown index"),
 ])
 def test_curate_refusals(stores, capsys, argv, message):
