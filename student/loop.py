@@ -298,10 +298,33 @@ def check_out_dir(out: Path, cfg, resumable: set[str] = RESUMABLE_CHANGES) -> bo
     return True
 
 
-def init_from_run(run: str, num_classes: int, image_size: int):
-    """The distilled student of a `kt-student train` run (or any run, checkpoint folder or model name) with a
-    new task head."""
+INIT_HEADS = ("auto", "keep", "new")
+
+
+def init_from_run(run: str, num_classes: int, image_size: int, head: str = "new",
+                  classes: list[str] | None = None):
+    """The distilled student of a `kt-student train` run (or any run, checkpoint folder or model name), and
+    whether its task head was kept.
+
+    `head`: "keep" keeps the checkpoint's task head (after task-oriented transfer it has learned the task);
+    "new" replaces it with a fresh one; "auto" keeps it when the run was distilled with the `task` objective
+    (read from the config stored in the checkpoint's card) and the head fits, and starts a new one otherwise.
+    A head fits when it has `num_classes` outputs and, where both sides name their classes, the same classes
+    in the same order (the same count in another order would silently mislabel every prediction).
+    """
+    if head not in INIT_HEADS:
+        raise UserError(f"unknown --init-head {head!r}; choose from {', '.join(INIT_HEADS)}")
     model = load_model(run, image_size=image_size, what="--init")
-    model.reset_head(num_classes)
+    objective = ((model.card.get("extra") or {}).get("run") or {}).get("objective")
+    misfit = None
+    if model.num_classes != num_classes:
+        misfit = f"its head has {model.num_classes} outputs, the labeled set {num_classes} classes"
+    elif model.classes and classes and list(model.classes) != list(classes):
+        misfit = "its head's classes differ from the labeled set's (names or order)"
+    if head == "keep" and misfit:
+        raise UserError(f"--init-head keep: cannot keep the task head of {run}: {misfit}; use --init-head new")
+    keep = head == "keep" or (head == "auto" and objective == "task" and misfit is None)
+    if not keep:
+        model.reset_head(num_classes)
     model.image_size = image_size
-    return model.train()
+    return model.train(), keep

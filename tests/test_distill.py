@@ -158,6 +158,35 @@ def test_finetune_init_from_distilled(fmnist, cache, tmp_path, capsys):
     assert {k for k in distilled if k.startswith("backbone.")} == {k for k in final if k.startswith("backbone.")}
 
 
+def test_finetune_init_keeps_the_distilled_task_head(fmnist, cache, tmp_path, capsys):
+    from kt.errors import UserError
+    from kt.student.loop import init_from_run
+
+    assert train(fmnist, cache, tmp_path / "task", "--objective", "task", "--epochs", "1") == 0
+    distilled = load_checkpoint(tmp_path / "task" / "checkpoint")
+    assert distilled.classes and distilled.num_classes == 10
+    model, kept = init_from_run(str(tmp_path / "task"), 10, 32, "auto", distilled.classes)
+    assert kept and torch.equal(model.head.weight, distilled.head.weight)
+    model, kept = init_from_run(str(tmp_path / "task"), 10, 32, "new", distilled.classes)
+    assert not kept and not torch.equal(model.head.weight, distilled.head.weight)
+    # the same count of classes in another order is another head: not kept by auto, refused by keep
+    other = list(reversed(distilled.classes))
+    assert init_from_run(str(tmp_path / "task"), 10, 32, "auto", other)[1] is False
+    with pytest.raises(UserError, match="classes differ"):
+        init_from_run(str(tmp_path / "task"), 10, 32, "keep", other)
+    # a run distilled without a task head gets a new one
+    assert train(fmnist, cache, tmp_path / "patch", "--objective", "patch-cosine", "--epochs", "1") == 0
+    assert init_from_run(str(tmp_path / "patch"), 10, 32, "auto")[1] is False
+    with pytest.raises(UserError, match="head has 0 outputs"):
+        init_from_run(str(tmp_path / "patch"), 10, 32, "keep")
+    # the command keeps it by default and says so
+    capsys.readouterr()
+    assert main(["finetune", "--init", str(tmp_path / "task"), "--data", str(fmnist["root"] / "train"),
+                 "--labels-per-class", "2", "--epochs", "1", "--image-size", "32", "--batch-size", "10",
+                 "--workers", "0", "--out", str(tmp_path / "f")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["init_head"] == "kept"
+
+
 def refuse(capsys, argv, pattern):
     capsys.readouterr()
     assert main(argv) == 2

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+import yaml
 from safetensors.torch import load_file
 
 from kt.student.cli import main
@@ -126,3 +128,24 @@ def test_two_process_schedule_is_per_process(fmnist, tmp_path):
     lrs = [x["lr"] for x in log]
     assert lrs[4] == pytest.approx(0.01)  # warm-up: one epoch = 5 steps per process
     assert lrs[-1] == pytest.approx(0.01 * 0.01)  # the cosine ends at its minimum
+
+
+def test_train_head_only_leaves_everything_else_as_loaded(fmnist, tmp_path, capsys):
+    """`--train head` from a finetuned checkpoint: every backbone weight and BatchNorm statistic as loaded,
+    the (new) head trained; the recipe's default is plain cross-entropy."""
+    assert finetune(fmnist, tmp_path / "a") == 0
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["label_smoothing"] == 0
+    assert finetune(fmnist, tmp_path / "b", "--init", str(tmp_path / "a"), "--init-head", "new",
+                    "--train", "head") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["train"] == "head" and summary["init_head"] == "new"
+    from kt.models import load_checkpoint
+
+    a = load_checkpoint(tmp_path / "a" / "checkpoint").state_dict()
+    b = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
+    assert a.keys() == b.keys() and any("running_mean" in k for k in a)
+    for k in a:
+        if k.startswith("head."):
+            assert not torch.equal(a[k], b[k]), k
+        else:
+            assert torch.equal(a[k], b[k]), k
