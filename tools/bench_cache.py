@@ -143,7 +143,8 @@ def bench_build(args, work: str) -> dict:
         "build_cpu_s": [round(t, 2) for t in build_cpu], "forward_cpu_s": [round(t, 2) for t in forward_cpu],
         "views": n_views, "images": summary["samples"], "shards": len(urls), "image_size": args.image_size,
         "workers": args.workers, "batch_size": args.batch_size, "teacher": "tf_efficientnet_lite2 (package, 1000 classes)",
-        "codecs": "logits topk:k=10, embedding fp16, patches pca:d=64,int8 (fitted on 256 views inside the build)",
+        # the defaults, patches chosen by `auto` (fitted on 256 views inside the build)
+        "codecs": ", ".join(f"{t} {c}" for t, c in summary.get("codecs", {}).items()),
         "stored_bytes_per_view": round(stored / max(n_views, 1), 1),
     }
 
