@@ -111,6 +111,27 @@ def test_grad_accumulation_and_mixed_precision(fmnist, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completed"]
 
 
+def test_grad_accum_windows_end_at_epoch_ends_and_resume_exactly(fmnist, tmp_path, monkeypatch, capsys):
+    """40 images in batches of 4 -> 10 batches per epoch, windows of 3 -> 3, 3, 3, 1: killed right after the
+    first epoch-end save and resumed == uninterrupted."""
+    from tests import kill_after_epoch
+
+    args = ("--labels-per-class", "4", "--batch-size", "4", "--grad-accum", "3")
+    assert finetune(fmnist, tmp_path / "a", *args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2 * 4
+    with monkeypatch.context() as m:
+        kill_after_epoch.install(m)
+        with pytest.raises(kill_after_epoch.Killed):
+            finetune(fmnist, tmp_path / "b", *args)
+    assert finetune(fmnist, tmp_path / "b", *args) == 0
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
 @pytest.mark.slow
 def test_two_process_schedule_is_per_process(fmnist, tmp_path):
     """Two processes share the 10 batches of an epoch (5 each): the cosine ends at its minimum after
