@@ -103,13 +103,15 @@ def _plan_table(plan: dict) -> str:
               f"{plan['num_samples']:,} samples"),
              f"{'target':<12}{'codec':<18}{'item shape':<16}{'bytes/view':>12}{'bytes/sample':>14}"]
     for name, t in plan["targets"].items():
-        lines.append(f"{name:<12}{t['codec']:<18}{tuple(t['item_shape'])!s:<16}"
-                     f"{t['bytes_per_view']:>12,}{t['bytes_per_sample']:>14,}")
+        at_most = "<= " if t.get("at_most") else ""  # auto: its int8 fallback until the build chooses
+        per_view, per_sample = (at_most + format(t[k], ",") for k in ("bytes_per_view", "bytes_per_sample"))
+        lines.append(f"{name:<12}{t['codec']:<18}{tuple(t['item_shape'])!s:<16}{per_view:>12}{per_sample:>14}")
     lines.append(f"{'params':<46}{'':>12}{plan['params_bytes_per_sample']:>14,}")
     lines.append(f"{'keys':<46}{'':>12}{plan['key_bytes_per_sample']:>14,.1f}")
     lines.append(f"{'content digests':<46}{'':>12}{plan['digest_bytes_per_sample']:>14,}")
     lines.append(f"{'per sample':<46}{'':>12}{plan['bytes_per_sample']:>14,.1f}")
-    lines.append(f"predicted size {_human(plan['total_bytes'])} ({plan['total_bytes']:,} bytes, before zstd; "
+    lines.append(f"predicted size {'at most ' if plan.get('at_most') else ''}{_human(plan['total_bytes'])} "
+                 f"({plan['total_bytes']:,} bytes, before zstd; "
                  f"codec state {_human(plan['codec_state_bytes'])})")
     return "\n".join(lines)
 

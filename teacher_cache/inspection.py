@@ -64,9 +64,11 @@ class VerifyConfig:
 def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_samples: int,
                  key_bytes: float) -> dict:
     """Bytes per sample and in total for `targets` {name: (codec spec, item shape)}, before lossless
-    compression (zstd takes off more; Zarr metadata adds a few KiB). PCA's size does not depend on its fit."""
+    compression (zstd takes off more; Zarr metadata adds a few KiB). PCA's size does not depend on its fit;
+    `auto` chooses at build time, so before it the prediction is its `int8` fallback, an upper bound
+    (`at_most` is set), and after it (`kt-cache info`) the chosen codec's size."""
     from kt.views import PARAM_DIM
-    from kt.teacher_cache.codecs import PcaCodec, parse_codec
+    from kt.teacher_cache.codecs import AutoCodec, PcaCodec, parse_codec
 
     out: dict = {"views_per_image": views, "num_samples": num_samples, "targets": {}}
     per_sample = 0.0
@@ -77,6 +79,9 @@ def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_
         out["targets"][name] = {"codec": codec.spec, "item_shape": list(item_shape),
                                 "bytes_per_view": per_view, "bytes_per_sample": per_view * views}
         per_sample += per_view * views
+        if isinstance(codec, AutoCodec):
+            out["targets"][name]["at_most"] = True
+            out["at_most"] = True
         if isinstance(codec, PcaCodec):
             state += int(item_shape[-1]) * (codec.d + 1) * 4  # float32 basis and mean
     out["params_bytes_per_sample"] = views * PARAM_DIM * 4

@@ -123,7 +123,7 @@ def test_plan_with_num_samples_prints_a_table(tiny_teacher, capsys):  # noqa: F8
     assert main(["plan", "--teacher", tiny_teacher, "--targets", "logits,patches", "--views", "4",
                  "--num-samples", "1000000"]) == 0
     out = capsys.readouterr().out
-    assert "predicted size" in out and "topk:k=10" in out and "auto:cos=0.98" in out
+    assert "predicted size at most" in out and "topk:k=10" in out and "auto:cos=0.98" in out
 
 
 def test_verify_clean_then_damaged(built, tiny_teacher, tmp_path, capsys):  # noqa: F811
