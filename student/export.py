@@ -41,12 +41,14 @@ class ExportConfig:
     checkpoint: str = field("", "what to export: run folder, checkpoint folder or model name")
     format: str = field("onnx", f"export format: {', '.join(FORMATS)}")
     out: str = field("", "output file")
-    image_size: int = field(0, "input size of the exported model (0: the checkpoint's; ViTs only their own)")
-    opset: int = field(18, "ONNX opset: 18 runs on onnxruntime >= 1.14 and most device runtimes")
+    image_size: int = field(0, "input size of the exported model (0: the checkpoint's; ViTs only their own)",
+                            min=0)
+    opset: int = field(18, "ONNX opset: 18 runs on onnxruntime >= 1.14 and most device runtimes", min=7)
     dynamic_batch: bool = field(False, "batch dimension left free (default: fixed at 1, as devices run)")
     data: str = field("", "eval shards for the parity check ('' : the data the checkpoint's run evaluated on)")
-    parity_samples: int = field(32, "eval views compared between torch and onnxruntime")
-    tolerance: float = field(1e-3, "largest max-abs logit difference accepted (fp32 kernels differ ~1e-5)")
+    parity_samples: int = field(32, "eval views compared between torch and onnxruntime", min=1)
+    tolerance: float = field(1e-3, "largest max-abs logit difference accepted (fp32 kernels differ ~1e-5)",
+                             gt=0)
 
 
 def run_export(cfg: ExportConfig) -> dict:

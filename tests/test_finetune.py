@@ -160,7 +160,7 @@ def test_train_head_only_leaves_everything_else_as_loaded(fmnist, tmp_path, caps
                     "--train", "head") == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["train"] == "head" and summary["init_head"] == "new"
-    from kt.models import load_checkpoint
+    from kt.checkpoints import load_checkpoint
 
     a = load_checkpoint(tmp_path / "a" / "checkpoint").state_dict()
     b = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
