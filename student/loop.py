@@ -44,7 +44,7 @@ class OptimConfig:
     """What `fit` needs: the optimisation and bookkeeping half of every training config."""
 
     epochs: int = field(30, "passes over the data; small labeled sets need many", min=1)
-    lr: float = field(1e-3, "AdamW peak learning rate after warm-up", gt=0)
+    lr: float = field(1e-3, "AdamW peak learning rate after warm-up (0 freezes: tests)", min=0)
     weight_decay: float = field(0.05, "AdamW decoupled weight decay, the usual value for small nets", min=0)
     warmup_epochs: float = field(1.0, "linear warm-up length; keeps early steps from wrecking pretrained weights",
                                 min=0)

@@ -60,6 +60,7 @@ def test_every_numeric_config_field_declares_its_range():
 
 
 def test_check_config_names_the_flag_and_its_range():
+    from kt.student.distill import DistillConfig
     from kt.student.finetune import FinetuneConfig
 
     check_config(FinetuneConfig())  # every default is valid
@@ -67,8 +68,10 @@ def test_check_config_names_the_flag_and_its_range():
         check_config(FinetuneConfig(epochs=-1))
     with pytest.raises(UserError, match=r"--mixed-precision 'fp8': must be one of no, fp16, bf16"):
         check_config(FinetuneConfig(mixed_precision="fp8"))
-    with pytest.raises(UserError, match=r"--lr 0: must be > 0"):
-        check_config(FinetuneConfig(lr=0))
+    with pytest.raises(UserError, match=r"--lr -0.1: must be >= 0"):
+        check_config(FinetuneConfig(lr=-0.1))
+    with pytest.raises(UserError, match=r"--temperature 0: must be > 0"):
+        check_config(DistillConfig(temperature=0))
     with pytest.raises(UserError, match=r"--min-lr-ratio nan"):
         check_config(FinetuneConfig(min_lr_ratio=float("nan")))
     check_config(FinetuneConfig(labels_per_class=None))  # None means "all" where the type allows it
