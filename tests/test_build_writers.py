@@ -45,4 +45,4 @@ def test_two_writer_threads_write_the_same_store(tiny_teacher, fmnist, tmp_path)
 def test_writer_threads_must_be_positive(tiny_teacher, fmnist, tmp_path, capsys):  # noqa: F811
     args = build_args(tiny_teacher, fmnist["train"][:1], tmp_path / "x.zarr", "--writer-threads", "0")
     assert main(args) == 2
-    assert "--writer-threads must be at least 1" in capsys.readouterr().err
+    assert "--writer-threads 0: must be >= 1" in capsys.readouterr().err

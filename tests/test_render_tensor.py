@@ -128,4 +128,4 @@ def test_render_choice_is_checked(fmnist, tmp_path, capsys):
 
     assert main(["build", "--teacher", "test_vit", "--data", fmnist["train"][0], "--out", str(tmp_path / "c"),
                  "--targets", "embedding", "--render", "gpu"]) == 2
-    assert "--render must be auto, cpu or cuda" in capsys.readouterr().err
+    assert "--render 'gpu': must be one of auto, cpu, cuda" in capsys.readouterr().err
