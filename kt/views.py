@@ -303,6 +303,25 @@ def sample_params_batch(spec: ViewSpec, seed: int, keys: Sequence[str], views: i
     return out
 
 
+@dataclass(frozen=True)
+class ViewSet:
+    """The views of a transfer set: `views` per image, drawn from `spec` with `seed`.
+
+    One value wherever views are drawn (the cache build) or replayed (the student stream, verify), instead
+    of three loose arguments that must always travel together; a cache records it as its `view` attribute.
+    """
+
+    spec: ViewSpec
+    seed: int
+    views: int
+
+    def params(self, key: str, view: int) -> np.ndarray:
+        return sample_params(self.spec, self.seed, key, view)
+
+    def check(self, key: str, view: int, stored: np.ndarray) -> None:
+        check_params(self.spec, self.seed, key, view, stored)
+
+
 class ViewReplayError(UserError):
     """Stored view parameters differ from re-sampling them: targets and views would be out of sync."""
 

@@ -30,7 +30,7 @@ from kt.checkpoints import load_model, save_checkpoint
 from kt.device import check_precision, model_device, placement
 from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
-from kt.views import load_view_spec
+from kt.views import ViewSet, load_view_spec
 from kt.student.losses import OBJECTIVES, DistillObjective, create_objective
 from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, plan_epoch, steps_per_epoch,
                                stream_loader)
@@ -228,7 +228,7 @@ def run_distill(cfg: DistillConfig) -> dict:
                             f"the cache holds {', '.join(reader.targets)}")
         reader.require_complete(urls)
         sizes = check_data_matches_cache(reader, urls)
-        view_spec, view_seed, views = reader.view_spec, reader.seed, reader.views_per_image
+        view_set = reader.view_set
         teacher_dims = target_dims(reader)
         source = CacheSource(reader, list(needs))
         teacher_classes = reader.classes
@@ -236,8 +236,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         teacher = load_model(cfg.teacher, pretrained=cfg.teacher_pretrained, seed=0, what="teacher").eval()
         if expected_classes is not None and teacher.classes != expected_classes:
             raise UserError(f"teacher classes {teacher.classes} differ from the expected {expected_classes}")
-        view_spec = load_view_spec(cfg.view_spec or "train")
-        view_seed, views = cfg.view_seed, cfg.views
+        view_set = ViewSet(load_view_spec(cfg.view_spec or "train"), cfg.view_seed, cfg.views)
         keys = shard_keys(urls)
         sizes = [len(keys[u]) for u in urls]
         source = FreshSource(keys)
@@ -269,7 +268,7 @@ def run_distill(cfg: DistillConfig) -> dict:
 
     def make_loader(epoch: int, skip: int):
         return stream_loader(ReplayStream(
-            spec, epoch, skip, source, view_spec, view_seed, views, cfg.view_policy, cfg.image_size,
+            spec, epoch, skip, source, view_set, cfg.view_policy, cfg.image_size,
             student.mean, student.std, teacher_size=teacher.image_size if teacher is not None else 0,
             teacher_norm=(teacher.mean, teacher.std) if teacher is not None else None), pin_memory=place.pin_memory)
 

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
 from kt.shards import BadSamples, decode_image, image_ext, iter_samples, split_urls
-from kt.views import ViewSpec, check_params, render, sample_params, to_tensor
+from kt.views import ViewSet, render, to_tensor
 
 VIEW_POLICIES = ("cycle", "random")
 
@@ -164,10 +164,10 @@ class ReplayStream(IterableDataset):
     """
 
     def __init__(self, spec: StreamSpec, epoch: int, skip: int, source: Callable[[str], ShardData],
-                 view_spec: ViewSpec, view_seed: int, views: int, policy: str, image_size: int, mean, std,
+                 view_set: ViewSet, policy: str, image_size: int, mean, std,
                  teacher_size: int = 0, teacher_norm: tuple | None = None):
         self.spec, self.epoch, self.skip, self.source = spec, epoch, skip, source
-        self.view_spec, self.view_seed, self.views, self.policy = view_spec, view_seed, views, policy
+        self.view_set, self.policy = view_set, policy
         self.image_size, self.mean, self.std = image_size, mean, std
         self.teacher_size, self.teacher_norm = teacher_size, teacher_norm
 
@@ -215,12 +215,12 @@ class ReplayStream(IterableDataset):
                 continue
             d = data[shard]
             key = d.keys[row]
-            v = view_index(self.policy, self.views, self.view_seed, self.epoch, key)
+            v = view_index(self.policy, self.view_set.views, self.view_set.seed, self.epoch, key)
             if d.params is None:
-                p = sample_params(self.view_spec, self.view_seed, key, v)
+                p = self.view_set.params(key, v)
             else:
                 p = d.params[row, v]
-                check_params(self.view_spec, self.view_seed, key, v, p)
+                self.view_set.check(key, v, p)
             buf.append(_Item(shard, row, v, key, p, images[shard].pop(row), d.targets))
             if len(buf) == self.spec.batch_size:
                 yield self._collate(buf)

@@ -40,7 +40,7 @@ from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, decode_image, expand_shards, iter_samples, load_classes, split_urls
 from kt.render import decode_for_views, render, to_tensor
 from kt.render_tensor import images_to_tensors, render_batch
-from kt.views import ViewSpec, load_view_spec, sample_params
+from kt.views import ViewSet, ViewSpec, load_view_spec
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
 from kt.teacher_cache.lock import StoreLock
 from kt.teacher_cache.store import CacheStore, shard_id_for
@@ -153,9 +153,9 @@ class ShardViewBatches(IterableDataset):
     With `device_render` the workers only decode: x is the views' decoded uint8 sources, rendered as one
     batch on the teacher's GPU (`kt.render_tensor.render_batch`) from the same params."""
 
-    def __init__(self, urls: Sequence[str], spec: ViewSpec, seed: int, views: int, image_size: int,
-                 mean, std, batch_size: int, device_render: bool = False):
-        self.urls, self.spec, self.seed, self.views = list(urls), spec, seed, views
+    def __init__(self, urls: Sequence[str], view_set: ViewSet, image_size: int, mean, std, batch_size: int,
+                 device_render: bool = False):
+        self.urls, self.view_set = list(urls), view_set
         self.image_size, self.mean, self.std, self.batch_size = image_size, mean, std, batch_size
         self.device_render = device_render
 
@@ -174,7 +174,7 @@ class ShardViewBatches(IterableDataset):
 
         def decode(key: str, data: bytes):
             # a JPEG decodes at the reduced scale that all of its views still allow (kt.render)
-            views[key] = np.stack([sample_params(self.spec, self.seed, key, v) for v in range(self.views)])
+            views[key] = np.stack([self.view_set.params(key, v) for v in range(self.view_set.views)])
             if self.device_render:  # the GPU path renders from the full image
                 return decode_image(data)
             return decode_for_views(data, views[key], self.image_size)
@@ -203,22 +203,22 @@ class ShardViewBatches(IterableDataset):
                          np.stack([p for _, _, p, _ in buf]), x if self.device_render else torch.stack(x))
 
 
-def view_loader(urls, spec, seed, views, image_size, mean, std, batch_size, workers,
+def view_loader(urls, view_set: ViewSet, image_size, mean, std, batch_size, workers,
                 pin_memory: bool = False, device_render: bool = False) -> DataLoader:
-    dataset = ShardViewBatches(urls, spec, seed, views, image_size, mean, std, batch_size, device_render)
+    dataset = ShardViewBatches(urls, view_set, image_size, mean, std, batch_size, device_render)
     workers = min(workers, len(urls))
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
 # ----------------------------------------------------------------------------------------- the build
-def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], spec: ViewSpec, seed: int,
-               views: int, image_size: int, batch_size: int, n_views: int, place: Placement | None = None) -> None:
+def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], view_set: ViewSet,
+               image_size: int, batch_size: int, n_views: int, place: Placement | None = None) -> None:
     """Fit codecs that learn from data (PCA) on the teacher's outputs for the first views of the data."""
     needs = [t for t, c in codecs.items() if type(c).fit is not Codec.fit]
     if not needs:
         return
-    dataset = ShardViewBatches(urls, spec, seed, views, image_size, model.mean, model.std, batch_size)
+    dataset = ShardViewBatches(urls, view_set, image_size, model.mean, model.std, batch_size)
     got: dict[str, list[np.ndarray]] = {t: [] for t in needs}
     n = 0
     for item in dataset:
@@ -279,6 +279,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     """The build proper, run while rank 0 holds the store's lock."""
     from tqdm.auto import tqdm
 
+    view_set = ViewSet(spec, cfg.seed, cfg.views)
     place = placement(state.device, cfg.teacher_precision)
     render_device = render_device_for(cfg.render, place.device)
     # a random init is seeded: one teacher per cache, the same on every rank and every rerun
@@ -295,8 +296,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     if state.is_main_process:
         store = CacheStore.create(cfg.out, attrs, overwrite=cfg.overwrite)
         if any(store.read_codec_state(t) is None for t in targets):  # a fresh cache (not a resumed one)
-            fit_codecs(model, codecs, urls, spec, cfg.seed, cfg.views, image_size, cfg.batch_size, cfg.fit_views,
-                       place)
+            fit_codecs(model, codecs, urls, view_set, image_size, cfg.batch_size, cfg.fit_views, place)
             for t, codec in codecs.items():
                 codec.item_shape = shapes[t]
                 store.write_codec_state(t, *codec.state())
@@ -319,7 +319,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
                    disable=not state.is_local_main_process, dynamic_ncols=True)
         start, n_views = time.perf_counter(), 0
         try:
-            for item in view_loader(mine, spec, cfg.seed, cfg.views, image_size, model.mean, model.std,
+            for item in view_loader(mine, view_set, image_size, model.mean, model.std,
                                     cfg.batch_size, cfg.workers, pin_memory=place.pin_memory,
                                     device_render=render_device is not None):
                 if isinstance(item, ViewBatch):

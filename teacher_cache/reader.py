@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from kt.errors import UserError
-from kt.views import ViewSpec, check_params_batch
+from kt.views import ViewSet, ViewSpec, check_params_batch
 from kt.teacher_cache.codecs import Codec
 from kt.teacher_cache.store import DIGESTS_SINCE, CacheStore, check_compatible, shard_id_for
 
@@ -72,6 +72,7 @@ class CacheReader:
         self.view_spec: ViewSpec = ViewSpec.from_dict(view["spec"])
         self.seed: int = int(view["seed"])
         self.views_per_image: int = int(view["views_per_image"])
+        self.view_set = ViewSet(self.view_spec, self.seed, self.views_per_image)
         self.image_size: int | None = view.get("image_size")
         teacher = self.attrs["teacher"]
         self.num_classes: int = int(teacher.get("num_classes") or 0)

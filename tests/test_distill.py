@@ -67,8 +67,8 @@ def test_student_view_replays_what_the_teacher_saw(fmnist, cache, teacher):
     urls = fmnist["train"]
     spec = StreamSpec(tuple(urls), (100, 100, 100), 16, seed=0, workers=0)
     model = load_checkpoint(teacher)
-    stream = ReplayStream(spec, 1, 0, CacheSource(reader, ["logits", "patches"]), reader.view_spec, reader.seed,
-                          reader.views_per_image, "cycle", 24, model.mean, model.std)
+    stream = ReplayStream(spec, 1, 0, CacheSource(reader, ["logits", "patches"]), reader.view_set,
+                          "cycle", 24, model.mean, model.std)
     batch = next(iter(stream))
     images = {s.key: s.image for s in iter_samples(urls)}
     for i, key in enumerate(batch["keys"][:6]):

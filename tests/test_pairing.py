@@ -20,6 +20,7 @@ from kt.teacher_cache import build
 from kt.teacher_cache.cli import main as cache_main
 from kt.teacher_cache.reader import CacheReader
 from kt.teacher_cache.store import CacheStore, shard_id_for
+from kt.views import ViewSet
 from tests.test_reader import build_args, tiny_teacher  # noqa: F401 -- the fixture
 
 CHANGED = "s-00005"  # the one sample whose pixels differ between transfer sets A and B
@@ -86,7 +87,7 @@ def test_stream_checks_content_as_it_reads(twin_cache, twin_sets, workers):
 
     reader = CacheReader(str(twin_cache))
     spec = StreamSpec((twin_sets[1][0],), (12,), 4, seed=0, workers=workers)
-    stream = ReplayStream(spec, 0, 0, CacheSource(reader, ["logits"]), reader.view_spec, reader.seed, 1, "cycle",
+    stream = ReplayStream(spec, 0, 0, CacheSource(reader, ["logits"]), ViewSet(reader.view_spec, reader.seed, 1), "cycle",
                           32, (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(UserError) as caught:
         list(stream_loader(stream))
@@ -94,8 +95,8 @@ def test_stream_checks_content_as_it_reads(twin_cache, twin_sets, workers):
     assert "\n" not in message and CHANGED in message and "content digest" in message
     # the transfer set the cache was built from passes
     good = StreamSpec((twin_sets[0][0],), (12,), 4, seed=0, workers=workers)
-    assert len(list(stream_loader(ReplayStream(good, 0, 0, CacheSource(reader, ["logits"]), reader.view_spec,
-                                               reader.seed, 1, "cycle", 32, (0.5,) * 3, (0.5,) * 3)))) == 3
+    assert len(list(stream_loader(ReplayStream(good, 0, 0, CacheSource(reader, ["logits"]), ViewSet(reader.view_spec,
+                                               reader.seed, 1), "cycle", 32, (0.5,) * 3, (0.5,) * 3)))) == 3
 
 
 def test_verify_refuses_other_pixels(twin_cache, twin_sets, capsys):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from kt.render import render
 from kt.render_tensor import decode_batch, images_to_tensors, render_batch
-from kt.views import RANDAUG_OPS, VIEW_PRESETS, sample_params, sample_params_batch
+from kt.views import RANDAUG_OPS, VIEW_PRESETS, ViewSet, sample_params, sample_params_batch
 from tests import render_reference as ref
 
 
@@ -112,7 +112,7 @@ def test_build_batches_rendered_on_device_match_worker_renders(fmnist, device):
     else:
         assert render_device_for("cpu") is None and render_device_for("auto", "cpu") is None
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    args = (fmnist["train"][:1], VIEW_PRESETS["train"], 0, 2, 32, mean, std, 50)
+    args = (fmnist["train"][:1], ViewSet(VIEW_PRESETS["train"], 0, 2), 32, mean, std, 50)
     pil = [b for b in ShardViewBatches(*args) if isinstance(b, ViewBatch)]
     dev = [b for b in ShardViewBatches(*args, device_render=True) if isinstance(b, ViewBatch)]
     assert len(pil) == len(dev) and all(isinstance(b.x, list) for b in dev)

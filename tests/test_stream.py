@@ -7,7 +7,7 @@ import torch
 from kt.student.distill import FreshSource, shard_keys
 from kt.student.stream import (ReplayStream, StreamSpec, _rng, plan_epoch, steps_per_epoch, stream_loader,
                                view_index)
-from kt.views import VIEW_PRESETS
+from kt.views import VIEW_PRESETS, ViewSet
 
 
 def make_stream(fmnist, epoch, skip, workers, batch_size=32, rank=0, world=1, shuffle_shards=2):
@@ -16,7 +16,7 @@ def make_stream(fmnist, epoch, skip, workers, batch_size=32, rank=0, world=1, sh
     keys = shard_keys(urls)
     spec = StreamSpec(tuple(urls), tuple(len(keys[u]) for u in urls), batch_size, seed=3, rank=rank,
                       world_size=world, workers=workers, shuffle_shards=shuffle_shards)
-    return spec, ReplayStream(spec, epoch, skip, FreshSource(keys), VIEW_PRESETS["train"], 0, 4, "cycle",
+    return spec, ReplayStream(spec, epoch, skip, FreshSource(keys), ViewSet(VIEW_PRESETS["train"], 0, 4), "cycle",
                               24, (0.5,) * 3, (0.5,) * 3), keys
 
 
@@ -121,7 +121,7 @@ def test_batches_mix_class_sorted_shards(class_sorted, workers):
     spec = StreamSpec(tuple(urls), tuple(len(keys[u]) for u in urls), 16, seed=0, workers=workers)
     got = []
     for epoch in range(3):
-        stream = ReplayStream(spec, epoch, 0, FreshSource(keys), VIEW_PRESETS["train"], 0, 1, "cycle", 8,
+        stream = ReplayStream(spec, epoch, 0, FreshSource(keys), ViewSet(VIEW_PRESETS["train"], 0, 1), "cycle", 8,
                               (0.5,) * 3, (0.5,) * 3)
         got += [b["keys"] for b in stream_loader(stream)]
     everything = sorted(label)

@@ -93,7 +93,7 @@ def bench_build(args, work: str) -> dict:
 
     from kt.checkpoints import save_checkpoint
     from kt.shards import expand_shards
-    from kt.views import load_view_spec
+    from kt.views import ViewSet, load_view_spec
     from kt.teacher_cache.build import (
         BuildConfig,
         build_cache,
@@ -110,7 +110,7 @@ def bench_build(args, work: str) -> dict:
 
     def forward_only() -> int:
         n = 0
-        for item in view_loader(urls, spec, 0, args.views, args.image_size, model.mean, model.std,
+        for item in view_loader(urls, ViewSet(spec, 0, args.views), args.image_size, model.mean, model.std,
                                 args.batch_size, args.workers):
             if isinstance(item, ViewBatch):
                 with torch.inference_mode():

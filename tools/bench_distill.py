@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kt.shards import BadSamples, expand_shards, iter_samples
-from kt.views import VIEW_PRESETS
+from kt.views import VIEW_PRESETS, ViewSet
 from kt.student.distill import CacheSource, Distiller, FreshSource
 from kt.student.losses import create_objective
 from kt.student.stream import ReplayStream, ShardData, StreamSpec, stream_loader
@@ -110,12 +110,12 @@ def bench_cached_vs_supervised(args, tmp: Path) -> dict:
     labels = LabelSource(urls)
 
     def cached_loader():
-        return stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["logits"]), reader.view_spec,
-                                          reader.seed, reader.views_per_image, "cycle", args.image_size,
+        return stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["logits"]), reader.view_set,
+                                          "cycle", args.image_size,
                                           student.mean, student.std))
 
     def supervised_loader():
-        return stream_loader(ReplayStream(spec, 0, 0, labels, VIEW_PRESETS["train"], 0, 2, "cycle",
+        return stream_loader(ReplayStream(spec, 0, 0, labels, ViewSet(VIEW_PRESETS["train"], 0, 2), "cycle",
                                           args.image_size, student.mean, student.std))
 
     cached_step = sgd_step(distiller, opt, lambda b: distiller(b)[0])
@@ -161,12 +161,12 @@ def bench_online_vs_cached(args, tmp: Path) -> dict:
     keys = {sub_urls[0]: [s.key for s in samples]}
 
     def cached_loader():
-        return stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["patches"]), reader.view_spec,
-                                          reader.seed, 1, "cycle", size, student.mean, student.std))
+        return stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["patches"]),
+                                          ViewSet(reader.view_spec, reader.seed, 1), "cycle", size, student.mean, student.std))
 
     def online_loader():
-        return stream_loader(ReplayStream(spec, 0, 0, FreshSource(keys), reader.view_spec, reader.seed, 1,
-                                          "cycle", size, student.mean, student.std, teacher_size=size,
+        return stream_loader(ReplayStream(spec, 0, 0, FreshSource(keys),
+                                          ViewSet(reader.view_spec, reader.seed, 1), "cycle", size, student.mean, student.std, teacher_size=size,
                                           teacher_norm=(teacher.mean, teacher.std)))
 
     def teacher_only():

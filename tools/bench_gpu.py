@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kt.views import ViewSet
+
 PRESETS = {
     # images: enough full batches for 2 warm-up + `steps` timed steps of one epoch
     "full": dict(teacher="vit_large_patch14_dinov2", teacher_size=224, student="fastvit_s12", student_size=224,
@@ -87,21 +89,21 @@ def teacher_forward(model, device, batch: int, size: int, dtype, steps: int) -> 
 def fidelity(model, urls, spec, size: int, n_views: int, batch: int, device) -> dict:
     """bf16 autocast vs fp32 through `teacher_outputs`, on the first `n_views` rendered views of the data."""
     from kt.device import Placement
-    from kt.teacher_cache.build import ShardViewBatches, teacher_outputs
+    from kt.teacher_cache.build import ShardViewBatches, ViewBatch, teacher_outputs
 
     fp32, bf16 = (Placement(device, False, False, d) for d in (None, torch.bfloat16))
     targets = ["logits", "embedding", "patches"]
     got = {"fp32": {t: [] for t in targets}, "bf16": {t: [] for t in targets}}
     n = 0
-    for item in ShardViewBatches(urls, spec, 0, 1, size, model.mean, model.std, batch):
-        if item[0] != "batch":
+    for item in ShardViewBatches(urls, ViewSet(spec, 0, 1), size, model.mean, model.std, batch):
+        if not isinstance(item, ViewBatch):
             continue
         with torch.inference_mode():
             for name, place in (("fp32", fp32), ("bf16", bf16)):
-                out = teacher_outputs(model, item[6], targets, place)
+                out = teacher_outputs(model, item.x, targets, place)
                 for t in targets:
                     got[name][t].append(out[t])
-        n += len(item[2])
+        n += len(item.rows)
         if n >= n_views:
             break
     a = {t: np.concatenate(v)[:n_views] for t, v in got["fp32"].items()}
@@ -144,8 +146,7 @@ def distill_steps(cfg: dict, cache: Path, urls, teacher, device, workers: int) -
     keys = {u: s.keys for u, s in zip(urls, shards)}
 
     def loader(mode: str):
-        common = dict(view_spec=reader.view_spec, view_seed=reader.seed, views=reader.views_per_image,
-                      policy="cycle", image_size=cfg["student_size"], mean=student.mean, std=student.std)
+        common = dict(view_set=reader.view_set, policy="cycle", image_size=cfg["student_size"], mean=student.mean, std=student.std)
         if mode == "cached":
             stream = ReplayStream(spec, 0, 0, CacheSource(reader, ["logits"]), **common)
         else:

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kt.views import ViewSet
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.bench pipeline", description=__doc__.splitlines()[0])
@@ -315,7 +317,7 @@ def bench_build(args, urls, cache: str) -> dict:
     n = summary["samples"] * args.build_views
     model = zero_teacher(args.size)
     lwall, lcpu, ln = time.perf_counter(), _cpu(), 0
-    for item in build.view_loader(urls, VIEW_PRESETS["train"], 0, args.build_views, args.size, model.mean,
+    for item in build.view_loader(urls, ViewSet(VIEW_PRESETS["train"], 0, args.build_views), args.size, model.mean,
                                   model.std, 64, args.workers):
         if isinstance(item, build.ViewBatch):
             ln += len(item.rows)
@@ -336,8 +338,8 @@ def bench_stream(args, urls, cache: str) -> dict:
     reader = CacheReader(cache, targets=["logits", "embedding"])
     sizes = tuple(len(reader.shard(u, []).keys) for u in urls)
     spec = StreamSpec(tuple(urls), sizes, 64, seed=0, workers=args.workers)
-    loader = stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["logits", "embedding"]), reader.view_spec,
-                                        reader.seed, reader.views_per_image, "cycle", args.size,
+    loader = stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["logits", "embedding"]), reader.view_set,
+                                        "cycle", args.size,
                                         (0.5,) * 3, (0.5,) * 3))
     wall, cpu, n = time.perf_counter(), _cpu(), 0
     for batch in loader:
