@@ -59,8 +59,9 @@ class BuildConfig:
     image_size: int = field(0, "teacher input size (0: the checkpoint's)", min=0)
     batch_size: int = field(64, "teacher batch size", min=1)
     workers: int = field(2, "DataLoader workers decoding and rendering", min=0)
-    render: str = field("auto", "where views are rendered: auto (the GPU when CUDA is present, else the "
-                                "DataLoader workers) | cpu | cuda; both give the same views within 1/255",
+    render: str = field("auto", "where views are rendered: auto (today the DataLoader workers: the GPU path is "
+                                "exact but slower, see docs/benchmarks.md) | cpu | cuda; both give the same "
+                                "views within 1/255",
                         choices=("auto", "cpu", "cuda"))
     writer_threads: int = field(1, "threads encoding, compressing and writing targets; raise it when the "
                                    "writer limits the build (python -m tools.bench pipeline: views/s per thread)",
@@ -383,10 +384,10 @@ def render_device_for(choice: str, device: torch.device | str | None = None) -> 
     if choice not in ("auto", "cpu", "cuda"):
         raise UserError(f"--render must be auto, cpu or cuda, got {choice!r}")
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cpu":
+    # `auto` keeps the PIL workers: measured on an H200, the PIL-exact tensor path renders ~360 train views/s,
+    # below what two CPU cores give (docs/benchmarks.md, "Data path"); it is the choice again once batched.
+    if choice in ("cpu", "auto"):
         return None
-    if device.type == "cuda":
-        return device
-    if choice == "cuda":
+    if device.type != "cuda":
         raise UserError("--render cuda: this process has no CUDA device (use --render auto or cpu)")
-    return None
+    return device

@@ -108,7 +108,8 @@ def test_build_batches_rendered_on_device_match_worker_renders(fmnist, device):
     if device == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device")
-        assert render_device_for("auto", "cuda:0") == torch.device("cuda:0")
+        assert render_device_for("cuda", "cuda:0") == torch.device("cuda:0")
+        assert render_device_for("auto", "cuda:0") is None  # until the batched path beats the PIL workers
     else:
         assert render_device_for("cpu") is None and render_device_for("auto", "cpu") is None
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
