@@ -3,9 +3,10 @@
 `render_batch(sources, params, size)` renders N views of N decoded uint8 images (3, H, W) on their device
 and returns (N, 3, h, w): uint8, or normalised float32 when `mean`/`std` are given. `decode_batch`
 decodes image bytes with `torchvision.io`, JPEGs on the GPU (nvJPEG) when the device is CUDA.
-`default_device()` is "cuda" when CUDA is present; `kt-cache build --render auto` (the default) renders on
-the teacher's GPU when it has one, its DataLoader workers only decoding. The student stream does not use
-it yet.
+`default_device()` is "cuda" when CUDA is present; `kt-cache build --render cuda` renders on the teacher's GPU,
+its DataLoader workers only decoding. `--render auto` does not choose it: measured on an H200 this exact,
+image-by-image path renders ~360 train views/s at 224 px (launch-bound), less than two CPU cores with PIL
+(docs/benchmarks.md). The student stream does not use it yet.
 
 The path replays `kt.render` step for step, from the same plan (`kt.render.plan`: the crop, the flip
 folded into the first run of geometric ops, one affine map per run, clipped as the reference), and
