@@ -195,8 +195,6 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cfg.objective not in OBJECTIVES:
         raise UserError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
     check_precision(cfg.teacher_precision)
-    if cfg.shuffle_shards < 1:
-        raise UserError(f"--shuffle-shards must be at least 1, got {cfg.shuffle_shards}")
     if cfg.view_policy not in VIEW_POLICIES:
         raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
     out = Path(cfg.out)

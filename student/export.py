@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kt.config import field
+from kt.config import check_config, field
 from kt.errors import UserError, one_line
 
 FORMATS = {"onnx": "ONNX, run under onnxruntime for the parity check"}
@@ -59,8 +59,7 @@ def run_export(cfg: ExportConfig) -> dict:
         raise UserError(f"unknown --format {cfg.format!r}; choose from {', '.join(FORMATS)}")
     if not cfg.checkpoint or not cfg.out:
         raise UserError("export needs --checkpoint and --out")
-    if cfg.parity_samples < 1:
-        raise UserError("--parity-samples must be at least 1")
+    check_config(cfg)  # also when called as a library, not through build_config
     model = load_model(cfg.checkpoint, what="--checkpoint").eval()
     size = cfg.image_size or model.image_size
     if getattr(model, "is_tokens", True) and size != model.image_size:  # ViTs and open_clip towers

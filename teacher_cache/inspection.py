@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kt.config import field
+from kt.config import check_config, field
 from kt.errors import UserError
 
 SHOW = 5  # bad samples / shard ids shown before "and N more"
@@ -99,8 +99,7 @@ def plan_cache(cfg: PlanConfig) -> dict:
     from kt.checkpoints import load_model
     from kt.teacher_cache.build import check_teacher_targets, item_shapes, parse_codecs, parse_targets
 
-    if cfg.views < 1:
-        raise UserError("--views must be at least 1")
+    check_config(cfg)  # also when called as a library, not through build_config
     if (cfg.num_samples is None) == (not cfg.data):
         raise UserError("plan needs exactly one of --num-samples and --data")
     names = parse_targets(cfg.targets)
