@@ -53,7 +53,8 @@ class EmbedConfig:
     """`kt-retrieve embed`."""
 
     encoder: str = field(DEFAULT_ENCODER, "a kt model name (timm or open_clip:ARCH@TAG)")
-    pretrained: str = field("hub", "none | package | hub | PATH (see kt.models)")
+    pretrained: str = field("auto", "auto (hub for a model name; a run or checkpoint folder has its own weights) | "
+                                    "none | package | hub | PATH (see kt.models)")
     data: str = field("", "shard spec: files, {a..b} braces, a directory, '::'-joined", required=True)
     out: str = field("", "embedding store to write", required=True)
     image_size: int = field(224, "encoder input size", min=8)
@@ -72,7 +73,7 @@ class ImportConfig:
     embeddings: str = field("", "(N, D) .npy file", required=True)
     keys: str = field("", "text file, one key per line in row order", required=True)
     encoder: str = field("", "the encoder that made them (checked against the queries)", required=True)
-    pretrained: str = field("hub", "its weights source, as for embed")
+    pretrained: str = field("auto", "its weights source, as for embed")
     normalize: bool = field(False, "L2-normalise the rows on import")
     out: str = field("", "embedding store to write", required=True)
 
@@ -100,11 +101,20 @@ def _batches(items: Iterable, size: int):
         yield batch
 
 
+def resolve_pretrained(encoder: str, pretrained: str) -> str:
+    """`auto`: "none" when `encoder` is a run or checkpoint folder (no weights beyond its own, the tag such stores
+    have always recorded, so they stay comparable; the fingerprint's weights hash tells folders apart), else
+    "hub" (a name's published weights)."""
+    if pretrained != "auto":
+        return pretrained
+    return "none" if Path(encoder).expanduser().exists() else "hub"
+
+
 def encoder_fingerprint(name: str, pretrained: str, modality: str, model_fp: dict | None) -> dict:
     return {"name": name, "pretrained": pretrained, "modality": modality, "model": model_fp}
 
 
-def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", image_size: int = 224,
+def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "auto", image_size: int = 224,
                  batch_size: int = 64, normalize: bool = True, resume: bool = False, device: str = "auto",
                  precision: str = "bf16") -> dict:
     """Embed every sample of the shards `data` into the store `out`: this process's share of the shards.
@@ -127,6 +137,7 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "hub", 
     device = state.device if device == "auto" else torch.device(device)
     place = placement(device, precision)
     urls = [u if is_url(u) else os.path.abspath(u) for u in expand_shards(data)]
+    pretrained = resolve_pretrained(encoder, pretrained)
     if pretrained == "none":
         torch.manual_seed(RANDOM_INIT_SEED)  # every rank draws the same random weights
     model = load_model(encoder, num_classes=0, pretrained=pretrained, image_size=image_size,
@@ -196,7 +207,7 @@ def check_finite(arr, keys: list[str], name: str, block_size: int = 65536) -> No
                             "fix or drop them before importing")
 
 
-def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pretrained: str = "hub",
+def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pretrained: str = "auto",
                       normalize: bool = False, block_size: int = 65536) -> str:
     """A store from an (N, D) .npy (memmapped, copied in blocks) and a keys file, one key per line."""
     if not Path(embeddings).is_file():
@@ -214,7 +225,7 @@ def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pre
         raise UserError(f"{keys} has {len(key_list)} keys for {arr.shape[0]} embeddings; need one per row")
     check_finite(arr, key_list, embeddings, block_size)  # before the store exists: nothing half-written
     sample = np.asarray(arr[: min(len(arr), 10000)], dtype=np.float32)
-    fp = encoder_fingerprint(encoder, pretrained, "image", None)
+    fp = encoder_fingerprint(encoder, resolve_pretrained(encoder, pretrained), "image", None)
     writer = StoreWriter(out, arr.shape[1], fp, normalize or is_normalized(sample),
                          {"kind": "import", "embeddings": os.path.abspath(embeddings), "keys": os.path.abspath(keys)})
     all_normalized = True

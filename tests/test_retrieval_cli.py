@@ -350,3 +350,32 @@ def test_embed_text_and_text_queries(tmp_path, tiny_clip, capsys):
     assert main(["embed-text", "--encoder", tiny_clip, "--pretrained", "none", "--classes",
                  str(tmp_path / "bad2.json"), "--out", str(tmp_path / "bad2.emb")]) == 2
     assert "class 1 has no name" in capsys.readouterr().err
+
+
+def test_embed_with_a_checkpoint_needs_no_pretrained_flag(tmp_path):
+    """A run or checkpoint folder carries its weights: `embed --encoder RUN` works without `--pretrained none`
+    (the default `auto` means hub for a name, the folder's own weights for a path), and gives the vectors
+    the checkpoint's model computes."""
+    import torch
+
+    from kt.checkpoints import save_checkpoint
+    from kt.models import create_model
+
+    torch.manual_seed(3)
+    ckpt = save_checkpoint(create_model(ENCODER, num_classes=3, image_size=32), tmp_path / "run" / "checkpoint")
+    make_shards(tmp_path, "gal", 6)
+    out = tmp_path / "g.emb"
+    assert main(["embed", "--encoder", str(tmp_path / "run"), "--data", str(tmp_path / "gal"), "--out", str(out),
+                 "--image-size", "32", "--no-normalize"]) == 0
+    emb = load_embeddings(str(out))
+    assert emb.encoder["pretrained"] == "none" and emb.encoder["model"]["weights_sha256"]
+    from kt.checkpoints import load_checkpoint
+    from kt.shards import expand_shards, iter_samples
+    from kt.views import VIEW_PRESETS, render, sample_params, to_tensor
+
+    model = load_checkpoint(ckpt).eval()
+    s = next(iter(iter_samples(expand_shards(str(tmp_path / "gal")))))
+    x = to_tensor(render(s.image, sample_params(VIEW_PRESETS["eval"], 0, s.key, 0), 32), model.mean, model.std)
+    with torch.no_grad():
+        want = model.forward_features(x[None])["embedding"][0].numpy()
+    np.testing.assert_allclose(emb.read(0, 1)[0], want, rtol=1e-4, atol=1e-5)
