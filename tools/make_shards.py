@@ -3,9 +3,11 @@
     python -m tools.make_shards fashion-mnist --out data/fashion-mnist          # train/ and test/ shards
     python -m tools.make_shards imagefolder --root PATH --out data/mine --shard-size 5000
     python -m tools.make_shards photos --out data/photos --count 20000    # generic transfer set
+    python -m tools.make_shards fmnist-seg --out data/fmnist-seg --train 2000 --test 500 --size 64  # segmentation
 
 `photos` is the stand-in for a generic web transfer set (CC3M in the paper): seeded random square crops
-of the real photographs bundled with scikit-image and scikit-learn, resized to 64 px.
+of the real photographs bundled with scikit-image and scikit-learn, resized to 64 px. `fmnist-seg` is the
+embedded segmentation task (garments pasted on those photos, with masks): tools/fmnist_seg.py says how.
 
 Keys are stable and unique: Fashion-MNIST `train-00042` (split and index in the idx file); ImageFolder
 `<class>/<file stem>` made filesystem-safe, with a short hash of the file name appended where two files
@@ -36,6 +38,7 @@ from PIL import Image
 
 from kt.errors import UserError, cli_entry
 from kt.shards import IMAGE_EXTS, write_shards
+from tools.fmnist_seg import CompositeSpec, make_fmnist_seg
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -189,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--shard-size", type=int, default=2000)
+    s = sub.add_parser("fmnist-seg", help="segmentation task: Fashion-MNIST garments on photo crops, with masks")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--train", type=int, default=2000, help="labeled composites (train garments)")
+    s.add_argument("--test", type=int, default=500, help="labeled composites (test garments, unseen in train)")
+    s.add_argument("--transfer", type=int, default=0, help="unlabeled composites (task-related transfer set)")
+    s.add_argument("--size", type=int, default=CompositeSpec.size, help="image side in px")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--garments", type=int, nargs=2, default=CompositeSpec.garments, metavar=("MIN", "MAX"),
+                   help="garments per image")
+    s.add_argument("--scale", type=float, nargs=2, default=CompositeSpec.scale, metavar=("MIN", "MAX"),
+                   help="garment side / image side")
+    s.add_argument("--shard-size", type=int, default=1000)
     return p
 
 
@@ -197,6 +212,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.source == "fashion-mnist":
         written = make_fashion_mnist(args.out, args.shard_size, args.root, args.limit)
+        print(json.dumps({k: len(v) for k, v in written.items()}))
+    elif args.source == "fmnist-seg":
+        spec = CompositeSpec(size=args.size, garments=tuple(args.garments), scale=tuple(args.scale))
+        written = make_fmnist_seg(args.out, args.train, args.test, args.transfer, spec, args.seed, args.shard_size)
         print(json.dumps({k: len(v) for k, v in written.items()}))
     elif args.source == "photos":
         written = make_photo_crops(args.out, args.count, args.size, args.seed, args.shard_size)
