@@ -1,0 +1,142 @@
+"""kt-student finetune / eval --task segmentation through the CLI: training end to end, exact resume, eval.json,
+and the refusals (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from kt.student.cli import main
+from tests.test_segmentation_data import png, synthetic, write_seg_shards
+
+SEG = ["--task", "segmentation", "--model", "mobilevitv2_050", "--output-stride", "8", "--head-width", "32",
+       "--image-size", "32", "--batch-size", "4", "--workers", "0", "--labeled-images", "8", "--epochs", "6",
+       "--lr", "0.01", "--warmup-epochs", "0", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    write_seg_shards(root / "train", n=16, prefix="train")
+    write_seg_shards(root / "test", n=6, prefix="test", maxcount=3)
+    return root
+
+
+def finetune(data, out, *extra):
+    return main(["finetune", "--data", str(data / "train"), *SEG, "--out", str(out), *extra])
+
+
+def assert_user_error(capsys, argv, pattern):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert pattern in err, err
+
+
+def test_finetune_segmentation_learns_and_writes_eval(seg_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert finetune(seg_data, run, "--val-data", str(seg_data / "test")) == 0
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    card = json.loads((run / "checkpoint" / "card.json").read_text())
+    assert card["task"] == "segmentation" and card["output_stride"] == 8 and card["head_width"] == 32
+    assert card["classes"] == ["background", "red", "green"]
+    saved = json.loads((run / "eval.json").read_text())
+    assert set(saved) >= {"miou", "pixel_accuracy", "per_class_iou", "n"} and saved["n"] == 6
+    assert list(saved["per_class_iou"]) == card["classes"]
+    # kt-student eval takes the task from the checkpoint and gives the same numbers
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--data", str(seg_data / "test"), "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["miou"] == pytest.approx(saved["miou"]) and result["per_class_iou"] == saved["per_class_iou"]
+    assert main(["eval", "--runs", str(run), str(run)]) == 0
+    agg = json.loads(capsys.readouterr().out)
+    assert agg["miou_mean"] == pytest.approx(saved["miou"]) and agg["miou_std"] == 0
+
+
+def test_segmentation_resume_equals_uninterrupted(seg_data, tmp_path, capsys):
+    args = ("--epochs", "2")
+    assert finetune(seg_data, tmp_path / "a", *args) == 0
+    assert finetune(seg_data, tmp_path / "b", *args, "--stop-after-steps", "3") == 0
+    assert finetune(seg_data, tmp_path / "b", *args) == 0
+    assert "resuming at epoch 1, batch 1, step 3" in capsys.readouterr().out
+    a = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_all_ignore_batch_gives_zero_loss_not_nan():
+    import torch
+
+    from kt.student.segmentation import segmentation_loss
+    from kt.models import create_model
+
+    model = create_model("mobilevitv2_050", num_classes=3, image_size=32, task="segmentation", output_stride=8,
+                         head_width=16)
+    loss, metrics = segmentation_loss(255)(model, (torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255)))
+    assert float(loss) == 0.0 and np.isfinite(metrics["pixel_acc"])
+    loss.backward()  # a graph still, so the loop's backward works on such a batch
+
+
+def test_segmentation_refusals(seg_data, tmp_path, capsys):
+    data, out = str(seg_data / "train"), str(tmp_path / "x")
+    base = ["finetune", "--data", data, *SEG, "--out", out]
+    assert_user_error(capsys, [*base, "--output-stride", "12"], "output stride must be one of 8, 16, 32")
+    assert_user_error(capsys, [*base, "--model", "test_efficientnet"], "cannot make test_efficientnet output stride")
+    assert_user_error(capsys, [*base, "--image-size", "36"], "image size 36 is not divisible by the output stride 8")
+    assert_user_error(capsys, [*base, "--batch-size", "1"], "batch of 1")
+    assert_user_error(capsys, [*base, "--labeled-images", "1"], "batch of 1")
+    assert_user_error(capsys, ["finetune", "--data", data, "--model", "test_efficientnet", "--image-size", "32",
+                               "--output-stride", "8", "--out", out], "--output-stride is for --task segmentation")
+
+    # masks missing / of another size: bad samples, the run fails past --max-bad-fraction
+    def no_mask(i, record):
+        if i % 2:
+            del record["mask.png"]
+        elif i % 4 == 0:
+            record["mask.png"] = png(np.zeros((5, 5), np.uint8))
+
+    write_seg_shards(tmp_path / "spoilt", n=12, prefix="sp", edit=no_mask)
+    assert_user_error(capsys, ["finetune", "--data", str(tmp_path / "spoilt"), *SEG, "--out", out],
+                      "samples are bad")
+
+    def label_7(i, record):
+        if i == 2:
+            mask = synthetic(record["__key__"])[1]
+            mask[3, 3] = 7
+            record["mask.png"] = png(mask)
+
+    write_seg_shards(tmp_path / "label7", n=12, prefix="l7", edit=label_7)
+    assert_user_error(capsys, ["finetune", "--data", str(tmp_path / "label7"), *SEG, "--labeled-images", "12",
+                               "--out", out], "l7-0002: mask label 7")
+
+    # a classification run given to a segmentation command, and the reverse
+    cls_run, seg_run = tmp_path / "cls", tmp_path / "segrun"
+    write_seg_shards(tmp_path / "cls-data", n=8, prefix="c")
+    assert main(["finetune", "--data", data, *SEG, "--epochs", "1", "--out", str(seg_run)]) == 0
+    assert main(["finetune", "--data", data, "--model", "mobilevitv2_050", "--image-size", "32", "--batch-size", "4",
+                 "--workers", "0", "--labeled-images", "8", "--epochs", "1", "--out", str(cls_run)]) == 2
+    capsys.readouterr()  # the synthetic shards carry no .cls: classification needs labels
+    from kt.shards import write_shards
+
+    write_shards([(f"c{i}", synthetic(f"c{i}")[0], i % 3) for i in range(8)], tmp_path / "cls-labels",
+                 classes=["a", "b", "c"])
+    cls_data = str(tmp_path / "cls-labels")
+    assert main(["finetune", "--data", cls_data, "--model", "mobilevitv2_050", "--image-size", "32",
+                 "--batch-size", "4", "--workers", "0", "--labeled-images", "8", "--epochs", "1",
+                 "--out", str(cls_run)]) == 0
+    assert_user_error(capsys, [*base, "--pretrained", str(cls_run)], "is a classification checkpoint")
+    assert_user_error(capsys, [*base, "--init", str(cls_run)], "is a classification checkpoint")
+    assert_user_error(capsys, ["finetune", "--data", cls_data, "--model", "mobilevitv2_050", "--image-size", "32",
+                               "--workers", "0", "--pretrained", str(seg_run), "--out", out],
+                      "is a segmentation checkpoint")
+    assert_user_error(capsys, ["finetune", "--data", cls_data, "--init", str(seg_run), "--image-size", "32",
+                               "--workers", "0", "--out", out], "is a segmentation checkpoint")
+    # eval of a segmentation checkpoint on shards whose masks are missing fails past the bad fraction
+    assert_user_error(capsys, ["eval", "--checkpoint", str(seg_run), "--data", cls_data, "--workers", "0"],
+                      "samples are bad")
