@@ -17,6 +17,14 @@ to these pixels and not merely to this key.
 Bad samples (a truncated image, a member that is not an image, a broken tar tail) are skipped, counted
 and reported through `BadSamples`; a run fails with one clear line when more than `max_fraction` of
 what it read is bad.
+
+Segmentation masks travel beside their image as `<key>.mask.png`: one class index per pixel, 8-bit while the
+classes (background included, as `classes.json` lists them) fit below 255, which is the ignore label; 16-bit
+PNG above that, where 65535 is the ignore label (`ignore_label`). Masks are read only when a caller asks
+(`mask_classes=K`), so classification never pays for them. A sample read for segmentation without a mask,
+or with a mask whose size is not its image's, is a bad sample like an undecodable image; a label >= K other
+than the ignore label is refused outright (one line naming key and value), since it means the mask and
+`classes.json` disagree about the whole set, not that one file is damaged.
 """
 
 from __future__ import annotations
@@ -32,12 +40,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
+import numpy as np
 from PIL import Image
 
 from kt.errors import UserError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 CLASSES_FILE = "classes.json"
+MASK_EXT = "mask.png"  # webdataset splits members at the first dot: `<key>.mask.png` is the sample's "mask.png"
+IGNORE_8BIT = 255  # the usual ignore index (ADE20K, VOC, Cityscapes converted by mmseg)
+IGNORE_16BIT = 65535  # the same idea where 255 is a class
 
 
 # ---------------------------------------------------------------------------------------- shard specs
@@ -152,6 +164,7 @@ class Sample:
     shard: str
     raw: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
     digest: int | None = None  # content_digest of the image bytes, when asked for
+    mask: Image.Image | None = None  # class index per pixel ("L", or "I" from a 16-bit PNG), when asked for
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -161,6 +174,38 @@ def decode_image(data: bytes) -> Image.Image:
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     return img
+
+
+def ignore_label(num_classes: int) -> int:
+    """The mask value that means "no label" for a set of `num_classes` classes: 255 while the classes fit
+    in 8 bits below it, 65535 (16-bit masks) above."""
+    return IGNORE_8BIT if num_classes <= IGNORE_8BIT else IGNORE_16BIT
+
+
+def decode_mask(data: bytes, image_size: tuple[int, int], num_classes: int, key: str) -> Image.Image:
+    """A mask member decoded and checked against its image's size and the class count.
+
+    A mask that does not decode or has another size raises ValueError (the caller counts the sample bad);
+    a label >= `num_classes` other than the ignore label raises UserError."""
+    mask = Image.open(io.BytesIO(data))
+    mask.load()
+    if mask.mode in ("I;16", "I;16B", "I;16L", "I"):
+        mask = mask.convert("I")  # 32-bit signed: what PIL resizes and transforms (I;16 it cannot transform)
+    elif mask.mode != "L":
+        raise ValueError(f"mask is {mask.mode}, not an 8-bit or 16-bit single-channel PNG")
+    if mask.size != tuple(image_size):
+        raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, its image {image_size[0]}x{image_size[1]}")
+    values = np.unique(np.asarray(mask))
+    beyond = values[(values >= num_classes) & (values != ignore_label(num_classes))]
+    if len(beyond):
+        raise UserError(f"sample {key}: mask label {int(beyond[0])} is not a class ({num_classes} classes in "
+                        f"{CLASSES_FILE}; {ignore_label(num_classes)} is the ignore label)")
+    return mask
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """An encoded image's size from its header alone (the image itself may be decoded at reduced scale)."""
+    return Image.open(io.BytesIO(data)).size
 
 
 def image_ext(sample: dict) -> str | None:
@@ -199,12 +244,14 @@ def _raw_members(url: str, bad: BadSamples | None) -> Iterator[dict]:
 
 def iter_samples(urls: Sequence[str], bad: BadSamples | None = None,
                  decode: bool | Callable[[str, bytes], Image.Image] = True,
-                 keep_raw: bool = False, digest: bool = False) -> Iterator[Sample]:
+                 keep_raw: bool = False, digest: bool = False, mask_classes: int = 0) -> Iterator[Sample]:
     """Samples of the given shards in order; undecodable ones are skipped and recorded in `bad`.
 
     A key that comes twice in one shard raises `UserError`. `digest` fills `Sample.digest`. `decode` may be
     a function (key, image bytes) -> image, for a caller that decodes each sample its own way (at the
-    reduced scale its views need: `kt.render.decode_for_views`); its failures count as bad.
+    reduced scale its views need: `kt.render.decode_for_views`); its failures count as bad. `mask_classes`
+    K > 0 reads each sample's mask into `Sample.mask` (checked by `decode_mask`; without `decode`, only its
+    presence is checked): a missing or misfit mask makes the sample bad.
     """
     for url in urls:
         seen: set[str] = set()
@@ -221,7 +268,13 @@ def iter_samples(urls: Sequence[str], bad: BadSamples | None = None,
                     raise ValueError(f"no image member (has: {sorted(k for k in raw if not k.startswith('__'))})")
                 if "cls" in raw:
                     label = int(raw["cls"].decode().strip())
+                if mask_classes and MASK_EXT not in raw:
+                    raise ValueError(f"no mask ({key}.{MASK_EXT}) for segmentation")
                 image = (decode(key, raw[ext]) if callable(decode) else decode_image(raw[ext])) if decode else None
+                mask = (decode_mask(raw[MASK_EXT], _image_size(raw[ext]), mask_classes, key)
+                        if mask_classes and decode else None)
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001 -- any decode failure is a bad sample, not a crash
                 if bad is None:
                     raise UserError(f"bad sample {key} in {url}: {e}") from None
@@ -231,7 +284,7 @@ def iter_samples(urls: Sequence[str], bad: BadSamples | None = None,
                 bad.ok()
             yield Sample(key, image, label, url,
                          {k: v for k, v in raw.items() if not k.startswith("__")} if keep_raw else {},
-                         content_digest(raw[ext]) if digest else None)
+                         content_digest(raw[ext]) if digest else None, mask)
 
 
 def load_classes(urls: Sequence[str]) -> list[str] | None:
@@ -299,6 +352,50 @@ def labeled_subset(urls: Sequence[str], n_per_class: int | None, seed: int,
     out = [item[2] for c in sorted(heaps) for item in heaps[c]]
     out.sort(key=lambda s: (s.label, s.key))
     return out
+
+
+def labeled_images(urls: Sequence[str], n: int | None, seed: int, bad: BadSamples | None = None,
+                   mask_classes: int = 0, num_classes: int | None = None) -> list[Sample]:
+    """`n` decoded samples over the whole set (all when None), chosen by `seed` (`--labeled-images`).
+
+    Selection: the samples whose blake2b(seed, key) (`subset_rank`) is smallest, whatever their class: the
+    same ranks as `labeled_subset`, so the subsets are the same on every machine and nested in `n`.
+    `mask_classes` K > 0 reads masks (segmentation); otherwise every sample needs a `.cls` label, below
+    `num_classes` when given. Bad samples never enter the subset: the next by rank takes their place.
+    Returns samples sorted by key.
+    """
+    heap: list = []  # (negated rank, key, sample): its top is the largest rank kept so far
+    bad = bad if bad is not None else BadSamples(max_fraction=1.0)
+    for sample in iter_samples(urls, bad=bad, decode=False, keep_raw=True, mask_classes=mask_classes):
+        if not mask_classes and sample.label is None:
+            raise UserError(f"sample {sample.key} in {sample.shard} has no .cls label")
+        if not mask_classes and num_classes and not 0 <= sample.label < num_classes:
+            raise UserError(f"sample {sample.key}: label {sample.label} is not a class ({num_classes} classes)")
+        neg = -int(subset_rank(seed, sample.key), 16)
+        if n is not None and len(heap) >= n and neg <= heap[0][0]:
+            continue
+        ext = image_ext(sample.raw)
+        try:
+            sample.image = decode_image(sample.raw[ext])
+            if mask_classes:
+                sample.mask = decode_mask(sample.raw[MASK_EXT], sample.image.size, mask_classes, sample.key)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- counted bad, as iter_samples does
+            bad.record(sample.shard, sample.key, f"{type(e).__name__}: {e}")
+            continue
+        sample.raw = {}
+        item = (neg, sample.key, sample)
+        if n is None or len(heap) < n:
+            heapq.heappush(heap, item)
+        else:
+            heapq.heapreplace(heap, item)
+    bad.check()
+    if not heap:
+        raise UserError(f"no usable samples in {urls[0]}{' ...' if len(urls) > 1 else ''}")
+    if n is not None and len(heap) < n:
+        raise UserError(f"--labeled-images {n} is more than the data holds ({len(heap)} usable images)")
+    return sorted((item[2] for item in heap), key=lambda s: s.key)
 
 
 # ------------------------------------------------------------------------------------------- writing

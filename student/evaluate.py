@@ -1,4 +1,5 @@
-"""Evaluation: top-1, per-class accuracy and confusion matrix; mean +- std over repeated runs.
+"""Evaluation: top-1, per-class accuracy and confusion matrix; mean +- std over repeated runs. A segmentation
+checkpoint is evaluated by mIoU instead (`kt.student.segmentation`): the task comes from the checkpoint.
 
     kt-student eval --checkpoint runs/ft/checkpoint --data data/fashion-mnist/test
     kt-student eval --runs runs/ft-seed0 runs/ft-seed1 runs/ft-seed2
@@ -32,6 +33,8 @@ class EvalConfig:
     batch_size: int = field(256, "images per forward pass", min=1)
     workers: int = field(2, "DataLoader workers decoding and rendering", min=0)
     device: str = field("auto", "auto (CUDA when present) | cpu | cuda | cuda:N")
+    max_bad_fraction: float = field(0.01, "segmentation: fail when more than this fraction of samples is bad "
+                                          "(undecodable, mask missing or of another size)", min=0, max=1)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -46,6 +49,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)  # a bad device fails before the checkpoint loads
     urls = expand_shards(cfg.data)
     model = load_model(cfg.checkpoint, what="--checkpoint").to(device)
+    if model.task == "segmentation":
+        from kt.student.segmentation import evaluate_segmentation
+
+        return evaluate_segmentation(model, urls, cfg.batch_size, cfg.workers, getattr(model, "classes", None),
+                                     cfg.max_bad_fraction)
     return evaluate(model, urls, cfg.batch_size, cfg.workers, classes=getattr(model, "classes", None))
 
 
@@ -93,9 +101,16 @@ def load_run_metrics(run_dir: str | Path) -> dict:
 
 
 def aggregate(results: Sequence[dict]) -> dict:
-    """Mean and sample standard deviation of top-1 (and per class) over repeated runs."""
+    """Mean and sample standard deviation of top-1 (and per class) over repeated runs; of mIoU for
+    segmentation runs."""
     if not results:
         raise UserError("no runs to aggregate")
+    if all("miou" in r for r in results):
+        from kt.student.segmentation import aggregate_miou
+
+        return aggregate_miou(results)
+    if any("miou" in r for r in results):
+        raise UserError("--runs mixes segmentation and classification runs")
     top1 = np.array([r["top1"] for r in results])
     out = {"runs": len(results), "top1_mean": float(top1.mean()),
            "top1_std": float(top1.std(ddof=1)) if len(top1) > 1 else 0.0, "top1": top1.tolist()}

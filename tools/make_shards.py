@@ -4,6 +4,7 @@
     python -m tools.make_shards imagefolder --root PATH --out data/mine --shard-size 5000
     python -m tools.make_shards photos --out data/photos --count 20000    # generic transfer set
     python -m tools.make_shards fmnist-seg --out data/fmnist-seg --train 2000 --test 500 --size 64  # segmentation
+    python -m tools.make_shards ade20k --root PATH/ADEChallengeData2016 --out data/ade20k   # segmentation
 
 `photos` is the stand-in for a generic web transfer set (CC3M in the paper): seeded random square crops
 of the real photographs bundled with scikit-image and scikit-learn, resized to 64 px. `fmnist-seg` is the
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from kt.errors import UserError, cli_entry
-from kt.shards import IMAGE_EXTS, write_shards
+from kt.shards import IMAGE_EXTS, encode_image, write_shards
 from tools.fmnist_seg import CompositeSpec, make_fmnist_seg
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -170,6 +171,77 @@ def make_imagefolder(root: Path, out: Path, shard_size: int = 5000, prefix: str 
     return write_shards(samples(), out, prefix=prefix, maxcount=shard_size, classes=classes)
 
 
+# ADE20K (SceneParsing, ADEChallengeData2016): the 150 classes in annotation order 1..150, first name of each,
+# as objectInfo150.csv lists them (and mmsegmentation's ADE20KDataset): the fallback for a tree without the csv.
+ADE20K_CLASSES = [
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
+    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
+    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+]
+ADE20K_SPLITS = {"training": "train", "validation": "test"}
+
+
+def ade20k_classes(root: Path) -> list[str]:
+    """The class names from the tree's objectInfo150.csv (Idx,Ratio,Train,Val,Name; the first of the
+    `;`-separated names), else `ADE20K_CLASSES`."""
+    import csv
+
+    path = root / "objectInfo150.csv"
+    if not path.exists():
+        return list(ADE20K_CLASSES)
+    with open(path, newline="") as f:
+        rows = sorted((int(r["Idx"]), r["Name"].split(";")[0].strip()) for r in csv.DictReader(f))
+    if [i for i, _ in rows] != list(range(1, 151)):
+        raise UserError(f"{path}: expected class indices 1..150")
+    return [name for _, name in rows]
+
+
+def make_ade20k(root: Path, out: Path, shard_size: int = 1000) -> dict[str, list[str]]:
+    """ADEChallengeData2016 -> OUT/train (training) and OUT/test (validation) mask shards.
+
+    Annotation 0 ("other", unlabeled) becomes the ignore label 255 and 1..150 become classes 0..149, as
+    mmsegmentation's `reduce_zero_label` does. Images keep their JPEG bytes; keys are the file stems
+    (`ADE_train_00000001`, unique). Samples go in file-name order: ADE20K's numbering is not grouped by
+    class, so there is nothing to shuffle away.
+    """
+    if (root / "ADEChallengeData2016").is_dir():
+        root = root / "ADEChallengeData2016"
+    if not (root / "images").is_dir() or not (root / "annotations").is_dir():
+        raise UserError(f"{root} is not an ADEChallengeData2016 tree (images/ and annotations/ expected)")
+    classes = ade20k_classes(root)
+    written = {}
+    for split, name in ADE20K_SPLITS.items():
+        images = sorted((root / "images" / split).glob("*.jpg"))
+        if not images:
+            raise UserError(f"no images in {root / 'images' / split}")
+
+        def samples(images=images, split=split):
+            for image in images:
+                ann = root / "annotations" / split / (image.stem + ".png")
+                if not ann.exists():
+                    raise UserError(f"{image.name} has no annotation {ann}")
+                labels = np.asarray(Image.open(ann))
+                if labels.ndim != 2 or labels.max(initial=0) > 150:
+                    raise UserError(f"{ann}: not an ADE20K annotation (one channel, values 0..150)")
+                mask = (labels.astype(np.int16) - 1).astype(np.uint8)  # 0 -> -1 -> 255 (ignore)
+                yield {"__key__": image.stem, "jpg": image.read_bytes(), "mask.png": encode_image(Image.fromarray(mask))}
+
+        written[name] = write_shards(samples(), out / name, prefix=name, maxcount=shard_size, classes=classes)
+    return written
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="make_shards", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="source", required=True)
@@ -204,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float, nargs=2, default=CompositeSpec.scale, metavar=("MIN", "MAX"),
                    help="garment side / image side")
     s.add_argument("--shard-size", type=int, default=1000)
+    a = sub.add_parser("ade20k", help="ADEChallengeData2016 -> train/ and test/ segmentation shards")
+    a.add_argument("--root", type=Path, required=True, help="the ADEChallengeData2016 folder (or its parent)")
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--shard-size", type=int, default=1000)
     return p
 
 
@@ -216,6 +292,8 @@ def main(argv=None) -> int:
     elif args.source == "fmnist-seg":
         spec = CompositeSpec(size=args.size, garments=tuple(args.garments), scale=tuple(args.scale))
         written = make_fmnist_seg(args.out, args.train, args.test, args.transfer, spec, args.seed, args.shard_size)
+    elif args.source == "ade20k":
+        written = make_ade20k(args.root, args.out, args.shard_size)
         print(json.dumps({k: len(v) for k, v in written.items()}))
     elif args.source == "photos":
         written = make_photo_crops(args.out, args.count, args.size, args.seed, args.shard_size)
