@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from kt.shards import BadSamples, Sample, iter_samples, split_urls
@@ -52,9 +53,16 @@ class LabeledViews(Dataset):
 
 def labeled_loader(dataset: LabeledViews, epoch: int, batch_size: int, workers: int,
                    shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
-    """`pin_memory` when the batches go to a GPU (`kt.device.placement`)."""
+    """`pin_memory` when the batches go to a GPU (`kt.device.placement`).
+
+    The loader draws its workers' base seed from its own generator, seeded by (seed, epoch), not from the
+    global torch RNG: otherwise the draw happens where the epoch's iterator is made, which a resumed run does
+    at the resume point and an uninterrupted one at the epoch start, and every dropout mask after it (the
+    DeepLabV3 head's, EfficientNet-Lite's) would differ between the two."""
+    generator = torch.Generator().manual_seed(int(np.random.default_rng([dataset.seed, epoch]).integers(2**62)))
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochOrder(len(dataset), dataset.seed, epoch, shuffle),
-                      num_workers=workers, drop_last=drop_last, persistent_workers=False, pin_memory=pin_memory)
+                      num_workers=workers, drop_last=drop_last, persistent_workers=False, pin_memory=pin_memory,
+                      generator=generator)
 
 
 class EvalStream(IterableDataset):

