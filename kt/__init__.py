@@ -1,7 +1,7 @@
 """kt: task-oriented knowledge transfer from vision foundation models to small task models.
 
-`kt` holds the contracts that more than one stage needs (views, models, checkpoints and weights, shards,
-config, errors); `models` builds a model by name, `weights` moves state dicts between kt's models and the
+`kt` holds the contracts that more than one stage needs (views, models, checkpoints and weights, shards and
+segmentation masks (`masks`), config, errors); `models` builds a model by name, `weights` moves state dicts between kt's models and the
 layouts timm and open_clip use, `checkpoints` writes and reads checkpoint folders (timm/open_clip model
 folders + kt's card), names a model by run folder, checkpoint folder or name, and fingerprints it; the stages install beneath it as `kt.teacher_cache`, `kt.student` and `kt.retrieval`.
 """

@@ -18,13 +18,8 @@ Bad samples (a truncated image, a member that is not an image, a broken tar tail
 and reported through `BadSamples`; a run fails with one clear line when more than `max_fraction` of
 what it read is bad.
 
-Segmentation masks travel beside their image as `<key>.mask.png`: one class index per pixel, 8-bit while the
-classes (background included, as `classes.json` lists them) fit below 255, which is the ignore label; 16-bit
-PNG above that, where 65535 is the ignore label (`ignore_label`). Masks are read only when a caller asks
-(`mask_classes=K`), so classification never pays for them. A sample read for segmentation without a mask,
-or with a mask whose size is not its image's, is a bad sample like an undecodable image; a label >= K other
-than the ignore label is refused outright (one line naming key and value), since it means the mask and
-`classes.json` disagree about the whole set, not that one file is damaged.
+Segmentation masks (`<key>.mask.png`) are read only when a caller asks (`mask_classes=K`), so classification
+never pays for them; their format and checks are `kt.masks`.
 """
 
 from __future__ import annotations
@@ -40,16 +35,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
-import numpy as np
 from PIL import Image
 
 from kt.errors import UserError
+from kt.masks import MASK_EXT, decode_mask, encoded_size
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 CLASSES_FILE = "classes.json"
-MASK_EXT = "mask.png"  # webdataset splits members at the first dot: `<key>.mask.png` is the sample's "mask.png"
-IGNORE_8BIT = 255  # the usual ignore index (ADE20K, VOC, Cityscapes converted by mmseg)
-IGNORE_16BIT = 65535  # the same idea where 255 is a class
 
 
 # ---------------------------------------------------------------------------------------- shard specs
@@ -176,38 +168,6 @@ def decode_image(data: bytes) -> Image.Image:
     return img
 
 
-def ignore_label(num_classes: int) -> int:
-    """The mask value that means "no label" for a set of `num_classes` classes: 255 while the classes fit
-    in 8 bits below it, 65535 (16-bit masks) above."""
-    return IGNORE_8BIT if num_classes <= IGNORE_8BIT else IGNORE_16BIT
-
-
-def decode_mask(data: bytes, image_size: tuple[int, int], num_classes: int, key: str) -> Image.Image:
-    """A mask member decoded and checked against its image's size and the class count.
-
-    A mask that does not decode or has another size raises ValueError (the caller counts the sample bad);
-    a label >= `num_classes` other than the ignore label raises UserError."""
-    mask = Image.open(io.BytesIO(data))
-    mask.load()
-    if mask.mode in ("I;16", "I;16B", "I;16L", "I"):
-        mask = mask.convert("I")  # 32-bit signed: what PIL resizes and transforms (I;16 it cannot transform)
-    elif mask.mode != "L":
-        raise ValueError(f"mask is {mask.mode}, not an 8-bit or 16-bit single-channel PNG")
-    if mask.size != tuple(image_size):
-        raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, its image {image_size[0]}x{image_size[1]}")
-    values = np.unique(np.asarray(mask))
-    beyond = values[(values >= num_classes) & (values != ignore_label(num_classes))]
-    if len(beyond):
-        raise UserError(f"sample {key}: mask label {int(beyond[0])} is not a class ({num_classes} classes in "
-                        f"{CLASSES_FILE}; {ignore_label(num_classes)} is the ignore label)")
-    return mask
-
-
-def _image_size(data: bytes) -> tuple[int, int]:
-    """An encoded image's size from its header alone (the image itself may be decoded at reduced scale)."""
-    return Image.open(io.BytesIO(data)).size
-
-
 def image_ext(sample: dict) -> str | None:
     """The member holding a raw sample's image (the first of IMAGE_EXTS present), None if none does."""
     for ext in IMAGE_EXTS:
@@ -271,7 +231,7 @@ def iter_samples(urls: Sequence[str], bad: BadSamples | None = None,
                 if mask_classes and MASK_EXT not in raw:
                     raise ValueError(f"no mask ({key}.{MASK_EXT}) for segmentation")
                 image = (decode(key, raw[ext]) if callable(decode) else decode_image(raw[ext])) if decode else None
-                mask = (decode_mask(raw[MASK_EXT], _image_size(raw[ext]), mask_classes, key)
+                mask = (decode_mask(raw[MASK_EXT], encoded_size(raw[ext]), mask_classes, key)
                         if mask_classes and decode else None)
             except UserError:
                 raise

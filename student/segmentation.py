@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from kt.errors import UserError
 from kt.render import render, render_mask, to_tensor
-from kt.shards import BadSamples, Sample, ignore_label, iter_samples, labeled_images, split_urls
+from kt.masks import ignore_label
+from kt.shards import BadSamples, Sample, iter_samples, labeled_images, split_urls
 from kt.views import ViewSpec, sample_params
 from kt.student.losses import cross_entropy
 

@@ -67,7 +67,8 @@ def test_masks_are_read_only_when_asked(tmp_path):
 
 
 def test_sixteen_bit_masks_above_255_classes(tmp_path):
-    from kt.shards import ignore_label, iter_samples, write_shards
+    from kt.masks import ignore_label
+    from kt.shards import iter_samples, write_shards
 
     mask = np.full((8, 8), 300, dtype=np.uint16)
     mask[0, 0] = 65535  # ignore in a 16-bit mask
