@@ -26,7 +26,7 @@ from torch import nn
 
 from kt.config import check_config, config_dict, field, write_run_record
 from kt.device import placement
-from kt.segmentation import check_output_stride
+from kt.segmentation import OUTPUT_STRIDES, check_output_stride
 from kt.errors import UserError
 from kt.checkpoints import load_model, save_checkpoint
 from kt.models import TASKS
@@ -65,7 +65,7 @@ class FinetuneConfig(OptimConfig):
     subset_seed: int = field(0, "which labeled images; independent of --seed so runs can share a subset", min=0)
     image_size: int = field(64, "model input size; Fashion-MNIST's 28 px upsampled", min=8)
     output_stride: int | None = field(None, "segmentation: input pixels per grid cell, 8 | 16 | 32 (None: 8 for "
-                                            "a model name, a checkpoint's own otherwise)")
+                                            "a model name, a checkpoint's own otherwise)", choices=OUTPUT_STRIDES)
     head_width: int = field(256, "segmentation: channels of the DeepLabV3 head (ASPP), 256 in the paper", min=1)
     batch_size: int = field(64, "images per process per step", min=1)
     view: str = field("light", "view preset / JSON / file for training augmentation")

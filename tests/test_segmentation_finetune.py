@@ -94,7 +94,7 @@ def test_all_ignore_batch_gives_zero_loss_not_nan():
 def test_segmentation_refusals(seg_data, tmp_path, capsys):
     data, out = str(seg_data / "train"), str(tmp_path / "x")
     base = ["finetune", "--data", data, *SEG, "--out", out]
-    assert_user_error(capsys, [*base, "--output-stride", "12"], "output stride must be one of 8, 16, 32")
+    assert_user_error(capsys, [*base, "--output-stride", "12"], "--output-stride 12: must be one of 8, 16, 32")
     assert_user_error(capsys, [*base, "--model", "test_efficientnet"], "cannot make test_efficientnet output stride")
     assert_user_error(capsys, [*base, "--image-size", "36"], "image size 36 is not divisible by the output stride 8")
     assert_user_error(capsys, [*base, "--batch-size", "1"], "batch of 1")
