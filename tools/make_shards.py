@@ -292,6 +292,7 @@ def main(argv=None) -> int:
     elif args.source == "fmnist-seg":
         spec = CompositeSpec(size=args.size, garments=tuple(args.garments), scale=tuple(args.scale))
         written = make_fmnist_seg(args.out, args.train, args.test, args.transfer, spec, args.seed, args.shard_size)
+        print(json.dumps({k: len(v) for k, v in written.items()}))
     elif args.source == "ade20k":
         written = make_ade20k(args.root, args.out, args.shard_size)
         print(json.dumps({k: len(v) for k, v in written.items()}))
