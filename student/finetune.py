@@ -117,19 +117,17 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise UserError("--out is required")
     if not cfg.data:
         raise UserError("--data is required")
+    from kt.student import segmentation as segm  # the segmentation half of this command
+
     seg = cfg.task == "segmentation"
     if seg:
-        from kt.student import segmentation as segm
-
         if not cfg.init and segm.checkpoint_task(cfg.model) is None:  # a model name: its stride is ours to set
             check_output_stride(cfg.output_stride or 8, cfg.image_size)
         segm.check_batch(cfg.batch_size, cfg.labeled_images or cfg.batch_size)
     elif cfg.output_stride is not None:
         raise UserError("--output-stride is for --task segmentation")
-    from kt.student.segmentation import check_task
-
     for flag, spec in (("--init", cfg.init), ("--pretrained", cfg.pretrained), ("--model", cfg.model)):
-        check_task(spec, cfg.task, flag)  # a checkpoint of the other task: its head means something else
+        segm.check_task(spec, cfg.task, flag)  # a checkpoint of the other task: its head means something else
     out = Path(cfg.out)
     resuming = check_out_dir(out, cfg)
     urls = expand_shards(cfg.data)
