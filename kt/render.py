@@ -279,6 +279,16 @@ def render_mask(mask: Image.Image, params: np.ndarray, size: int | tuple[int, in
     return out
 
 
+def render_valid(params: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(h, w) bool, True where the view at `size` shows the image and False where rotate/shear/translate brought
+    in fill: `render_mask` of an all-valid mask, so it is the same geometry as `render` by construction.
+
+    The crop box is normalised and a constant mask crops to a constant, so the source's size does not matter
+    and an output-size mask stands in for it."""
+    w, h = out_size(size)
+    return np.asarray(render_mask(Image.new("L", (w, h), 1), params, (w, h), fill=0), dtype=bool)
+
+
 def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]):
     """A rendered RGB view as a normalised float tensor (3, H, W): the model input.
 

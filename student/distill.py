@@ -31,21 +31,26 @@ from kt.device import check_precision, model_device, placement
 from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import ViewSet, load_view_spec
-from kt.student.losses import OBJECTIVES, DistillObjective, create_objective
-from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, plan_epoch, steps_per_epoch,
-                               stream_loader)
+from kt.student.losses import DistillObjective, create_objective, objective_class
+from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, batch_sizes, plan_epoch,
+                               steps_per_epoch, stream_loader)
 from kt.student.loop import CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit
 
 
 @dataclass
 class DistillConfig(OptimConfig):
     model: str = field("mobilevitv2_050", "the student: any timm name")
+    task: str = field("classification", "what the student learns: classification (logits) | segmentation "
+                                        "(per-pixel logits on a restrided backbone, DeepLabV3 head)",
+                      choices=("classification", "segmentation"))
+    output_stride: int = field(8, "segmentation: input pixels per cell of the student's grid",
+                               choices=(8, 16, 32))
     pretrained: str = field("none", "student initial weights: none | package | hub | PATH")
     cache: str = field("", "teacher cache (kt-cache build); or use --teacher for the online baseline")
     teacher: str = field("", "online-teacher mode: teacher checkpoint folder or model name (no cache)")
     teacher_pretrained: str = field("none", "weights when --teacher is a model name")
     data: str = field("", "transfer-set shards (the ones the cache was built from)")
-    objective: str = field("task", "task | embedding-contrastive | patch-cosine")
+    objective: str = field("task", "task | embedding-contrastive | patch-cosine (segmentation: task | patch-cosine)")
     temperature: float = field(1.0, "task objective: KL temperature (the loss is scaled by T^2)", gt=0)
     project_teacher: bool = field(False, "embedding-contrastive: also project the teacher side (DINOv2 variant)")
     view_policy: str = field("cycle", "which cached view an epoch uses: cycle (epoch mod V) | random (seeded)")
@@ -81,6 +86,7 @@ class Distiller(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         out = self.student.forward_features(batch["x"])
         targets = batch.get("targets")
+        valid = batch.get("valid")  # per-pixel objectives: where the view shows the image
         if targets is None:
             teacher = self.teacher[0]
             place = placement(model_device(teacher), self.teacher_precision)
@@ -89,6 +95,8 @@ class Distiller(nn.Module):
             # float32 copies made outside inference mode, so autograd may use them in the loss
             targets = {k: v.to(device=out["embedding"].device, dtype=torch.float32, copy=True)
                        for k, v in targets.items()}
+        if valid is not None:
+            targets = {**targets, "valid": valid}
         return self.objective(out, targets)
 
 
@@ -121,6 +129,8 @@ def target_dims(reader) -> dict[str, int]:
         dims["embedding"] = shapes["embedding"][0]
     if "patches" in shapes:
         dims["patches"] = shapes["patches"][-1]
+    if "seg_logits" in shapes:  # (K, h, w), classes first
+        dims["num_classes"] = shapes["seg_logits"][0]
     return dims
 
 
@@ -185,6 +195,27 @@ def load_expected_classes(arg: str) -> list[str] | None:
     return classes
 
 
+# the task target each task's `task` objective distills from
+TASK_TARGETS = {"classification": "logits", "segmentation": "seg_logits"}
+
+
+def check_teacher_task(cfg: DistillConfig, teacher_task: str, what: str) -> None:
+    """The task objective distills the teacher's task predictions: they must be of --task's kind. Features
+    (patch-cosine, embedding-contrastive) are task-agnostic and may come from a teacher of either task."""
+    if cfg.objective == "task" and teacher_task != cfg.task:
+        raise UserError(f"--task {cfg.task} --objective task needs a {cfg.task} teacher's "
+                        f"{TASK_TARGETS[cfg.task]}; {what} is from a {teacher_task} teacher")
+
+
+def check_no_single_batches(spec: StreamSpec, epochs: int) -> None:
+    """Refuse a plan with a batch of one sample (a worker's last batch): the ASPP pooling branch's BatchNorm
+    cannot train on it. Arithmetic on the plan, before anything runs."""
+    for epoch in range(epochs):
+        if min((n for r in range(spec.world_size) for n in batch_sizes(spec, epoch, r)), default=2) < 2:
+            raise UserError(f"--task segmentation: epoch {epoch} would end with a batch of one sample (BatchNorm in "
+                            "the ASPP pooling branch needs two); change --batch-size or --workers")
+
+
 def run_distill(cfg: DistillConfig) -> dict:
     check_config(cfg)  # also when called as a library, not through build_config
     for name in ("data", "out"):
@@ -192,8 +223,11 @@ def run_distill(cfg: DistillConfig) -> dict:
             raise UserError(f"--{name} is required")
     if bool(cfg.cache) == bool(cfg.teacher):
         raise UserError("give exactly one of --cache (cached targets) and --teacher (online teacher)")
-    if cfg.objective not in OBJECTIVES:
-        raise UserError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    objective_cls = objective_class(cfg.objective, cfg.task)
+    segmentation = cfg.task == "segmentation"
+    if segmentation and cfg.batch_size < 2:
+        raise UserError("--task segmentation needs --batch-size >= 2: BatchNorm in the DeepLabV3 head's ASPP "
+                        "pooling branch sees one value per channel in a batch of one")
     check_precision(cfg.teacher_precision)
     if cfg.view_policy not in VIEW_POLICIES:
         raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
@@ -201,7 +235,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     # the worker count is part of a distillation run: it decides the batch order (kt.student.stream)
     resuming = check_out_dir(out, cfg, resumable=RESUMABLE_CHANGES - {"workers"})
     urls = expand_shards(cfg.data)
-    needs = OBJECTIVES[cfg.objective].needs
+    needs = objective_cls.needs
     accelerator = create_accelerator(cfg, out)
     rank, world = accelerator.process_index, accelerator.num_processes
     expected_classes = load_expected_classes(cfg.expect_classes)
@@ -219,7 +253,10 @@ def run_distill(cfg: DistillConfig) -> dict:
             from kt.checkpoints import checkpoint_fingerprint
 
             expect["teacher"] = checkpoint_fingerprint(cfg.expect_teacher)
+        if expected_classes is not None:  # the count first: the message a mismatch deserves
+            expect["num_classes"] = len(expected_classes)
         reader = CacheReader(cfg.cache, expect=expect or None)
+        check_teacher_task(cfg, reader.task["task"], f"the cache {cfg.cache}")
         missing = [t for t in needs if t not in reader.targets]
         if missing:
             raise UserError(f"objective {cfg.objective} needs cached {', '.join(missing)}; "
@@ -232,6 +269,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         teacher_classes = reader.classes
     else:
         teacher = load_model(cfg.teacher, pretrained=cfg.teacher_pretrained, seed=0, what="teacher").eval()
+        check_teacher_task(cfg, teacher.task, f"the teacher {cfg.teacher}")
         if expected_classes is not None and teacher.classes != expected_classes:
             raise UserError(f"teacher classes {teacher.classes} differ from the expected {expected_classes}")
         view_set = ViewSet(load_view_spec(cfg.view_spec or "train"), cfg.view_seed, cfg.views)
@@ -243,19 +281,26 @@ def run_distill(cfg: DistillConfig) -> dict:
         teacher_classes = teacher.classes
 
     num_classes = teacher_dims.get("num_classes", 0) if cfg.objective == "task" else 0
+    if segmentation and not num_classes:
+        # a segmentation model has a head; patch-cosine does not train it (frozen below) and `finetune --init`
+        # replaces it, so it takes the labeled classes where known and is a placeholder otherwise
+        num_classes = len(expected_classes or []) or 1
     torch.manual_seed(cfg.seed)
     student = load_model(cfg.model, num_classes=num_classes or 0, pretrained=cfg.pretrained,
-                         image_size=cfg.image_size, what="--model")
+                         image_size=cfg.image_size, task=cfg.task,
+                         output_stride=cfg.output_stride if segmentation else None, what="--model")
+    if student.task != cfg.task:
+        raise UserError(f"--model {cfg.model} is a {student.task} model; --task {cfg.task} needs a {cfg.task} "
+                        "model (a model name, or a checkpoint of that task)")
+    if segmentation and cfg.objective != "task":
+        student.head.requires_grad_(False)  # untrained by the objective; DDP would wait for its gradients
     student_dims = {"embedding": student.embedding_dim, "grid": student.grid_dim, "num_classes": student.num_classes}
     options = {"temperature": cfg.temperature} if cfg.objective == "task" else \
         {"project_teacher": cfg.project_teacher} if cfg.objective == "embedding-contrastive" else {}
-    objective = create_objective(cfg.objective, student_dims, teacher_dims, **options)
+    objective = create_objective(cfg.objective, student_dims, teacher_dims, task=cfg.task, **options)
     model = Distiller(student, objective, teacher, cfg.teacher_precision)
     if teacher is not None:
         teacher.to(accelerator.device)
-    if not resuming and accelerator.is_main_process:
-        write_run_record(out, cfg)
-
     spec = StreamSpec(tuple(urls), tuple(sizes), cfg.batch_size, cfg.seed, rank, world, cfg.workers,
                       cfg.shuffle_shards)
     steps = steps_per_epoch(spec)
@@ -263,12 +308,17 @@ def run_distill(cfg: DistillConfig) -> dict:
     per_epoch = [len(plan_epoch(spec, e)) for e in range(cfg.epochs)]
     if steps == 0:
         raise UserError("the transfer set is empty (or smaller than one batch per process)")
+    if segmentation:
+        check_no_single_batches(spec, cfg.epochs)
+    if not resuming and accelerator.is_main_process:
+        write_run_record(out, cfg)
 
     def make_loader(epoch: int, skip: int):
         return stream_loader(ReplayStream(
             spec, epoch, skip, source, view_set, cfg.view_policy, cfg.image_size,
             student.mean, student.std, teacher_size=teacher.image_size if teacher is not None else 0,
-            teacher_norm=(teacher.mean, teacher.std) if teacher is not None else None), pin_memory=place.pin_memory)
+            teacher_norm=(teacher.mean, teacher.std) if teacher is not None else None,
+            valid=segmentation and cfg.objective == "task"), pin_memory=place.pin_memory)
 
     place = placement(accelerator.device)
 

@@ -302,7 +302,7 @@ INIT_HEADS = ("auto", "keep", "new")
 
 
 def init_from_run(run: str, num_classes: int, image_size: int, head: str = "new",
-                  classes: list[str] | None = None):
+                  classes: list[str] | None = None, task: str = "classification"):
     """The distilled student of a `kt-student train` run (or any run, checkpoint folder or model name), and
     whether its task head was kept.
 
@@ -311,10 +311,15 @@ def init_from_run(run: str, num_classes: int, image_size: int, head: str = "new"
     (read from the config stored in the checkpoint's card) and the head fits, and starts a new one otherwise.
     A head fits when it has `num_classes` outputs and, where both sides name their classes, the same classes
     in the same order (the same count in another order would silently mislabel every prediction).
+    `task`: the task being finetuned; a run or checkpoint of the other task is refused (a model name is built
+    for `task`). A segmentation run keeps its restrided backbone and, where it fits, its DeepLabV3 head.
     """
     if head not in INIT_HEADS:
         raise UserError(f"unknown --init-head {head!r}; choose from {', '.join(INIT_HEADS)}")
-    model = load_model(run, image_size=image_size, what="--init")
+    model = load_model(run, num_classes=None if Path(run).expanduser().exists() else num_classes,
+                       image_size=image_size, task=task, what="--init")
+    if model.task != task:
+        raise UserError(f"--init {run} is a {model.task} model; a {task} finetune needs a {task} run or checkpoint")
     objective = ((model.card.get("extra") or {}).get("run") or {}).get("objective")
     misfit = None
     if model.num_classes != num_classes:

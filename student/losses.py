@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from kt.errors import UserError
 
 # Which entry of `teacher_dims` gives the size of each cached target.
-TARGET_DIMS = {"logits": "num_classes", "embedding": "embedding", "patches": "patches"}
+TARGET_DIMS = {"logits": "num_classes", "embedding": "embedding", "patches": "patches", "seg_logits": "num_classes"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,6 +130,27 @@ def resize_patches(teacher_grid: Tensor, size: tuple[int, int]) -> Tensor:
     if h > H or w > W:
         grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
     return grid
+
+
+def resize_seg_logits(teacher: Tensor, size: tuple[int, int]) -> Tensor:
+    """Per-pixel teacher logits (B, K, H, W) in the student's frame, to the student's grid (h, w): bilinear on the
+    logits (the issue's recipe; the student re-renders the stored view, so only the grid differs).
+
+    The pixel-topk codecs decode log-probabilities with -inf where a pixel's tail mass was 0; bilinear weights
+    of 0 on -inf would give nan, so those entries are floored at -1e4 first (exp(-1e4) is 0 in float32: the
+    same distribution)."""
+    teacher = teacher.float().clamp_min(-1e4)
+    if tuple(teacher.shape[-2:]) == tuple(size):
+        return teacher
+    return F.interpolate(teacher, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def valid_to_grid(valid: Tensor, size: tuple[int, int]) -> Tensor:
+    """The view's validity mask (B, H, W) at the student's input size (`kt.render.render_valid`) to its grid
+    (B, h, w): a cell counts as valid when at least half of its pixels show the image (area averaging, so a
+    cell the fill only grazes still teaches)."""
+    frac = F.adaptive_avg_pool2d(valid.float()[:, None], tuple(size))[:, 0]
+    return frac >= 0.5
 
 
 def patch_cosine(student_grid: Tensor, teacher_grid: Tensor) -> Tensor:
@@ -243,6 +264,26 @@ class TaskObjective(DistillObjective):
         return loss, {"agree": float(agree)}
 
 
+class SegTaskObjective(TaskObjective):
+    """Task-oriented transfer for segmentation: per-pixel KL on the student's grid, the cached teacher logits
+    resized to it (`resize_seg_logits`), cells the view filled in (rotate/shear/translate) left out when the
+    batch carries the view's validity mask as `targets["valid"]` (B, H, W)."""
+
+    needs = ("seg_logits",)
+    student_needs = ("seg_logits",)
+
+    def forward(self, student_out, targets):
+        (logits,), (teacher,) = self._take(student_out, targets)
+        size = tuple(logits.shape[-2:])
+        teacher = resize_seg_logits(teacher, size)
+        keep = valid_to_grid(targets["valid"], size) if "valid" in targets else None
+        loss = kl_distillation(logits, teacher, self.temperature, ignore_mask=None if keep is None else ~keep)
+        with torch.no_grad():
+            same = (logits.argmax(1) == teacher.argmax(1)).float()
+            agree = same.mean() if keep is None else same[keep].sum() / keep.sum().clamp_min(1)
+        return loss, {"agree": float(agree)}
+
+
 class EmbeddingContrastiveObjective(DistillObjective):
     """Task-agnostic image-level transfer: InfoNCE between projected student and teacher embeddings.
 
@@ -323,11 +364,28 @@ OBJECTIVES: dict[str, type[DistillObjective]] = {
     "patch-cosine": PatchCosineObjective,
 }
 
+# Segmentation students: per-pixel KL, or patch cosine on the student's output-stride grid (the same
+# objective: `grid` is that grid). Image-level contrastive transfer has no per-pixel target.
+SEG_OBJECTIVES: dict[str, type[DistillObjective]] = {
+    "task": SegTaskObjective,
+    "patch-cosine": PatchCosineObjective,
+}
+OBJECTIVES_BY_TASK = {"classification": OBJECTIVES, "segmentation": SEG_OBJECTIVES}
+
 # Which `student_dims` entry each student output's size is read from.
-_STUDENT_DIMS = {"logits": "num_classes", "embedding": "embedding", "grid": "grid"}
+_STUDENT_DIMS = {"logits": "num_classes", "embedding": "embedding", "grid": "grid", "seg_logits": "num_classes"}
 
 
-def create_objective(name: str, student_dims: dict, teacher_dims: dict, **options) -> DistillObjective:
+def objective_class(name: str, task: str = "classification") -> type[DistillObjective]:
+    """The objective `name` for `task`; a UserError listing the task's objectives for any other name."""
+    table = OBJECTIVES_BY_TASK[task]
+    if name not in table:
+        raise UserError(f"unknown objective {name!r} for task {task}; choose one of: {', '.join(table)}")
+    return table[name]
+
+
+def create_objective(name: str, student_dims: dict, teacher_dims: dict, task: str = "classification",
+                     **options) -> DistillObjective:
     """Build the objective `name` for a student and a teacher (or cache) of the given sizes.
 
     Args:
@@ -335,15 +393,14 @@ def create_objective(name: str, student_dims: dict, teacher_dims: dict, **option
         student_dims: {"embedding": D, "grid": C, "num_classes": K}; 0 or None means the student lacks it.
         teacher_dims: {"embedding": Dt, "patches": Ct, "num_classes": Kt}, the targets the cache holds;
             0 or None means it is not there.
+        task: "classification" (`OBJECTIVES`) or "segmentation" (`SEG_OBJECTIVES`).
         **options: the objective's own options (see each class's `options`).
 
     Raises:
         UserError: unknown name or option, a target the teacher/cache lacks, a student output missing,
             or (for "task") different class counts.
     """
-    cls = OBJECTIVES.get(name)
-    if cls is None:
-        raise UserError(f"unknown objective {name!r}; choose one of: {', '.join(OBJECTIVES)}")
+    cls = objective_class(name, task)
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
         raise UserError(f"objective {name!r} has no option {unknown[0]!r}; "

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
 from kt.shards import BadSamples, decode_image, image_ext, iter_samples, split_urls
+from kt.render import render_valid
 from kt.views import ViewSet, render, to_tensor
 
 VIEW_POLICIES = ("cycle", "random")
@@ -145,6 +146,15 @@ def plan_epoch(spec: StreamSpec, epoch: int, rank: int | None = None) -> list[tu
     return sequence(spec.rank if rank is None else rank)[:steps]
 
 
+def batch_sizes(spec: StreamSpec, epoch: int, rank: int | None = None) -> list[int]:
+    """Samples in each batch of `plan_epoch` (a worker's last batch holds its remainder)."""
+    rank = spec.rank if rank is None else rank
+    totals = [sum(spec.sizes[s] for g in worker_groups(spec, epoch, rank, w) for s in g)
+              for w in range(max(1, spec.workers))]
+    b = spec.batch_size
+    return [min(b, totals[w] - i * b) for w, i in plan_epoch(spec, epoch, rank)]
+
+
 def steps_per_epoch(spec: StreamSpec) -> int:
     """Batches per epoch on every process (epochs differ by at most a few; the first one sets the schedule)."""
     return len(plan_epoch(spec, 0))
@@ -160,16 +170,18 @@ class ReplayStream(IterableDataset):
     """Batches {"x", "keys", "views", "params", targets...} of one epoch, from `skip` on.
 
     `source(url)` returns a `ShardData` for an input shard. `teacher_size`, when set, adds the teacher's
-    rendering of the same view as "teacher_x".
+    rendering of the same view as "teacher_x"; `valid` adds the views' validity masks at the student's size
+    as "valid" (B, H, W) bool (`kt.render.render_valid`: per-pixel targets leave the fill out).
     """
 
     def __init__(self, spec: StreamSpec, epoch: int, skip: int, source: Callable[[str], ShardData],
                  view_set: ViewSet, policy: str, image_size: int, mean, std,
-                 teacher_size: int = 0, teacher_norm: tuple | None = None):
+                 teacher_size: int = 0, teacher_norm: tuple | None = None, valid: bool = False):
         self.spec, self.epoch, self.skip, self.source = spec, epoch, skip, source
         self.view_set, self.policy = view_set, policy
         self.image_size, self.mean, self.std = image_size, mean, std
         self.teacher_size, self.teacher_norm = teacher_size, teacher_norm
+        self.valid = valid
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -264,6 +276,8 @@ class ReplayStream(IterableDataset):
             mean, std = self.teacher_norm
             batch["teacher_x"] = torch.stack([to_tensor(render(img, item.params, self.teacher_size), mean, std)
                                               for img, item in zip(images, buf)])
+        if self.valid:
+            batch["valid"] = torch.from_numpy(np.stack([render_valid(item.params, self.image_size) for item in buf]))
         targets = _batch_targets(buf)
         if targets is not None:
             batch["targets"] = targets

@@ -54,7 +54,8 @@ class BuildConfig:
     out: str = field("", "cache store: local path or fsspec URL")
     views: int = field(4, "views per image; students cycle through them across epochs", min=1)
     seed: int = field(0, "view seed; the student replays views from it", min=0)
-    targets: list = field(["logits"], "what to cache: logits,embedding,patches")
+    targets: list = field(["logits"], "what to cache: logits,embedding,patches (classification teacher) or "
+                                      "seg_logits,patches (segmentation teacher)")
     view_spec: str = field("train", "view preset name, JSON or file; the student must train with the same")
     image_size: int = field(0, "teacher input size (0: the checkpoint's)", min=0)
     batch_size: int = field(64, "teacher batch size", min=1)
@@ -96,10 +97,31 @@ def parse_targets(targets: Sequence[str] | str) -> list[str]:
     return names
 
 
+# the task target each task's head gives: the other task's target is refused before anything runs
+TASK_TARGETS = {"classification": "logits", "segmentation": "seg_logits"}
+
+
 def check_teacher_targets(names: Sequence[str], model: TaskModel) -> None:
-    if "logits" in names and model.num_classes <= 0:
-        raise UserError(f"target logits needs a teacher with a task head; {model.arch} has none "
-                        "(finetune it first, or cache embedding/patches)")
+    for task, target in TASK_TARGETS.items():
+        if target not in names:
+            continue
+        if model.num_classes <= 0:
+            raise UserError(f"target {target} needs a teacher with a {task} head; {model.arch} has none "
+                            "(finetune it first, or cache embedding/patches)")
+        if model.task != task:
+            raise UserError(f"target {target} needs a {task} teacher; {model.arch} is a {model.task} model "
+                            f"(cache {TASK_TARGETS[model.task]} from it, or give a {task} teacher)")
+
+
+def task_attributes(model: TaskModel, shapes: dict[str, tuple], image_size: int) -> dict:
+    """What task the cache's targets serve, read by the student before it builds anything: the task, its
+    classes, and for segmentation the teacher's output stride and logit grid (the student resizes the cached
+    logits from that grid to its own)."""
+    out = {"task": model.task, "num_classes": model.num_classes, "image_size": image_size}
+    if model.task == "segmentation":
+        grid = shapes["seg_logits"][1:] if "seg_logits" in shapes else model.grid_size(image_size)
+        out.update(output_stride=model.output_stride, grid=[int(g) for g in grid])
+    return out
 
 
 def parse_codecs(specs: Sequence[str], targets: Sequence[str]) -> dict[str, Codec]:
@@ -291,6 +313,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     shapes = item_shapes(model, targets, image_size)
     classes = load_classes(urls)  # recorded for the reader's "which transfer set" message only
     attrs = cache_attributes(model, spec, cfg, codecs, shapes, urls)
+    attrs["task"] = task_attributes(model, shapes, image_size)
     attrs["transfer_classes"] = classes
     model.to(place.device)  # after the fingerprint, which hashes the weights as loaded
 

@@ -127,7 +127,8 @@ def info_command(args: argparse.Namespace) -> int:
     lines = [
         f"cache      {info['url']} (format {info['format']}, created {info['created']}, git {info['git_revision']})",
         (f"teacher    {t['arch']} ({t['task']}, {t['num_classes']} classes, {t['image_size']} px), "
-         f"weights sha256 {str(t['weights_sha256'])[:16]}..."),
+         f"weights sha256 {str(t['weights_sha256'])[:16]}..."
+         + (f", output stride {t['output_stride']}" if t.get("output_stride") else "")),
         (f"views      {v['views_per_image']} per image, seed {v['seed']}, spec {spec.get('kind')} "
          f"{json.dumps(spec, sort_keys=True)}"),
     ]

@@ -93,6 +93,15 @@ class CacheReader:
     def teacher(self) -> dict:
         return self.attrs["teacher"]
 
+    @property
+    def task(self) -> dict:
+        """{"task", "num_classes", "image_size"} and, for segmentation, "output_stride" and "grid" [h, w] of
+        the cached logits; caches written before the build recorded it were all classification caches."""
+        if "task" in self.attrs:
+            return dict(self.attrs["task"])
+        return {"task": self.teacher.get("task", "classification"), "num_classes": self.num_classes,
+                "image_size": self.image_size}
+
     def check(self, expect: dict) -> None:
         """Raise a one-line `UserError` at the first field where the cache differs from `expect`."""
         expected: dict = {}

@@ -10,6 +10,7 @@ Layout::
         teacher                     {arch, weights_sha256, task, num_classes, classes, image_size, mean, std}
         view                        {spec: {...}, seed, views_per_image}
         targets                     {name: {codec: spec string, item_shape: [...]}}
+        task                        {task, num_classes, image_size; segmentation: output_stride, grid [h, w]}
         versions, git_revision, created, plan (optional predicted sizes)
     codecs/<target>/                group per target; attributes = the codec's state attributes
         <name>                      its state arrays (the PCA mean and basis)
