@@ -242,3 +242,31 @@ def test_seg_train_refusals(seg_cache, seg_teacher, cls_teacher, transfer, tmp_p
     ]
     for argv, pattern in cases:
         one_line(capsys, student_main, argv, pattern)
+
+
+# ---------------------------------------------------------------------------------------------- tools
+@pytest.mark.slow
+def test_seg_codecs_benchmark_orders_codecs_by_bytes_and_fidelity(tmp_path):
+    from tools import bench_seg_codecs
+    from tools.bench import _parse
+
+    args = _parse(bench_seg_codecs, ["--steps", "2", "--images", "8", "--image-size", "32", "--samples", "8",
+                                     "--codecs", "fp16,pixel-topk:k=1,pixel-topk:k=5", "--work", str(tmp_path)])
+    rows = {r["codec"]: r for r in bench_seg_codecs.run(args)["codecs"]}
+    assert rows["fp16"]["plan_bytes_per_cell"] == 22 and rows["pixel-topk:k=5"]["plan_bytes_per_cell"] == 17
+    assert rows["fp16"]["kl_mean"] < 1e-4 and rows["fp16"]["top1_agreement"] == 1
+    assert rows["pixel-topk:k=1"]["kl_mean"] >= rows["pixel-topk:k=5"]["kl_mean"]
+    assert all(r["disk_bytes_per_view"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_seg_models_speed_runs_build_distill_and_eval():
+    from tools import bench_seg_models
+    from tools.bench import _parse
+
+    args = _parse(bench_seg_models, ["--models", "test_vit", "--image-size", "64", "--num-classes", "5",
+                                     "--build-teachers", "test_vit", "--student", "test_vit", "--speed-size", "32",
+                                     "--speed-images", "8", "--batch-size", "4", "--head-width", "16"])
+    speed = bench_seg_models.run(args)["speed"]
+    assert speed["build_images_per_s"]["test_vit"] > 0 and speed["distill"]["steps"] == 2
+    assert speed["eval_images_per_s"] > 0

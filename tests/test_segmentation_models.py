@@ -206,7 +206,7 @@ def test_seg_models_benchmark_counts_parameters_and_flops():
     from tools.bench import _parse
     from tools import bench_seg_models
 
-    args = _parse(bench_seg_models, ["--models", "test_vit", "--image-size", "64", "--num-classes", "5"])
+    args = _parse(bench_seg_models, ["--models", "test_vit", "--image-size", "64", "--num-classes", "5", "--no-speed"])
     (row,) = bench_seg_models.run(args)["models"]
     reference = _seg("test_vit")
     assert row["grid"] == [8, 8] and row["seg_logits_shape"] == [1, 5, 8, 8]

@@ -1,12 +1,13 @@
 """Benchmarks, one entry point: `python -m tools.bench NAME [--json]` (NAME: cache, distill, retrieval, export, gpu,
-seg-models, pipeline).
+seg-models, seg-codecs, pipeline).
 
     python -m tools.bench cache --json          # teacher cache: build overhead, bytes, fidelity, reader
     python -m tools.bench distill --json        # student distillation from the cache
     python -m tools.bench retrieval             # curate time / memory, IVF-PQ recall
     python -m tools.bench export --json         # device students: latency per image, onnxruntime vs torch
     python -m tools.bench gpu --json            # GPU: teacher images/s, build, student steps/s, bf16 fidelity
-    python -m tools.bench seg-models --json     # segmentation: parameters and FLOPs of OS8 backbones + heads
+    python -m tools.bench seg-models --json     # segmentation: params, FLOPs, build / distill / eval speed
+    python -m tools.bench seg-codecs --json     # segmentation: seg_logits bytes per view and fidelity per codec
     python -m tools.bench pipeline --json       # data path: render views/s per core, writer, build + stream ceilings
 
 Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "export": "tools.bench_export",
     "gpu": "tools.bench_gpu",
     "seg-models": "tools.bench_seg_models",
+    "seg-codecs": "tools.bench_seg_codecs",
     "pipeline": "tools.bench_pipeline",
 }
 

@@ -22,6 +22,9 @@ scikit-learn, written as shards in a temporary folder. Parts:
   pinned and copied asynchronously) on the same stream from the cache and with the teacher online (bf16),
   data loading included; `online_over_cached_ideal` = 1 + teacher forward / cached step is what the cache
   saves when the data path keeps up.
+- `seg`: `seg_teacher` (ViT-L/14, random weights) at output stride 8 with a DeepLabV3 head at `seg_size` (512)
+  px: forward images/s in bf16, and `kt-cache build --targets seg_logits` views/s (`--no-seg` skips it,
+  `--seg-only` runs only it: about 30 s of GPU time).
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ from kt.views import ViewSet
 PRESETS = {
     # images: enough full batches for 2 warm-up + `steps` timed steps of one epoch
     "full": dict(teacher="vit_large_patch14_dinov2", teacher_size=224, student="fastvit_s12", student_size=224,
-                 images=768, views=2, batch_size=64, steps=10, rounds=2, fidelity_views=256),
+                 images=768, views=2, batch_size=64, steps=10, rounds=2, fidelity_views=256,
+                 seg_teacher="vit_large_patch14_dinov2", seg_size=512, seg_images=64, seg_batch_size=8),
     "tiny": dict(teacher="test_vit", teacher_size=32, student="test_efficientnet", student_size=32,
-                 images=96, views=2, batch_size=16, steps=3, rounds=1, fidelity_views=32),
+                 images=96, views=2, batch_size=16, steps=3, rounds=1, fidelity_views=32,
+                 seg_teacher="test_vit", seg_size=64, seg_images=16, seg_batch_size=4),
 }
+SEG_CLASSES = 150  # ADE20K's
 NUM_CLASSES = 100
 LAYER_SCALE = 1.0  # random teachers' LayerScale (see _run)
 LOGIT_STD = 3.0  # spread of the re-drawn random head's logits (a confident classifier's, not a uniform softmax)
@@ -57,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA) | cuda | cuda:N | cpu (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="toy sizes: a dry run of the whole benchmark on the CPU")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument("--no-seg", action="store_true", help="skip the segmentation part (seg_teacher at stride 8)")
+    p.add_argument("--seg-only", action="store_true", help="only the segmentation part")
     for name, default in PRESETS["full"].items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
                        help=f"default {default} ({PRESETS['tiny'][name]} with --tiny)")
@@ -218,7 +226,11 @@ def run(args) -> dict:
         raise SystemExit(2) from None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        out = _run(cfg, device, args.workers, Path(tmp))
+        out = {} if args.seg_only else _run(cfg, device, args.workers, Path(tmp))
+        if not args.no_seg:
+            t = time.perf_counter()
+            out["seg"] = seg_speed(cfg, device, args.workers, Path(tmp))
+            out["seg"]["seconds"] = time.perf_counter() - t
     out["seconds"] = time.perf_counter() - started
     return out
 
@@ -278,6 +290,33 @@ def _run(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:
                        "teacher_dtype": summary["teacher_dtype"]}
     result["distill"] = distill_steps(cfg, cache, urls, teacher, device, workers)
     return result
+
+
+def seg_speed(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:
+    """`seg_teacher` (random weights) at output stride 8 with a DeepLabV3 head: forward images/s in bf16 autocast
+    at `seg_size` px, and `kt-cache build --targets seg_logits` (one view per image, default codec) views/s."""
+    from kt.checkpoints import save_checkpoint
+    from kt.models import create_model
+    from kt.teacher_cache.build import BuildConfig, build_cache
+    from tools.make_shards import make_photo_crops
+
+    size, batch = cfg["seg_size"], cfg["seg_batch_size"]
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = create_model(cfg["seg_teacher"], task="segmentation", num_classes=SEG_CLASSES, image_size=size,
+                             output_stride=8).eval()
+    out = {"teacher": cfg["seg_teacher"], "image_size": size, "output_stride": 8, "batch_size": batch,
+           "grid": list(model.grid_size(size)),
+           "forward_images_per_s_bf16": teacher_forward(model, device, batch, size, torch.bfloat16, cfg["steps"])}
+    urls = make_photo_crops(tmp / "seg_photos", cfg["seg_images"], size=int(size * 8 / 7), seed=1, shard_size=batch)
+    ckpt = save_checkpoint(model.float().cpu(), tmp / "seg_teacher")
+    del model
+    summary = build_cache(BuildConfig(teacher=str(ckpt), data="::".join(urls), out=str(tmp / "seg.zarr"), views=1,
+                                      targets=["seg_logits"], batch_size=batch, workers=workers))
+    out["build"] = {"views": summary["samples"], "views_per_s": summary["views_per_s"],
+                    "codec": summary["codecs"]["seg_logits"], "teacher_dtype": summary["teacher_dtype"]}
+    out["build_over_forward"] = summary["views_per_s"] / out["forward_images_per_s_bf16"]
+    return out
 
 
 if __name__ == "__main__":
