@@ -4,11 +4,17 @@
         --objective task --epochs 10 --out runs/student-distill
     kt-student train --model mobilevitv2_050 --teacher runs/teacher/checkpoint --data ... --objective task ...
     kt-student finetune --init runs/student-distill --data ... --labels-per-class 50 --out runs/student
+    kt-student train --task segmentation --model mobilevitv2_050 --output-stride 8 --cache seg.zarr \
+        --data D/transfer --objective task --out runs/seg/distill        # per-pixel KL (or patch-cosine)
 
 The student sees each cached view re-rendered at its own input size from the stored parameters, so it
 never loads the teacher; one cache serves any student architecture. The online mode renders the same
 views (sampled from the seed) for both models and runs the teacher in the step: the baseline one would
 write by hand, and the reference for `tools/bench.py distill`.
+
+Segmentation: the cached per-pixel logits are in the teacher's grid of the same view; the objective
+(`kt.student.losses.SegTaskObjective`) resizes them to the student's grid and leaves out the cells the view's
+geometric ops filled in (the stream adds each view's validity mask, `kt.render.render_valid`).
 
 Outputs in `--out`: `checkpoint/` (the student with its task head when the objective has one),
 `objective.safetensors` (projection heads and temperature), config/run records, metrics, `state/`.

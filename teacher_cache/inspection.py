@@ -33,7 +33,7 @@ class PlanConfig:
     teacher: str = field("", "teacher checkpoint, run folder or model name", required=True)
     pretrained: str = field("none", "weights when --teacher is a model name")
     image_size: int = field(0, "teacher input size (0: the checkpoint's)", min=0)
-    targets: str = field("logits", "comma-separated: logits,embedding,patches")
+    targets: str = field("logits", "comma-separated: logits,embedding,patches or seg_logits,patches")
     views: int = field(4, "views per image", min=1)
     codec: list = field([], "TARGET=SPEC per target (see build)")
     num_samples: int | None = field(None, "transfer-set size (or give --data)", min=0)
