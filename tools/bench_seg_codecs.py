@@ -9,8 +9,8 @@ fidelity on replayed views (KL(teacher || decoded) in nats, per pixel, and top-1
 ADE20K's 150 classes on the same grid are added (a layout figure: no teacher needed).
 
 The codec choice needs logits a finetuned teacher gives (a random head's are near uniform, where top-k loses
-the most), so without --teacher the tool makes a tiny segmentation set (real Fashion-MNIST garments pasted,
-tinted, onto crops of scikit-image's photographs: 11 classes, `--image-size` px) and finetunes the
+the most), so without --teacher the tool makes the embedded segmentation task's composites (`tools.fmnist_seg`:
+real Fashion-MNIST garments on crops of the bundled photographs, 11 classes, `--image-size` px) and finetunes the
 ImageNet EfficientNet-Lite2 at output stride 8 on it for `--steps` steps (per-pixel cross-entropy, plain
 AdamW loop: the `kt-student finetune --task segmentation` command is another helper's work in progress).
 """
@@ -44,35 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------- tiny set
-def composites(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, size, size, 3) uint8 images and (n, size, size) uint8 masks: 1-3 garments on a photo crop."""
-    from skimage import data as skdata
+def composites(n: int, size: int, seed: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size, 3) uint8 images and (n, size, size) uint8 masks (255: ignore) of the embedded
+    segmentation task (`tools.fmnist_seg`, the shard maker's composites)."""
+    from tools.fmnist_seg import CompositeSpec, Composer
 
-    from tools.make_shards import load_fashion_mnist
-
-    garments, labels = load_fashion_mnist("train")
-    photos = [np.asarray(getattr(skdata, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket")]
-    rng = np.random.default_rng(seed)
-    images = np.empty((n, size, size, 3), np.uint8)
-    masks = np.zeros((n, size, size), np.uint8)
-    from PIL import Image
-
-    for i in range(n):
-        photo = photos[rng.integers(len(photos))]
-        c = int(rng.integers(size, min(photo.shape[:2]) + 1))
-        y, x = rng.integers(0, photo.shape[0] - c + 1), rng.integers(0, photo.shape[1] - c + 1)
-        img = np.asarray(Image.fromarray(photo[y:y + c, x:x + c]).resize((size, size)), np.float32)
-        for _ in range(int(rng.integers(1, 4))):
-            j = int(rng.integers(len(garments)))
-            g = int(rng.integers(size // 3, size * 2 // 3 + 1))
-            alpha = np.asarray(Image.fromarray(garments[j]).resize((g, g)), np.float32) / 255
-            gy, gx = rng.integers(0, size - g + 1), rng.integers(0, size - g + 1)
-            tint = rng.uniform(60, 255, 3).astype(np.float32)
-            region = img[gy:gy + g, gx:gx + g]
-            region[:] = region * (1 - alpha[..., None]) + tint * alpha[..., None]
-            masks[i, gy:gy + g, gx:gx + g][alpha > 0.3] = labels[j] + 1
-        images[i] = img.clip(0, 255).astype(np.uint8)
-    return images, masks
+    composer = Composer(CompositeSpec(size=size), seed)
+    pairs = [composer.sample(split, i) for i in range(n)]
+    return (np.stack([np.asarray(im.convert("RGB")) for im, _ in pairs]),
+            np.stack([np.asarray(m) for _, m in pairs]))
 
 
 def train_teacher(work: Path, size: int, steps: int) -> str:
@@ -87,7 +67,7 @@ def train_teacher(work: Path, size: int, steps: int) -> str:
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite2", task="segmentation", num_classes=NUM_CLASSES, pretrained="package",
                          image_size=size, output_stride=8, head_width=64)
-    images, masks = composites(512, size, seed=1)
+    images, masks = composites(512, size, seed=1, split="train")
     mean, std = torch.tensor(model.mean).view(1, 3, 1, 1), torch.tensor(model.std).view(1, 3, 1, 1)
     x_all = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
     y_all = torch.from_numpy(masks).long()
@@ -105,9 +85,11 @@ def train_teacher(work: Path, size: int, steps: int) -> str:
         logits = model(x_all[:128])
         labels = F.interpolate(y_all[:128, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
         pixel_acc = float((logits.argmax(1) == labels).float().mean())
-    classes = ["background"] + [f"garment{i}" for i in range(10)]
+    from tools.fmnist_seg import class_names
+
+    classes = class_names()
     path = save_checkpoint(model, work / "teacher" / "checkpoint", classes=classes,
-                           extra={"bench": {"steps": steps, "final_loss": float(loss), "train_pixel_acc": pixel_acc}})
+                           extra={"bench": {"steps": steps, "final_loss": float(loss.detach()), "train_pixel_acc": pixel_acc}})
     return str(path)
 
 
@@ -116,7 +98,7 @@ def write_transfer(work: Path, n: int, size: int) -> str:
 
     from kt.shards import write_shards
 
-    images, _ = composites(n, size, seed=2)  # unlabeled: masks are not written
+    images, _ = composites(n, size, seed=1, split="transfer")  # unlabeled: masks are not written
     urls = write_shards(((f"t{i:05d}", Image.fromarray(im), None) for i, im in enumerate(images)),
                         work / "transfer", prefix="transfer", maxcount=max(1, n // 2))
     return "::".join(urls)

@@ -95,7 +95,7 @@ def speed(args) -> dict:
                     "build_images_per_s": {}}
     with tempfile.TemporaryDirectory(prefix="kt-seg-speed-") as tmp:
         work = Path(tmp)
-        images, _ = composites(args.speed_images, size, seed=0)
+        images, _ = composites(args.speed_images, size, seed=0, split="transfer")
         urls = write_shards(((f"t{i:05d}", Image.fromarray(im), None) for i, im in enumerate(images)),
                             work / "transfer", prefix="transfer", maxcount=max(1, len(images) // 2))
         data = "::".join(urls)
