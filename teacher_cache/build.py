@@ -136,6 +136,19 @@ def parse_codecs(specs: Sequence[str], targets: Sequence[str]) -> dict[str, Code
     return {t: parse_codec(spec, t) for t, spec in chosen.items()}
 
 
+def fit_default_codecs(codecs: dict[str, Codec], shapes: dict[str, tuple], overrides: Sequence[str]) -> dict[str, Codec]:
+    """A default top-k codec (`topk:k=10`, `pixel-topk:k=5`) on a teacher with no more than k classes would keep
+    every class at a higher cost than fp16 (values + indices + tail), or be refused for k > classes: there the
+    default becomes `fp16` (exact, and smaller). A codec given with --codec is kept as given."""
+    given = {item.split("=", 1)[0] for item in overrides}
+    out = dict(codecs)
+    for target, codec in codecs.items():
+        k = getattr(codec, "k", None)
+        if target not in given and k is not None and k >= shapes[target][codec.class_axis]:
+            out[target] = parse_codec("fp16", target)
+    return out
+
+
 def item_shapes(model: TaskModel, targets: Sequence[str], image_size: int) -> dict[str, tuple[int, ...]]:
     with torch.inference_mode():
         out = teacher_outputs(model.eval(), torch.zeros(1, 3, image_size, image_size), targets)
@@ -311,6 +324,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     image_size = cfg.image_size or model.image_size
     check_teacher_targets(targets, model)
     shapes = item_shapes(model, targets, image_size)
+    codecs = fit_default_codecs(codecs, shapes, cfg.codec)
     classes = load_classes(urls)  # recorded for the reader's "which transfer set" message only
     attrs = cache_attributes(model, spec, cfg, codecs, shapes, urls)
     attrs["task"] = task_attributes(model, shapes, image_size)

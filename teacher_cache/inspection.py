@@ -97,7 +97,8 @@ def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_
 def plan_cache(cfg: PlanConfig) -> dict:
     """Predicted sizes for building a cache of `cfg.teacher` over a transfer set (see `predict_size`)."""
     from kt.checkpoints import load_model
-    from kt.teacher_cache.build import check_teacher_targets, item_shapes, parse_codecs, parse_targets
+    from kt.teacher_cache.build import (check_teacher_targets, fit_default_codecs, item_shapes, parse_codecs,
+                                        parse_targets)
 
     check_config(cfg)  # also when called as a library, not through build_config
     if (cfg.num_samples is None) == (not cfg.data):
@@ -114,6 +115,7 @@ def plan_cache(cfg: PlanConfig) -> dict:
     check_teacher_targets(names, model)
     image_size = cfg.image_size or model.image_size
     shapes = item_shapes(model, names, image_size)
+    codecs = fit_default_codecs(codecs, shapes, cfg.codec)
     plan = predict_size({t: (codecs[t].spec, shapes[t]) for t in names}, cfg.views, num_samples, key_bytes)
     return {"teacher": model.arch, "image_size": image_size, **plan}
 

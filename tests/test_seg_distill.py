@@ -217,9 +217,14 @@ def test_patch_cosine_seg_student_on_the_cached_patches(seg_cache, transfer, tmp
 
 def test_seg_train_refusals(seg_cache, seg_teacher, cls_teacher, transfer, tmp_path, capsys):
     cls_cache = tmp_path / "cls.zarr"
-    assert build(cls_teacher, transfer, cls_cache, "logits,patches", "--codec", "logits=fp16") == 0
+    assert build(cls_teacher, transfer, cls_cache, "logits,patches") == 0
+    # the default top-k codecs keep k classes; a teacher with no more than k gets fp16 instead of a refusal
+    assert CacheReader(str(cls_cache)).attrs["targets"]["logits"]["codec"] == "fp16"
     patches_only = tmp_path / "patches.zarr"
     assert build(seg_teacher, transfer, patches_only, "patches") == 0
+    small_default = tmp_path / "default.zarr"
+    assert build(seg_teacher, transfer, small_default, "seg_logits") == 0
+    assert CacheReader(str(small_default)).attrs["targets"]["seg_logits"]["codec"] == "fp16"  # 4 classes <= k=5
     three = tmp_path / "classes.json"
     three.write_text(json.dumps(["x", "y", "z"]))
     out = str(tmp_path / "x")
