@@ -106,7 +106,7 @@ def check_teacher_targets(names: Sequence[str], model: TaskModel) -> None:
         if target not in names:
             continue
         if model.num_classes <= 0:
-            raise UserError(f"target {target} needs a teacher with a {task} head; {model.arch} has none "
+            raise UserError(f"target {target} needs a teacher with a task head ({task}); {model.arch} has none "
                             "(finetune it first, or cache embedding/patches)")
         if model.task != task:
             raise UserError(f"target {target} needs a {task} teacher; {model.arch} is a {model.task} model "
@@ -137,14 +137,14 @@ def parse_codecs(specs: Sequence[str], targets: Sequence[str]) -> dict[str, Code
 
 
 def fit_default_codecs(codecs: dict[str, Codec], shapes: dict[str, tuple], overrides: Sequence[str]) -> dict[str, Codec]:
-    """A default top-k codec (`topk:k=10`, `pixel-topk:k=5`) on a teacher with no more than k classes would keep
-    every class at a higher cost than fp16 (values + indices + tail), or be refused for k > classes: there the
-    default becomes `fp16` (exact, and smaller). A codec given with --codec is kept as given."""
+    """A default top-k codec (`topk:k=10`, `pixel-topk:k=5`) on a teacher with fewer than k classes would be
+    refused (k exceeds the classes); there the default becomes `fp16`, exact and smaller than keeping every class
+    with indices and a tail. A codec given with --codec is kept as given (and refused by its codec)."""
     given = {item.split("=", 1)[0] for item in overrides}
     out = dict(codecs)
     for target, codec in codecs.items():
         k = getattr(codec, "k", None)
-        if target not in given and k is not None and k >= shapes[target][codec.class_axis]:
+        if target not in given and k is not None and k > shapes[target][codec.class_axis]:
             out[target] = parse_codec("fp16", target)
     return out
 

@@ -224,7 +224,7 @@ def test_seg_train_refusals(seg_cache, seg_teacher, cls_teacher, transfer, tmp_p
     assert build(seg_teacher, transfer, patches_only, "patches") == 0
     small_default = tmp_path / "default.zarr"
     assert build(seg_teacher, transfer, small_default, "seg_logits") == 0
-    assert CacheReader(str(small_default)).attrs["targets"]["seg_logits"]["codec"] == "fp16"  # 4 classes <= k=5
+    assert CacheReader(str(small_default)).attrs["targets"]["seg_logits"]["codec"] == "fp16"  # 4 classes < k=5
     three = tmp_path / "classes.json"
     three.write_text(json.dumps(["x", "y", "z"]))
     out = str(tmp_path / "x")
