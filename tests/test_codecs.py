@@ -281,7 +281,7 @@ def test_defaults_parse_and_bytes_per_item():
     assert codecs["embedding"].bytes_per_item((1024,)) == 2048
     # auto before its fit: the int8 fallback, the most it can cost (what `kt-cache plan` predicts)
     assert codecs["patches"].bytes_per_item((16, 16, 384)) == 256 * (384 + 4)  # int8 values, float32 scale
-    assert codecs["seg_logits"].bytes_per_item((21, 64, 64)) == 64 * 64 * (3 * 2 + 3 * 1 + 2)
+    assert codecs["seg_logits"].bytes_per_item((21, 64, 64)) == 64 * 64 * (5 * 2 + 5 * 1 + 2)  # 17 bytes a cell
     assert parse_codec("int8", "patches").bytes_per_item((16, 16, 384)) == 256 * (384 + 4)
 
 
