@@ -149,7 +149,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)  # head initialisation is part of the run
     kept_head = False
     if cfg.init:
-        model, kept_head = init_from_run(cfg.init, num_classes, cfg.image_size, cfg.init_head, classes)
+        model, kept_head = init_from_run(cfg.init, num_classes, cfg.image_size, cfg.init_head, classes, task=cfg.task)
     else:
         model = load_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, image_size=cfg.image_size,
                            what="--model", task=cfg.task,

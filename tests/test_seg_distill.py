@@ -275,3 +275,32 @@ def test_seg_models_speed_runs_build_distill_and_eval():
     speed = bench_seg_models.run(args)["speed"]
     assert speed["build_images_per_s"]["test_vit"] > 0 and speed["distill"]["steps"] == 2
     assert speed["eval_images_per_s"] > 0
+
+
+def test_seg_finetune_cli_init_from_a_seg_distill_run_keeps_its_head(seg_run, tmp_path, capsys):
+    """`kt-student finetune --task segmentation --init RUN` on the distilled run: its DeepLabV3 head is kept."""
+    from kt.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(8):
+        image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        mask = Image.fromarray(rng.integers(0, 4, (64, 64), dtype=np.uint8), mode="L")
+        records.append((f"m{i}", image, mask))
+
+    def encoded(im):
+        import io
+
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    urls = write_shards(({"__key__": k, "png": encoded(im), "mask.png": encoded(m)} for k, im, m in records),
+                        tmp_path / "labeled", prefix="labeled", maxcount=8, classes=CLASSES)
+    capsys.readouterr()
+    assert student_main(["finetune", "--task", "segmentation", "--init", str(seg_run), "--data", urls[0],
+                         "--labeled-images", "8", "--image-size", "64", "--batch-size", "4", "--epochs", "1",
+                         "--workers", "0", "--out", str(tmp_path / "ft")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["init_head"] == "kept"
+    assert load_checkpoint(str(tmp_path / "ft" / "checkpoint")).task == "segmentation"
