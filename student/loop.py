@@ -290,6 +290,9 @@ def check_out_dir(out: Path, cfg, resumable: set[str] = RESUMABLE_CHANGES) -> bo
         raise UserError(f"output folder {out} is not empty and holds no kt run; choose another --out")
     before = yaml.safe_load(saved.read_text()) or {}
     now = config_dict(cfg)
+    # a field kt gained after the run started ran at its default there: resuming at the default is the same run
+    defaults = config_dict(type(cfg)())
+    before = {**{k: defaults[k] for k in now.keys() - before.keys() if k in defaults}, **before}
     diff = [k for k in sorted(set(before) | set(now)) if k not in resumable and before.get(k) != now.get(k)]
     if diff:
         k = diff[0]
