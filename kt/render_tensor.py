@@ -25,14 +25,14 @@ tests/test_render_tensor.py compares it with the PIL render on the same paramete
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kt.render import FILL, Affine, as_params, crop_box, out_size, plan
+from kt.render import FILL, as_params, crop_box, out_size, plan
+from kt.views import JITTER_ORDERS
 
 
 def default_device() -> torch.device:
@@ -66,16 +66,21 @@ def images_to_tensors(images, device: torch.device | str | None = None) -> list[
 
 
 # ---------------------------------------------------------------------------------------- crop + resize
-def _bicubic(x: torch.Tensor) -> torch.Tensor:
+def _bicubic(x: np.ndarray) -> np.ndarray:
     a = -0.5  # PIL's bicubic
-    x = x.abs()
+    x = np.abs(x)
     near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
     far = (((x - 5) * x + 8) * x - 4) * a
-    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
-def _resample_matrix(n_in: int, n_out: int, lo: float, hi: float, device) -> tuple[torch.Tensor, int, int]:
-    """PIL's `precompute_coeffs` (ImagingResample) as a dense (n_out, span) matrix over input [first, last)."""
+def _resample_matrix(n_in: int, n_out: int, lo: float, hi: float) -> tuple[np.ndarray, int]:
+    """PIL's `precompute_coeffs` (ImagingResample) as a dense (n_out, span) matrix over input [first, first+span).
+
+    Built with numpy on the host: it is a few thousand numbers per view, and building it on the device would
+    cost a dozen kernel launches per view."""
+    if n_out == n_in and lo == 0 and hi == n_in:  # PIL skips a pass that would change nothing: no rounding
+        return np.eye(n_in), 0
     scale = (hi - lo) / n_out
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
@@ -83,119 +88,154 @@ def _resample_matrix(n_in: int, n_out: int, lo: float, hi: float, device) -> tup
     xmin = np.clip((centers - support + 0.5).astype(np.int64), 0, None)  # C's (int) truncates; args >= -0.5
     xmax = np.minimum((centers + support + 0.5).astype(np.int64), n_in)
     first, last = int(xmin.min()), int(xmax.max())
-    j = torch.arange(first, last, device=device, dtype=torch.float64)
-    c = torch.from_numpy(centers).to(device)
-    w = _bicubic((j[None, :] - c[:, None] + 0.5) / filterscale)
-    inside = (j[None, :] >= torch.from_numpy(xmin).to(device)[:, None]) & \
-             (j[None, :] < torch.from_numpy(xmax).to(device)[:, None])
-    w = torch.where(inside, w, torch.zeros_like(w))
-    total = w.sum(1, keepdim=True)
-    w = torch.where(total != 0, w / total, w)
-    return w.to(torch.float32), first, last
+    j = np.arange(first, last, dtype=np.float64)
+    w = _bicubic((j[None, :] - centers[:, None] + 0.5) / filterscale)
+    w = np.where((j[None, :] >= xmin[:, None]) & (j[None, :] < xmax[:, None]), w, 0.0)
+    total = w.sum(1, keepdims=True)
+    return np.where(total != 0, w / np.where(total != 0, total, 1.0), w), first
+
+
+def _stack(mats: Sequence[tuple[np.ndarray, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view (n_out, span_i) matrices zero-padded to one (N, n_out, span) tensor, with each one's first index."""
+    span = max(m.shape[1] for m, _ in mats)
+    out = np.zeros((len(mats), mats[0][0].shape[0], span), dtype=np.float32)
+    for i, (m, _) in enumerate(mats):
+        out[i, :, : m.shape[1]] = m
+    return torch.from_numpy(out).to(device), torch.tensor([f for _, f in mats], device=device)
 
 
 def _round8(x: torch.Tensor) -> torch.Tensor:
-    return (x + 0.5).floor().clamp_(0, 255)
+    return (x + 0.5).floor_().clamp_(0, 255)
 
 
-def crop_resize(src: torch.Tensor, p: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """PIL `resize(size, BICUBIC, box=crop)` of a (3, H, W) image, as float holding 8-bit values."""
-    _, H, W = src.shape
-    x0, y0, x1, y1 = crop_box(p)
+def _sources(sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, 3, Hmax, Wmax) uint8: one stack when the sources share a size (the same image's views, a
+    square-resized set), zero-padded otherwise (the padding gets zero weight)."""
+    if all(s.shape == sources[0].shape for s in sources):
+        return torch.stack(list(sources))
+    hmax, wmax = max(s.shape[1] for s in sources), max(s.shape[2] for s in sources)
+    out = sources[0].new_zeros((len(sources), 3, hmax, wmax))
+    for i, s in enumerate(sources):
+        out[i, :, : s.shape[1], : s.shape[2]] = s
+    return out
+
+
+def crop_resize(sources: Sequence[torch.Tensor], params: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    """PIL `resize(size, BICUBIC, box=crop)` of each source, as (N, 3, h, w) float holding 8-bit values.
+
+    PIL's separable antialiased resample as two batched matrix products (horizontal, rounded to 8 bits as
+    PIL stores its intermediate, then vertical), each view's matrix over the span of source pixels it reads:
+    one gather, two `matmul`s and two roundings for the whole batch."""
     w, h = size
-    bx0, by0, bx1, by1 = x0 * W, y0 * H, x1 * W, y1 * H
-    x = src.to(torch.float32)
-    # PIL skips a pass that would change nothing (same size, box at the origin)
-    vertical = not (h == H and by0 == 0 and by1 == H)
-    if vertical:
-        wy, yfirst, ylast = _resample_matrix(H, h, by0, by1, src.device)
-        x = x[:, yfirst:ylast]  # the horizontal pass only runs over the rows the vertical pass reads
-    if not (w == W and bx0 == 0 and bx1 == W):
-        wx, first, last = _resample_matrix(W, w, bx0, bx1, src.device)
-        x = _round8(torch.matmul(x[:, :, first:last], wx.t()))
-    if vertical:
-        x = _round8(torch.matmul(wy, x))
+    src = _sources(sources)
+    device = src.device
+    xs, ys = [], []
+    for s, p in zip(sources, params):
+        _, H, W = s.shape
+        x0, y0, x1, y1 = crop_box(p)
+        xs.append(_resample_matrix(W, w, x0 * W, x1 * W))
+        ys.append(_resample_matrix(H, h, y0 * H, y1 * H))
+    wx, fx = _stack(xs, device)  # (N, w, Sx)
+    wy, fy = _stack(ys, device)  # (N, h, Sy)
+    n, sx, sy = len(sources), wx.shape[2], wy.shape[2]
+    # the spans, gathered: indices past a source's edge are clamped and meet zero weights
+    cols = (fx[:, None] + torch.arange(sx, device=device)).clamp_(max=src.shape[3] - 1)
+    rows = (fy[:, None] + torch.arange(sy, device=device)).clamp_(max=src.shape[2] - 1)
+    i = torch.arange(n, device=device)[:, None, None]
+    x = src.permute(0, 2, 3, 1)[i, rows[:, :, None], cols[:, None, :]]  # (N, Sy, Sx, 3)
+    x = x.permute(0, 3, 1, 2).to(torch.float32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would move ~1 pixel in 10 by one level
+    try:
+        x = _round8(torch.matmul(x, wx.transpose(1, 2)[:, None]))  # (N, 3, Sy, w)
+        x = _round8(torch.matmul(wy[:, None], x))  # (N, 3, h, w)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return x
 
 
 # -------------------------------------------------------------------------------------------- geometry
-def _centres(maps: Sequence[Affine], w: int, h: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64) + 0.5,
-                            torch.arange(w, device=device, dtype=torch.float64) + 0.5, indexing="ij")
-    return [(a * xs + b * ys + c, d * xs + e * ys + f) for a, b, c, d, e, f in maps]
+def _inside(u: torch.Tensor, v: torch.Tensor, w: int, h: int) -> torch.Tensor:
+    return (u >= 0) & (u < w) & (v >= 0) & (v < h)
 
 
-def affine(x: torch.Tensor, matrix: Affine, clips: Sequence[Affine], fill: Sequence[float]) -> torch.Tensor:
-    """One bilinear resample of (3, h, w) by PIL's output->input `matrix`, filled where it or a clip map
-    sends a pixel centre outside the frame."""
-    _, h, w = x.shape
-    (u, v), *rest = _centres([matrix, *clips], w, h, x.device)
-    grid = torch.stack([2 * u / w - 1, 2 * v / h - 1], -1).to(torch.float32)[None]
-    out = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-    out = out.trunc().clamp_(0, 255)  # PIL's bilinear transform truncates (measured: rounding misses 45%)
-    keep = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    for cu, cv in rest:
-        keep &= (cu >= 0) & (cu < w) & (cv >= 0) & (cv < h)
-    fill_t = torch.tensor(fill, dtype=out.dtype, device=out.device).view(-1, 1, 1)
-    return torch.where(keep[None], out, fill_t)
+def affine(x: torch.Tensor, maps: np.ndarray, fill: Sequence[float]) -> torch.Tensor:
+    """One bilinear `grid_sample` for n views (n, 3, h, w): `maps` (n, K, 6) holds each view's output->input
+    matrix (PIL order) then its clip maps, padded with identities; a pixel is filled where any map sends its
+    centre outside the frame (PIL's fill rule, and the reference's one fill per op)."""
+    n, _, h, w = x.shape
+    m = torch.from_numpy(maps).to(x.device)  # float64: centres far from the origin keep their sub-pixel part
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
+                            torch.arange(w, device=x.device, dtype=torch.float64) + 0.5, indexing="ij")
+    coef = m.view(n, -1, 6, 1, 1)
+    u = coef[:, :, 0] * xs + coef[:, :, 1] * ys + coef[:, :, 2]  # (n, K, h, w)
+    v = coef[:, :, 3] * xs + coef[:, :, 4] * ys + coef[:, :, 5]
+    grid = torch.stack([2 * u[:, 0] / w - 1, 2 * v[:, 0] / h - 1], -1).to(torch.float32)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out.trunc_().clamp_(0, 255)  # PIL's bilinear transform truncates (measured: rounding misses 45%)
+    keep = _inside(u, v, w, h).all(1, keepdim=True)
+    return torch.where(keep, out, torch.tensor(fill, dtype=out.dtype, device=out.device).view(1, -1, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------- photometric
-def _blend(degenerate: torch.Tensor, x: torch.Tensor, f: float) -> torch.Tensor:
-    return (degenerate + torch.tensor(f, dtype=torch.float32) * (x - degenerate)).trunc().clamp_(0, 255)
+def _col(values: Sequence[float], x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=x.device).view(-1, 1, 1, 1)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (degenerate + f * (x - degenerate)).trunc_().clamp_(0, 255)  # PIL: float blend, (int) truncates
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> L (ITU-R 601 in 16-bit fixed point) of (n, 3, h, w), as (n, 1, h, w)."""
     i = x.to(torch.int64)
-    return ((i[0] * 19595 + i[1] * 38470 + i[2] * 7471 + 0x8000) >> 16).to(torch.float32)[None]
+    return ((i[:, 0] * 19595 + i[:, 1] * 38470 + i[:, 2] * 7471 + 0x8000) >> 16).to(x.dtype)[:, None]
 
 
 def _lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Per-channel LUT (3, 256) applied to (3, h, w)."""
-    idx = x.to(torch.int64).flatten(1)
-    return torch.gather(lut.to(x.dtype), 1, idx).view_as(x)
+    """Per-view, per-channel LUTs (n, 3, 256) applied to (n, 3, h, w)."""
+    n, c, h, w = x.shape
+    return torch.gather(lut.to(x.dtype), 2, x.to(torch.int64).view(n, c, -1)).view(n, c, h, w)
+
+
+def _histograms(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, 256) counts of each 8-bit value per view and channel, one bincount for the batch."""
+    n, c = x.shape[:2]
+    idx = x.to(torch.int64).view(n * c, -1) + 256 * torch.arange(n * c, device=x.device)[:, None]
+    return torch.bincount(idx.flatten(), minlength=256 * n * c).view(n, c, 256)
 
 
 def _autocontrast(x: torch.Tensor) -> torch.Tensor:
-    luts = []
-    ramp = torch.arange(256, device=x.device, dtype=torch.float64)
-    for ch in x:
-        nz = torch.nonzero(torch.bincount(ch.to(torch.int64).flatten(), minlength=256))
-        lo, hi = int(nz.min()), int(nz.max())
-        if hi <= lo:
-            luts.append(ramp)
-            continue
-        scale = 255.0 / (hi - lo)
-        luts.append((ramp * scale - lo * scale).trunc().clamp(0, 255))
-    return _lut(x, torch.stack(luts))
+    # ImageOps.autocontrast (cutoff 0): lut[i] = int(i * 255 / (hi - lo) - lo * 255 / (hi - lo)), clipped
+    lo = x.amin((2, 3), keepdim=True).to(torch.float64)
+    hi = x.amax((2, 3), keepdim=True).to(torch.float64)
+    scale = 255.0 / (hi - lo).clamp_(min=1)
+    out = (x.to(torch.float64) * scale + (-lo * scale)).trunc_().clamp_(0, 255).to(x.dtype)
+    return torch.where(hi > lo, out, x)
 
 
 def _equalize(x: torch.Tensor) -> torch.Tensor:
-    luts = []
-    ramp = torch.arange(256, device=x.device, dtype=torch.float64)
-    for ch in x:
-        hist = torch.bincount(ch.to(torch.int64).flatten(), minlength=256)
-        used = hist[hist > 0]
-        step = (int(used.sum()) - int(used[-1])) // 255 if len(used) > 1 else 0
-        if not step:
-            luts.append(ramp)
-            continue
-        n = step // 2 + torch.cat([hist.new_zeros(1), hist.cumsum(0)[:-1]])
-        luts.append(torch.div(n, step, rounding_mode="floor").clamp(max=255).to(torch.float64))
-    return _lut(x, torch.stack(luts))
+    # ImageOps.equalize: step = (pixels - count of the last used value) // 255, lut[i] = (step // 2 + cdf(i-1)) // step
+    hist = _histograms(x)
+    last = 255 - (hist > 0).flip(-1).to(torch.int64).argmax(-1, keepdim=True)
+    step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last)) // 255
+    cdf = torch.cat([hist.new_zeros(hist.shape[:2] + (1,)), hist.cumsum(-1)[..., :-1]], -1)
+    lut = torch.div(step // 2 + cdf, step.clamp(min=1), rounding_mode="floor").clamp_(max=255)
+    ramp = torch.arange(256, device=x.device).expand_as(lut)
+    return _lut(x, torch.where((step > 0) & ((hist > 0).sum(-1, keepdim=True) > 1), lut, ramp))
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
     k = torch.ones(3, 1, 3, 3, dtype=x.dtype, device=x.device)
     k[:, :, 1, 1] = 5
-    inner = _round8(F.conv2d(x[None], k / 13.0, groups=3)[0])
     out = x.clone()
-    out[:, 1:-1, 1:-1] = inner  # PIL's 3x3 filters copy the border pixels
+    out[:, :, 1:-1, 1:-1] = _round8(F.conv2d(x, k / 13.0, groups=3))  # PIL's 3x3 filters copy the border
     return out
 
 
-def photometric(x: torch.Tensor, name: str, arg: float) -> torch.Tensor:
-    """One RandAugment colour op (or colour jitter factor) on (3, h, w) float holding 8-bit values."""
+def photometric(x: torch.Tensor, name: str, args: Sequence[float]) -> torch.Tensor:
+    """One RandAugment colour op (or colour-jitter factor) on n views (n, 3, h, w) of 8-bit values, each
+    with its own argument; PIL's 8-bit arithmetic, so the tensor path stays within a level of the PIL one."""
     if name == "Identity":
         return x
     if name == "AutoContrast":
@@ -203,19 +243,20 @@ def photometric(x: torch.Tensor, name: str, arg: float) -> torch.Tensor:
     if name == "Equalize":
         return _equalize(x)
     if name == "Solarize":
-        return torch.where(x < int(round(arg)), x, 255 - x)
+        return torch.where(x < _col([int(round(a)) for a in args], x), x, 255 - x)
     if name == "Posterize":
-        mask = ~(2 ** (8 - int(round(arg))) - 1) & 0xFF
+        mask = _col([~(2 ** (8 - int(round(a))) - 1) & 0xFF for a in args], x, torch.int64)
         return (x.to(torch.int64) & mask).to(x.dtype)
+    f = _col(args, x)
     if name == "Brightness":
-        return _blend(torch.zeros_like(x), x, arg)
-    if name == "Contrast":
-        mean = math.floor(float(_luma(x).to(torch.float64).mean()) + 0.5)
-        return _blend(torch.full_like(x, mean), x, arg)
+        return _blend(torch.zeros_like(x), x, f)
+    if name == "Contrast":  # the mean of the L image, rounded as ImageEnhance.Contrast does
+        mean = (_luma(x).to(torch.float64).mean((1, 2, 3), keepdim=True) + 0.5).floor_().to(x.dtype)
+        return _blend(mean.expand_as(x), x, f)
     if name == "Color":
-        return _blend(_luma(x).expand_as(x), x, arg)
+        return _blend(_luma(x).expand_as(x), x, f)
     if name == "Sharpness":
-        return _blend(_smooth(x), x, arg)
+        return _blend(_smooth(x), x, f)
     raise ValueError(f"unknown photometric op {name!r}")
 
 
@@ -223,29 +264,60 @@ _JITTER_NAMES = ("Brightness", "Contrast", "Color")
 
 
 # ------------------------------------------------------------------------------------------- rendering
-def render_one(src: torch.Tensor, params, size: int | tuple[int, int]) -> torch.Tensor:
-    """One view as (3, h, w) float holding 8-bit values, on `src`'s device."""
-    p = as_params(params)
-    size = out_size(size)
-    x = crop_resize(src, p, size)
-    for kind, arg in plan(p, *size):
+def _stages(p: np.ndarray, w: int, h: int) -> dict[int, tuple[str, object]]:
+    """`kt.render.plan` of one view keyed by stage: 0 flip, 1-3 the jitter positions, 4 + k RandAugment
+    slot k (an affine run sits at the slot of its first op). Views then line up stage by stage, so a batch
+    runs each (stage, op) once for all the views that have it, in every view's own order."""
+    out: dict[int, tuple[str, object]] = {}
+    slot = 4
+    order = JITTER_ORDERS[int(round(p[8]))]
+    for kind, arg in plan(p, w, h):
         if kind == "flip":
-            x = x.flip(-1)
-        elif kind == "affine":
-            x = affine(x, *arg, FILL)
+            out[0] = ("flip", None)
         elif kind == "jitter":
-            x = photometric(x, _JITTER_NAMES[arg], float(p[5 + arg]))
+            out[1 + order.index(arg)] = (_JITTER_NAMES[arg], float(p[5 + arg]))
+        elif kind == "affine":
+            matrix, clips = arg
+            out[slot] = ("affine", [matrix, *clips])
+            slot += 1 + len(clips)
         else:
-            x = photometric(x, *arg)
-    return x
+            out[slot] = arg
+            slot += 1
+    return out
 
 
 def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int, int],
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
-    """Views params[i] of sources[i] as (N, 3, h, w): uint8, or normalised float32 given mean and std."""
+    """Views params[i] of sources[i] as (N, 3, h, w): uint8, or normalised float32 given mean and std.
+
+    One crop-resize for the batch, then each stage of the views' plans as one batched op per kind of step
+    (one `grid_sample` for every view whose step there is a geometric run): the kernel count depends on the
+    ops present, not on N."""
     params = np.asarray(params, dtype=np.float32).reshape(len(sources), -1)
+    ps = [as_params(p) for p in params]
+    w, h = out_size(size)
+    stages = [_stages(p, w, h) for p in ps]
     with torch.no_grad():
-        x = torch.stack([render_one(s, p, size) for s, p in zip(sources, params)])
+        x = crop_resize(sources, ps, (w, h))
+        for stage in sorted({s for st in stages for s in st}):
+            groups: dict[str, list[int]] = {}
+            for i, st in enumerate(stages):
+                if stage in st:
+                    groups.setdefault(st[stage][0], []).append(i)
+            for name, idx in groups.items():
+                sel = torch.tensor(idx, device=x.device)
+                args = [stages[i][stage][1] for i in idx]
+                if name == "flip":
+                    y = x[sel].flip(-1)
+                elif name == "affine":
+                    k = max(len(a) for a in args)
+                    maps = np.tile(np.array([1, 0, 0, 0, 1, 0], dtype=np.float64), (len(idx), k, 1))
+                    for j, a in enumerate(args):
+                        maps[j, : len(a)] = a
+                    y = affine(x[sel], maps, FILL)
+                else:
+                    y = photometric(x[sel], name, args)
+                x = x.index_copy(0, sel, y) if len(idx) < len(x) else y
         if mean is None or std is None:
             return x.to(torch.uint8)
         s = torch.tensor(std, dtype=torch.float64)

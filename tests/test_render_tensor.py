@@ -130,3 +130,21 @@ def test_render_choice_is_checked(fmnist, tmp_path, capsys):
     assert main(["build", "--teacher", "test_vit", "--data", fmnist["train"][0], "--out", str(tmp_path / "c"),
                  "--targets", "embedding", "--render", "gpu"]) == 2
     assert "--render 'gpu': must be one of auto, cpu, cuda" in capsys.readouterr().err
+
+
+def test_render_batch_is_batched(photos, monkeypatch):
+    """One batched resample per op slot, whatever the batch size (the per-image path launched one chain of
+    small kernels per view and was launch-bound on the GPU), and still the PIL render's pixels."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    img = next(iter(photos.values()))
+    params = sample_params_batch(VIEW_PRESETS["train"], 1, [f"b/{i}" for i in range(24)], 0)
+    params[:, 9], params[:, 10] = RANDAUG_OPS.index("Rotate"), 20.0  # every view: a geometric op in slot 0
+    params[:, 11] = np.where(np.arange(24) % 2, RANDAUG_OPS.index("ShearX"), RANDAUG_OPS.index("Solarize"))
+    params[:, 12] = np.where(np.arange(24) % 2, 0.2, 128.0)
+    diffs = _compare([img] * 24, images_to_tensors([img] * 24, "cpu"), params, 48)
+    assert calls == [24], calls
+    assert np.mean(diffs) <= 1.0 and max(diffs) <= 3.0, np.round(diffs, 2)
