@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kt.render import decode_for_views, plan, render, render_mask, to_tensor
+from kt.render import REDUCING_GAP, crop_map, decode_for_views, plan, render, render_mask, to_tensor
 from kt.shards import decode_image
 from kt.views import GEOMETRIC_OPS, RANDAUG_OPS, VIEW_PRESETS, sample_params, sample_params_batch
 from tests import render_reference as ref
@@ -61,16 +61,19 @@ def test_renders_match_reference_within_one_level(sources, spec):
 
 
 def test_bit_exact_without_composition(sources):
-    """Without a reduced decode and with at most one geometric op, nothing was composed: bit for bit."""
+    """Where nothing was composed or reduced (no geometric op, a crop shrunk by less than REDUCING_GAP, a
+    full decode): bit for bit, the table-driven colour ops included."""
     full = decode_image(sources[next(iter(sources))]["PNG"])
     n = 0
-    for p in _views("train", 40):
-        if sum(RANDAUG_OPS[int(i)] in GEOMETRIC_OPS for i in p[9::2] if i >= 0) > 1:
+    for p in _views("train", 60):
+        if any(RANDAUG_OPS[int(i)] in GEOMETRIC_OPS for i in p[9::2] if i >= 0):
             continue
-        for size in (224, 40):
+        for size in (224, 96):
+            if max(crop_map(full, p, (size, size))[::4]) >= REDUCING_GAP:
+                continue
             assert render(full, p, size).tobytes() == ref.render(full, p, size).tobytes()
             n += 1
-    assert n > 40
+    assert n > 30
 
 
 def _forced(ops: list[tuple[str, float]], flip: int, view: int = 0) -> np.ndarray:
@@ -111,14 +114,14 @@ def test_masks_follow_the_same_geometry():
         out = np.asarray(render_mask(mask, p, 64))
         expect = np.asarray(ref.render_mask(mask, p, 64))
         n_geo = sum(RANDAUG_OPS[int(i)] in GEOMETRIC_OPS for i in p[9::2] if i >= 0)
-        if n_geo <= 1:
+        if n_geo == 0:
             np.testing.assert_array_equal(out, expect)
-        else:  # one nearest resample instead of two: only pixels on label edges may move
-            assert (out == expect).mean() > 0.97
+        else:  # one nearest resample (crop joined to the run) instead of two or three: only pixels on label edges move
+            assert (out == expect).mean() > 0.94  # labels 8 px wide here: ~1 pixel in 8 sits on an edge
     for ops in COMPOSED:
         p = _forced(ops, 1)
         out, expect = np.asarray(render_mask(mask, p, 64)), np.asarray(ref.render_mask(mask, p, 64))
-        assert (out == expect).mean() > 0.97
+        assert (out == expect).mean() > 0.94
         # the image path shows the same geometry: a label image rendered as RGB agrees with the mask
         p = _forced([o for o in ops if o[0] in GEOMETRIC_OPS], 1)
         out = np.asarray(render_mask(mask, p, 64))
@@ -155,3 +158,25 @@ def test_to_tensor_matches_reference():
     got = to_tensor(img, mean, std)
     assert got.shape == (3, 40, 30) and got.is_contiguous() and got.dtype == torch.float32
     torch.testing.assert_close(got, expect, atol=2e-6, rtol=0)
+
+
+def test_crop_joins_the_geometric_run(sources, monkeypatch):
+    """A view with a geometric op whose crop shrinks by at most COMPOSE_MAX_SHRINK is ONE resample of the
+    source (crop, flip, rotate/shear/translate composed); its mask is one nearest resample too."""
+    from kt.render import COMPOSE_MAX_SHRINK
+
+    full = decode_image(sources[next(iter(sources))]["PNG"])
+    calls: list[tuple[str, str, int]] = []
+    for name in ("resize", "transform"):
+        real = getattr(Image.Image, name)
+        monkeypatch.setattr(Image.Image, name, lambda self, *a, _n=name, _r=real, **k: (
+            calls.append((_n, self.mode, k.get("resample"))) if self.size == full.size else None) or _r(self, *a, **k))
+    p = _forced([("Rotate", 20.0), ("ShearX", 0.2)], flip=1)
+    assert max(crop_map(full, p, (224, 224))[::4]) <= COMPOSE_MAX_SHRINK
+    render(full, p, 224)
+    # the source is resampled once; a 64 px nearest-neighbour proxy of the crop feeds Contrast's mean
+    assert [c for c in calls if c[2] != Image.Resampling.NEAREST] == [("transform", "RGB", Image.Resampling.BILINEAR)]
+    assert calls.count(("resize", "RGB", Image.Resampling.NEAREST)) <= 1
+    calls.clear()
+    render_mask(full.convert("P"), p, 224)
+    assert calls == [("transform", "P", Image.Resampling.NEAREST)], calls
