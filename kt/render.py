@@ -46,7 +46,7 @@ from PIL import Image, ImageChops, ImageEnhance, ImageOps
 from kt.views import GEOMETRIC_OPS, JITTER_ORDERS, MAX_OPS, PARAM_DIM, RANDAUG_OPS, _OPS_START
 
 FILL = (128, 128, 128)  # grey for pixels that rotate/shear/translate bring in from outside the image
-COMPOSE_MAX_SHRINK = 1.7  # see `composes`: every 224 px crop of a 500x375 photo; MAD at 1.7 and 2.5 in the docstring
+COMPOSE_MAX_SHRINK = 1.7  # see `joined_run`: every 224 px crop of a 500x375 photo; MAD at 1.7 and 2.5 in the docstring
 REDUCING_GAP = 3.0  # PIL box-reduces a crop shrunk > 3x first: 64 px views 10-40% cheaper, MAD 0.2/255 measured
 PROXY_SIZE = 64  # side of the nearest-neighbour crop a composed view takes Contrast's mean from
 DRAFT_MARGIN = 2.0  # source px per output px a reduced JPEG decode keeps: MAD <= 0.4/255 measured (1.5: 1.5/255)
@@ -227,10 +227,17 @@ def crop_map(img: Image.Image, p: np.ndarray, size: tuple[int, int]) -> Affine:
     return ((x1 - x0) * W / w, 0.0, x0 * W, 0.0, (y1 - y0) * H / h, y0 * H)
 
 
-def composes(crop: Affine) -> bool:
-    """Whether the crop joins the first geometric run's resample: only while it shrinks by at most
-    `COMPOSE_MAX_SHRINK`, where one bilinear resample still reads every source pixel (no aliasing)."""
-    return max(crop[0], crop[4]) <= COMPOSE_MAX_SHRINK
+def joined_run(steps: Sequence[tuple[str, object]], crop: Affine) -> int | None:
+    """Index in `steps` (a `plan`) of the geometric run the crop joins, or None: the first run, while the crop
+    shrinks by at most `COMPOSE_MAX_SHRINK` (one bilinear resample of the source still reads every pixel,
+    without aliasing) and no histogram op (AutoContrast, Equalize: their tables depend on the whole crop)
+    comes before it. The rule of both renders (`kt.render_tensor` too)."""
+    first = next((i for i, (kind, _) in enumerate(steps) if kind == "affine"), None)
+    if first is None or max(crop[0], crop[4]) > COMPOSE_MAX_SHRINK:
+        return None
+    if any(kind == "photo" and arg[0] in _HISTOGRAM_OPS for kind, arg in steps[:first]):  # type: ignore[index]
+        return None
+    return first
 
 
 def _crop(img: Image.Image, p: np.ndarray, size: tuple[int, int], resample: int) -> Image.Image:
@@ -248,13 +255,11 @@ def _geometry(img: Image.Image, p: np.ndarray, size: tuple[int, int], crop_resam
     Composed, the steps that came before the run (colour jitter, photometric ops) run after it; the fill is
     restored after them, since in the reference they never saw it, and Contrast takes its mean from a
     small nearest-neighbour proxy of the unrotated crop that goes through the same steps (a masked mean of
-    the rotated view misses what the run moved out of the frame: up to 6/255 measured). A histogram op
-    (AutoContrast, Equalize) before the run is not composed: its table depends on the whole crop."""
+    the rotated view misses what the run moved out of the frame: up to 6/255 measured)."""
     steps = plan(p, *size)
-    first = next((i for i, (kind, _) in enumerate(steps) if kind == "affine"), None)
     crop = crop_map(img, p, size)
-    if first is None or not composes(crop) or any(
-            kind == "photo" and arg[0] in _HISTOGRAM_OPS for kind, arg in steps[:first]):
+    first = joined_run(steps, crop)
+    if first is None:
         return _crop(img, p, size, crop_resample), steps, 0, None, None
     matrix, clips = steps[first][1]
     out = img.transform(size, Image.Transform.AFFINE, compose(crop, matrix), resample=resample, fillcolor=fill)

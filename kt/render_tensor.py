@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kt.render import FILL, as_params, crop_box, out_size, plan
+from kt.render import FILL, Affine, as_params, compose, crop_box, joined_run, out_size, plan
 from kt.views import JITTER_ORDERS
 
 
@@ -120,14 +120,14 @@ def _sources(sources: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def crop_resize(sources: Sequence[torch.Tensor], params: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+def crop_resize(src: torch.Tensor, sources: Sequence[torch.Tensor], params: Sequence[np.ndarray],
+                size: tuple[int, int]) -> torch.Tensor:
     """PIL `resize(size, BICUBIC, box=crop)` of each source, as (N, 3, h, w) float holding 8-bit values.
 
     PIL's separable antialiased resample as two batched matrix products (horizontal, rounded to 8 bits as
     PIL stores its intermediate, then vertical), each view's matrix over the span of source pixels it reads:
-    one gather, two `matmul`s and two roundings for the whole batch."""
+    one gather, two `matmul`s and two roundings for the whole batch. `src` is `_sources(sources)`."""
     w, h = size
-    src = _sources(sources)
     device = src.device
     xs, ys = [], []
     for s, p in zip(sources, params):
@@ -159,18 +159,37 @@ def _inside(u: torch.Tensor, v: torch.Tensor, w: int, h: int) -> torch.Tensor:
     return (u >= 0) & (u < w) & (v >= 0) & (v < h)
 
 
-def affine(x: torch.Tensor, maps: np.ndarray, fill: Sequence[float]) -> torch.Tensor:
+def _centres(maps: np.ndarray, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel centres (xs, ys) and where each of the (n, K, 6) maps sends them, (u, v) of shape (n, K, h, w)."""
+    m = torch.from_numpy(maps).to(device)  # float64: centres far from the origin keep their sub-pixel part
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64) + 0.5,
+                            torch.arange(w, device=device, dtype=torch.float64) + 0.5, indexing="ij")
+    coef = m.view(m.shape[0], -1, 6, 1, 1)
+    return xs, ys, coef[:, :, 0] * xs + coef[:, :, 1] * ys + coef[:, :, 2], coef[:, :, 3] * xs + coef[:, :, 4] * ys + coef[:, :, 5]
+
+
+def _keep(maps: np.ndarray, h: int, w: int, device) -> torch.Tensor:
+    """(n, 1, h, w): pixels whose centre every map sends into the frame."""
+    _, _, u, v = _centres(maps, h, w, device)
+    return _inside(u, v, w, h).all(1, keepdim=True)
+
+
+def affine(x: torch.Tensor, maps: np.ndarray, fill: Sequence[float], source: torch.Tensor | None = None,
+           first: np.ndarray | None = None) -> torch.Tensor:
     """One bilinear `grid_sample` for n views (n, 3, h, w): `maps` (n, K, 6) holds each view's output->input
     matrix (PIL order) then its clip maps, padded with identities; a pixel is filled where any map sends its
-    centre outside the frame (PIL's fill rule, and the reference's one fill per op)."""
+    centre outside the frame (PIL's fill rule, and the reference's one fill per op). With `source` (n, 3, H, W),
+    the views are sampled from it by `first` (n, 6), the crop composed with the run, instead of from `x`."""
     n, _, h, w = x.shape
-    m = torch.from_numpy(maps).to(x.device)  # float64: centres far from the origin keep their sub-pixel part
-    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
-                            torch.arange(w, device=x.device, dtype=torch.float64) + 0.5, indexing="ij")
-    coef = m.view(n, -1, 6, 1, 1)
-    u = coef[:, :, 0] * xs + coef[:, :, 1] * ys + coef[:, :, 2]  # (n, K, h, w)
-    v = coef[:, :, 3] * xs + coef[:, :, 4] * ys + coef[:, :, 5]
-    grid = torch.stack([2 * u[:, 0] / w - 1, 2 * v[:, 0] / h - 1], -1).to(torch.float32)
+    xs, ys, u, v = _centres(maps, h, w, x.device)
+    if source is None:
+        grid = torch.stack([2 * u[:, 0] / w - 1, 2 * v[:, 0] / h - 1], -1).to(torch.float32)
+    else:
+        a = torch.from_numpy(first).to(x.device).view(n, 6, 1, 1)
+        su, sv = a[:, 0] * xs + a[:, 1] * ys + a[:, 2], a[:, 3] * xs + a[:, 4] * ys + a[:, 5]
+        H, W = source.shape[2:]
+        grid = torch.stack([2 * su / W - 1, 2 * sv / H - 1], -1).to(torch.float32)
+        x = source
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = out.trunc_().clamp_(0, 255)  # PIL's bilinear transform truncates (measured: rounding misses 45%)
     keep = _inside(u, v, w, h).all(1, keepdim=True)
@@ -233,9 +252,10 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def photometric(x: torch.Tensor, name: str, args: Sequence[float]) -> torch.Tensor:
+def photometric(x: torch.Tensor, name: str, args: Sequence[float], stats: torch.Tensor | None = None) -> torch.Tensor:
     """One RandAugment colour op (or colour-jitter factor) on n views (n, 3, h, w) of 8-bit values, each
-    with its own argument; PIL's 8-bit arithmetic, so the tensor path stays within a level of the PIL one."""
+    with its own argument; PIL's 8-bit arithmetic, so the tensor path stays within a level of the PIL one.
+    Contrast takes its mean from `stats` when given (a composed view: the unrotated crop)."""
     if name == "Identity":
         return x
     if name == "AutoContrast":
@@ -251,7 +271,8 @@ def photometric(x: torch.Tensor, name: str, args: Sequence[float]) -> torch.Tens
     if name == "Brightness":
         return _blend(torch.zeros_like(x), x, f)
     if name == "Contrast":  # the mean of the L image, rounded as ImageEnhance.Contrast does
-        mean = (_luma(x).to(torch.float64).mean((1, 2, 3), keepdim=True) + 0.5).floor_().to(x.dtype)
+        ref = x if stats is None else stats
+        mean = (_luma(ref).to(torch.float64).mean((1, 2, 3), keepdim=True) + 0.5).floor_().to(x.dtype)
         return _blend(mean.expand_as(x), x, f)
     if name == "Color":
         return _blend(_luma(x).expand_as(x), x, f)
@@ -264,26 +285,40 @@ _JITTER_NAMES = ("Brightness", "Contrast", "Color")
 
 
 # ------------------------------------------------------------------------------------------- rendering
-def _stages(p: np.ndarray, w: int, h: int) -> dict[int, tuple[str, object]]:
-    """`kt.render.plan` of one view keyed by stage: 0 flip, 1-3 the jitter positions, 4 + k RandAugment
-    slot k (an affine run sits at the slot of its first op). Views then line up stage by stage, so a batch
-    runs each (stage, op) once for all the views that have it, in every view's own order."""
+def _stages(p: np.ndarray, steps: Sequence[tuple[str, object]]) -> tuple[dict[int, tuple[str, object]], list[int]]:
+    """A view's `kt.render.plan` keyed by stage: 0 flip, 1-3 the jitter positions, 4 + k RandAugment slot k
+    (an affine run sits at the slot of its first op); and the stage of each step. Views then line up stage
+    by stage, so a batch runs each (stage, op) once for all the views that have it, in every view's order."""
     out: dict[int, tuple[str, object]] = {}
+    at: list[int] = []
     slot = 4
     order = JITTER_ORDERS[int(round(p[8]))]
-    for kind, arg in plan(p, w, h):
+    for kind, arg in steps:
         if kind == "flip":
+            at.append(0)
             out[0] = ("flip", None)
         elif kind == "jitter":
-            out[1 + order.index(arg)] = (_JITTER_NAMES[arg], float(p[5 + arg]))
+            at.append(1 + order.index(arg))
+            out[at[-1]] = (_JITTER_NAMES[arg], float(p[5 + arg]))
         elif kind == "affine":
             matrix, clips = arg
+            at.append(slot)
             out[slot] = ("affine", [matrix, *clips])
             slot += 1 + len(clips)
         else:
+            at.append(slot)
             out[slot] = arg
             slot += 1
-    return out
+    return out, at
+
+
+def _maps(args: Sequence[Sequence[Affine]]) -> np.ndarray:
+    """Each view's list of maps as one (n, K, 6) array, padded with identities (which keep every pixel)."""
+    k = max(len(a) for a in args)
+    maps = np.tile(np.array([1, 0, 0, 0, 1, 0], dtype=np.float64), (len(args), k, 1))
+    for j, a in enumerate(args):
+        maps[j, : len(a)] = a
+    return maps
 
 
 def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int, int],
@@ -292,13 +327,32 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
 
     One crop-resize for the batch, then each stage of the views' plans as one batched op per kind of step
     (one `grid_sample` for every view whose step there is a geometric run): the kernel count depends on the
-    ops present, not on N."""
+    ops present, not on N. Where `kt.render` joins the crop to the first geometric run (`joined_run`), so
+    does this path: those views are sampled from the source in one `grid_sample` up front (`g`), the
+    steps before the run go through both `g` and the crop (which gives Contrast its mean), and at the run
+    `g`, refilled, takes the crop's place."""
     params = np.asarray(params, dtype=np.float32).reshape(len(sources), -1)
     ps = [as_params(p) for p in params]
     w, h = out_size(size)
-    stages = [_stages(p, w, h) for p in ps]
+    plans = [plan(p, w, h) for p in ps]
+    staged = [_stages(p, steps) for p, steps in zip(ps, plans)]
+    stages = [st for st, _ in staged]
+    joined: dict[int, tuple[int, Affine]] = {}  # view -> (stage of its joined run, source map of the run)
+    for i, (s, p, steps) in enumerate(zip(sources, ps, plans)):
+        W, H = s.shape[2], s.shape[1]
+        x0, y0, x1, y1 = crop_box(p)
+        crop = ((x1 - x0) * W / w, 0.0, x0 * W, 0.0, (y1 - y0) * H / h, y0 * H)  # kt.render.crop_map
+        j = joined_run(steps, crop)
+        if j is not None:
+            joined[i] = (staged[i][1][j], compose(crop, steps[j][1][0]))
     with torch.no_grad():
-        x = crop_resize(sources, ps, (w, h))
+        src = _sources(sources)
+        x = crop_resize(src, sources, ps, (w, h))
+        rows = {i: r for r, i in enumerate(sorted(joined))}
+        if joined:
+            jsel = torch.tensor(sorted(joined), device=x.device)
+            g = affine(x[jsel], _maps([stages[i][joined[i][0]][1] for i in sorted(joined)]), FILL,
+                       source=src[jsel].to(torch.float32), first=np.array([joined[i][1] for i in sorted(joined)]))
         for stage in sorted({s for st in stages for s in st}):
             groups: dict[str, list[int]] = {}
             for i, st in enumerate(stages):
@@ -310,12 +364,17 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
                 if name == "flip":
                     y = x[sel].flip(-1)
                 elif name == "affine":
-                    k = max(len(a) for a in args)
-                    maps = np.tile(np.array([1, 0, 0, 0, 1, 0], dtype=np.float64), (len(idx), k, 1))
-                    for j, a in enumerate(args):
-                        maps[j, : len(a)] = a
-                    y = affine(x[sel], maps, FILL)
+                    y = affine(x[sel], _maps(args), FILL)
+                    mine = [k for k, i in enumerate(idx) if i in joined and joined[i][0] == stage]
+                    if mine:  # the joined run: the composed sample, refilled where the run's maps clip
+                        at = torch.tensor([rows[idx[k]] for k in mine], device=x.device)
+                        keep = _keep(_maps([args[k] for k in mine]), h, w, x.device)
+                        y[torch.tensor(mine, device=x.device)] = torch.where(keep, g[at], _col(FILL, x).view(1, 3, 1, 1))
                 else:
+                    pre = [k for k, i in enumerate(idx) if i in joined and stage < joined[i][0]]
+                    if pre:  # before a joined run: the same step on the composed sample, Contrast's mean from the crop
+                        at = torch.tensor([rows[idx[k]] for k in pre], device=x.device)
+                        g[at] = photometric(g[at], name, [args[k] for k in pre], stats=x[sel[pre]])
                     y = photometric(x[sel], name, args)
                 x = x.index_copy(0, sel, y) if len(idx) < len(x) else y
         if mean is None or std is None:
