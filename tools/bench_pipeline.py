@@ -6,10 +6,12 @@
 - `render`: views/s per core of decode + render + to_tensor for one view (CPU seconds of this process,
   one torch thread), for the `train` and `light` specs at 224 and 64 px, from typical 500x375 photos
   (the photographs bundled with scikit-image/scikit-learn, seeded 4:3 crops resized to 500x375) stored
-  as JPEG (quality 95, ~44 KB) and PNG. `amortised_v4` decodes once for 4 views, as a cache build with
-  `--views 4` does.
+  as JPEG (quality 95, ~44 KB) and PNG; `before` (the first implementation, `kt.render_v1`, full decode)
+  and `after` (`kt.render`) timed view by view in turn, and their ratio. `amortised_v4` decodes once for
+  4 views, as a cache build with `--views 4` does.
 - `render_gpu` (where CUDA is present): the GPU path, `kt.render_tensor` (nvJPEG decode of 256 images, one
-  batched render of their 256 views), views/s of the device, best of 2 after a warm-up round.
+  batched render of their 256 views), views/s of the device, best of 3 after a warm-up round, and the
+  host CPU time the batched render costs per view (its plans and resample matrices are built on the host).
 - `writer`: views/s of ONE writer thread (`kt.teacher_cache.build.Writer`: encode + compress + write
   through `CacheStore`) per target set, from synthetic teacher outputs of ViT-L/14 shape (1000 logits,
   1024-d embedding, 16x16x1024 patch grid) with the default codecs (topk:k=10, fp16, pca:d=64,int8).
@@ -124,12 +126,25 @@ def _cpu() -> float:
 
 # --------------------------------------------------------------------------------------------- render
 def bench_render(args) -> dict:
+    """Decode + render + to_tensor per view, the first implementation (`kt.render_v1` on the full decode:
+    "before") and `kt.render` (reduced decode where allowed, the crop joined to the geometric run, table
+    colour ops: "after") timed view by view in turn, so that load on a shared machine hits both alike."""
+    from kt import render_v1
     from kt.render import decode_for_views, render, to_tensor
     from kt.views import VIEW_PRESETS, sample_params
 
     images = photos_500x375(16)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     out: dict = {}
+
+    def before(data: bytes, p, size):
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img, render_v1.render
+
+    def after(data: bytes, p, size):
+        return decode_for_views(data, p, size), render
+
     for fmt in ("JPEG", "PNG"):
         data = [encode(img, fmt) for img in images]
         out[f"{fmt.lower()}_bytes_mean"] = int(np.mean([len(d) for d in data]))
@@ -137,54 +152,65 @@ def bench_render(args) -> dict:
             spec = VIEW_PRESETS[spec_name]
             params = [sample_params(spec, 0, f"k{i}", i % 4) for i in range(args.views)]
             for size in (224, 64):
-                row: dict = {}
-                t_dec = t_ren = t_ten = 0.0
+                t = {"before": np.zeros(3), "after": np.zeros(3)}  # decode, render, to_tensor CPU seconds
                 for i, p in enumerate(params):
-                    t0 = time.process_time()
-                    img = decode_for_views(data[i % len(data)], p, size)
-                    t1 = time.process_time()
-                    view = render(img, p, size)
-                    t2 = time.process_time()
-                    to_tensor(view, mean, std)
-                    t3 = time.process_time()
-                    t_dec, t_ren, t_ten = t_dec + t1 - t0, t_ren + t2 - t1, t_ten + t3 - t2
+                    for name, path in (("before", before), ("after", after)):
+                        t0 = time.process_time()
+                        img, render_fn = path(data[i % len(data)], p, size)
+                        t1 = time.process_time()
+                        view = render_fn(img, p, size)
+                        t2 = time.process_time()
+                        to_tensor(view, mean, std)
+                        t[name] += (t1 - t0, t2 - t1, time.process_time() - t2)
                 n = len(params)
-                row["views_per_s_per_core"] = round(n / (t_dec + t_ren + t_ten))
-                row["amortised_v4_views_per_s_per_core"] = round(n / (t_dec / 4 + t_ren + t_ten))
-                row["ms"] = {"decode": round(1e3 * t_dec / n, 3), "render": round(1e3 * t_ren / n, 3),
-                             "to_tensor": round(1e3 * t_ten / n, 3)}
+                row: dict = {}
+                for name, (dec, ren, ten) in t.items():
+                    row[name] = {"views_per_s_per_core": round(n / (dec + ren + ten)),
+                                 "amortised_v4_views_per_s_per_core": round(n / (dec / 4 + ren + ten)),
+                                 "ms": {"decode": round(1e3 * dec / n, 3), "render": round(1e3 * ren / n, 3),
+                                        "to_tensor": round(1e3 * ten / n, 3)}}
+                row["views_per_s_per_core"] = row["after"]["views_per_s_per_core"]
+                row["after_over_before"] = round(t["before"].sum() / t["after"].sum(), 3)
+                row["render_after_over_before"] = round(t["before"][1] / t["after"][1], 3)
                 out[f"{spec_name}_{size}px_{fmt.lower()}"] = row
     return out
 
 
-def bench_render_gpu(args, batch: int = 256) -> dict:
-    """The GPU path (`kt.render_tensor`): nvJPEG decode and batched render of `batch` views per call, on CUDA."""
+def bench_render_gpu(args, batch: int = 256, device: str = "cuda") -> dict:
+    """The GPU path (`kt.render_tensor`): decode (nvJPEG on CUDA) and the batched render of `batch` views
+    per call, views/s of the device, best of 3 after a warm-up round."""
     import torch
 
     from kt.render_tensor import decode_batch, render_batch
     from kt.views import VIEW_PRESETS, sample_params_batch
 
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
     images = photos_500x375(32)
-    out: dict = {"device": torch.cuda.get_device_name(0), "batch": batch}
+    out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else device, "batch": batch}
     for fmt in ("JPEG", "PNG"):
         data = [encode(images[i % len(images)], fmt) for i in range(batch)]
         for spec_name in ("train", "light"):
             params = sample_params_batch(VIEW_PRESETS[spec_name], 0, [f"k{i}" for i in range(batch)], 0)
             for size in (224, 64):
                 rates = []
-                for _ in range(3):  # the first round warms up kernels and the allocator
-                    torch.cuda.synchronize()
+                for _ in range(4):  # the first round warms up kernels and the allocator
+                    sync()
                     t0 = time.perf_counter()
-                    sources = decode_batch(data, "cuda")
-                    torch.cuda.synchronize()
-                    t1 = time.perf_counter()
+                    sources = decode_batch(data, device)
+                    sync()
+                    t1, c1 = time.perf_counter(), time.process_time()
                     render_batch(sources, params, size, mean=(0.5,) * 3, std=(0.5,) * 3)
-                    torch.cuda.synchronize()
-                    rates.append((t1 - t0, time.perf_counter() - t1))
+                    sync()
+                    rates.append((t1 - t0, time.perf_counter() - t1, time.process_time() - c1))
                 dec, ren = min(r[0] for r in rates[1:]), min(r[1] for r in rates[1:])
+                host = min(r[2] for r in rates[1:])
                 out[f"{spec_name}_{size}px_{fmt.lower()}"] = {
                     "decode_views_per_s": round(batch / dec), "render_views_per_s": round(batch / ren),
-                    "views_per_s": round(batch / (dec + ren))}
+                    "views_per_s": round(batch / (dec + ren)),
+                    "render_host_cpu_ms_per_view": round(1e3 * host / batch, 3)}
     return out
 
 
