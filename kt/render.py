@@ -5,33 +5,48 @@ the output rather than the input:
 
 - `decode_for_views` decodes a JPEG at reduced scale (PIL `draft`, libjpeg's DCT scaling) when every view
   asked of it still gets at least `DRAFT_MARGIN` source pixels per output pixel along each axis, so a 64 px
-  student view of a 500x375 photo decodes a quarter of the pixels (1/2 scale). Below that margin a
-  reduced decode would drop detail the full decode keeps, so the full image is decoded. (The saving is
-  10-40% of the decode, not 4x: libjpeg's entropy decoding, which scaling cannot skip, dominates.)
-- The crop and its resize are one antialiased separable resample of the crop box only (PIL `resize` with
-  `box`). Folding the crop into the affine transform below as well was measured and rejected: PIL's
-  generic `transform` does not antialias when it shrinks, and costs about 3x a separable resize per output
-  pixel (bicubic 3.6 ms vs 1.3 ms at 224 px here).
-- Horizontal flip and every run of consecutive RandAugment geometric ops (rotate, shear, translate) are
-  composed into ONE affine map and applied by one `transform` at the output size; the flip costs nothing
-  when a geometric op follows, and two geometric ops in a row cost one resample, not two. Runs are not
-  composed across a photometric op, because the grey fill that a geometric op brings in is itself
-  changed by a later photometric op (solarize, equalize, ...) in the reference order.
-- Colour jitter and photometric ops run on the output-size image, in the stored order.
+  student view of a 500x375 photo decodes a quarter of the pixels (1/2 scale); the crop box is placed in
+  the reduced image's own pixels (`logical_size`). Below that margin a reduced decode would drop detail
+  the full decode keeps. (It saves 10-40% of the decode: libjpeg's entropy decoding, which scaling
+  cannot skip, dominates.)
+- Geometry, one resample where the output allows it (`joined_run`): a view with rotate/shear/translate
+  whose crop shrinks by at most `COMPOSE_MAX_SHRINK` (1.7: every 224 px view of a 500x375 photo) is ONE
+  bilinear `transform` of the source at the output size: crop, flip and the first run of geometric ops
+  composed into one affine map, the reference's fill restored by nearest-transformed keep masks. The
+  colour steps that came before the run in the reference order run after it: pointwise ops commute with
+  the geometry, Contrast takes its mean from a 64 px nearest proxy of the unrotated crop (a mean over the
+  rotated view misses what the run moved out of the frame: up to 6/255 measured), and the fill is restored
+  after them, as they never saw it. A histogram op (AutoContrast, Equalize) before the run keeps the
+  two-step path: its table depends on the whole crop.
+- A crop that shrinks more is resized first (PIL's antialiased bicubic with `box`; `reducing_gap` 3: PIL
+  box-reduces first beyond 3x), then each run of geometric ops is one `transform` at the output size. One
+  bilinear resample of a strongly shrunk source aliases: MAD 2.3/255 against the reference at 64 px, even
+  after a `reduce()` (measured), and PIL's generic `transform` does not antialias when it shrinks.
+- Colour at the output size: brightness, contrast, solarize and posterize as 256-entry tables through the
+  core's `point` (PIL's blend arithmetic, bit for bit, ~3x cheaper than a blend); Color, Sharpness,
+  AutoContrast and Equalize through PIL.
 
-Renders differ from the first implementation (view format version 1: crop-resize, flip, then one
-resample per geometric op) only where two geometric ops follow each other (one resample instead of two:
-slightly sharper; up to ~7/255 MAD on such a view at 32 px) and where a JPEG is decoded at reduced scale;
-over the test set of views (tests/test_render_equivalence.py, which keeps the first implementation as
-the reference: train/light/eval specs, 224/64/48x32 px, JPEG and PNG photos) the mean absolute difference
-per group is <= 0.66/255, inside the 1/255 budget. Everything else is bit for bit the same.
+Where the time goes now (see docs/benchmarks.md, "Data path"): at 224 px one PIL resample (~1.1 ms: the
+separable bicubic resize or the bilinear transform, neither vectorised in PIL), the JPEG decode (~0.8
+ms), colour jitter (~0.4 ms): a per-view PIL render does not reach 1,000 views/s per core; the batched
+tensor path (`kt.render_tensor`) is the route there.
+
+Renders differ from the first implementation (view format version 1, kept as `kt.render_v1`) where the
+crop joins a run (one resample instead of two), where a JPEG is decoded at reduced scale and where PIL
+box-reduces first. Over the test set of views (tests/test_render_equivalence.py: train/light/eval specs,
+224/64/48x32 px, JPEG and PNG photos) the mean absolute difference per group is <= 0.69/255 (0.21/255 on
+average at 224 px), inside the 1/255 budget; single views differ by up to ~7.5/255 where a threshold op
+(solarize, posterize) turns a one-level difference into a large one. Elsewhere renders are bit for bit
+the same (also tested).
 
 The view format version stays 1. The stored parameters, their meaning and `sample_params` are unchanged
 (bit-identical; also tested), and a pixel difference of that size is far inside what `kt-cache verify`
 tolerates (teacher outputs on the replayed view against the cached ones, at codec fidelity): caches built
 before still verify (tests/test_compat.py verifies a cache written by an earlier kt against its teacher
 with these renders). Bumping the version would have changed every spec's fingerprint, which keys the view
-generator, and so every stored parameter: the opposite of what a render speed-up may do.
+generator, and so every stored parameter: the opposite of what a render speed-up may do; refusing old
+caches would throw away teacher hours for a sub-level pixel difference. `kt.render_v1` stays importable
+so the claim can be re-checked against the first renders at any time.
 """
 
 from __future__ import annotations
@@ -46,8 +61,8 @@ from PIL import Image, ImageChops, ImageEnhance, ImageOps
 from kt.views import GEOMETRIC_OPS, JITTER_ORDERS, MAX_OPS, PARAM_DIM, RANDAUG_OPS, _OPS_START
 
 FILL = (128, 128, 128)  # grey for pixels that rotate/shear/translate bring in from outside the image
-COMPOSE_MAX_SHRINK = 1.7  # see `joined_run`: every 224 px crop of a 500x375 photo; MAD at 1.7 and 2.5 in the docstring
-REDUCING_GAP = 3.0  # PIL box-reduces a crop shrunk > 3x first: 64 px views 10-40% cheaper, MAD 0.2/255 measured
+COMPOSE_MAX_SHRINK = 1.7  # see `joined_run`; every 224 px view of a 500x375 photo (2.5 measured: 64 px MAD 0.16 -> 0.41)
+REDUCING_GAP = 3.0  # PIL box-reduces a crop shrunk > 3x first: its resize 5-50% cheaper, MAD <= 0.18/255 (2.0: 0.35)
 PROXY_SIZE = 64  # side of the nearest-neighbour crop a composed view takes Contrast's mean from
 DRAFT_MARGIN = 2.0  # source px per output px a reduced JPEG decode keeps: MAD <= 0.4/255 measured (1.5: 1.5/255)
 _LOGICAL = "kt_logical_size"  # Image.info key: the decoded image's extent in its own pixels (draft box)

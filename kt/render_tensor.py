@@ -3,24 +3,33 @@
 `render_batch(sources, params, size)` renders N views of N decoded uint8 images (3, H, W) on their device
 and returns (N, 3, h, w): uint8, or normalised float32 when `mean`/`std` are given. `decode_batch`
 decodes image bytes with `torchvision.io`, JPEGs on the GPU (nvJPEG) when the device is CUDA.
-`default_device()` is "cuda" when CUDA is present; `kt-cache build --render cuda` renders on the teacher's GPU,
-its DataLoader workers only decoding. `--render auto` does not choose it: measured on an H200 this exact,
-image-by-image path renders ~360 train views/s at 224 px (launch-bound), less than two CPU cores with PIL
-(docs/benchmarks.md). The student stream does not use it yet.
+`default_device()` is "cuda" when CUDA is present; `kt-cache build --render cuda` renders on the teacher's
+GPU, its DataLoader workers only decoding. The student stream does not use it yet.
 
-The path replays `kt.render` step for step, from the same plan (`kt.render.plan`: the crop, the flip
-folded into the first run of geometric ops, one affine map per run, clipped as the reference), and
-emulates PIL's 8-bit arithmetic instead of approximating it with torchvision's float ops, because
-the tolerance against the CPU render is tight (MAD <= 1/255):
+The batched formulation: the work per batch is a fixed number of kernels, whatever N.
 - crop + resize: PIL's separable antialiased bicubic (a = -0.5, support scaled by the shrink factor) with
-  the exact fractional box, as two small matrix products per view (horizontal, rounded to 8 bits as PIL
-  stores its intermediate, then vertical); torchvision's `resized_crop` takes integer boxes only;
-- affine runs: `grid_sample` (bilinear, border clamp) on PIL's pixel-centre convention, with PIL's fill
-  rule (a centre mapped outside the frame gets the fill);
-- colour jitter and RandAugment photometric ops: PIL's formulas (blend = trunc(a + f (b - a)) in float32,
-  ITU-R 601 luma in 16-bit fixed point, histogram LUTs for autocontrast/equalize, the 3x3 SMOOTH
-  kernel with copied borders for sharpness), applied per view in the stored order.
-tests/test_render_tensor.py compares it with the PIL render on the same parameters.
+  the exact fractional box, as one gather of each view's source span and two batched `matmul`s
+  (horizontal, rounded to 8 bits as PIL stores its intermediate, then vertical). The filter taps of the
+  whole batch are computed on the host in one vectorised step (~0.1 ms per view) and scattered into
+  dense bands on the device; torchvision's `resized_crop` takes integer boxes only.
+- each view's plan (`kt.render.plan`) is laid out by stage (flip, the three jitter positions, the four
+  RandAugment slots), and each (stage, op) runs once for all the views that have it, each with its own
+  argument: one `grid_sample` per slot for every geometric run of the batch, colour ops as batched tensor
+  arithmetic over per-view factors, histograms for autocontrast/equalize as one `bincount`.
+- where `kt.render` joins the crop to the first geometric run (`kt.render.joined_run`), so does this
+  path: those views are sampled from the source by one `grid_sample` of the composed map up front.
+- PIL's 8-bit arithmetic is emulated rather than approximated with torchvision's float ops, because the
+  tolerance against the CPU render is tight (MAD <= 1/255): blends truncate in float32, ITU-R 601 luma
+  in 16-bit fixed point, histogram LUTs, the 3x3 SMOOTH kernel with copied borders for sharpness, the
+  bilinear transform truncates and fills where any map of a run sends a pixel centre outside the frame.
+tests/test_render_tensor.py compares it with the PIL render on the same parameters (CPU tensors; CUDA
+under the `gpu` marker).
+
+Measured before this formulation, on an H200: the image-by-image path rendered ~360 train views/s at
+224 px, limited by the host (dense per-view resample matrices built in numpy, ~1 ms per view) and by
+thousands of small kernels, so `--render auto` keeps the CPU workers. The batched path has not been timed
+on a GPU yet (`python -m tools.bench pipeline --json --skip render,writer,build,stream` reports it as
+`render_gpu`); `auto` should pick it once that figure beats the CPU workers a host can spare.
 """
 
 from __future__ import annotations

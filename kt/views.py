@@ -25,7 +25,8 @@ by the source's aspect ratio; resize such sources to square before building the 
 
 Rendering (parameters -> pixels) lives in `kt.render` (PIL, CPU) and `kt.render_tensor` (batched, GPU); both
 names stay importable from here. Their speed-ups changed pixels by less than 1/255 on average and no
-parameter, so the view format version is still 1 (the reasoning is in `kt.render`'s docstring).
+parameter, so the view format version is still 1 (the reasoning is in `kt.render`'s docstring; the first
+renders are kept as `kt.render_v1`, the reference the tests compare against).
 
 Parameter layout (see `param_names()`):
     0-3   crop box x0, y0, x1, y1 (normalised source coordinates)
