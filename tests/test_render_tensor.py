@@ -148,3 +148,13 @@ def test_render_batch_is_batched(photos, monkeypatch):
     diffs = _compare([img] * 24, images_to_tensors([img] * 24, "cpu"), params, 48)
     assert calls == [24], calls
     assert np.mean(diffs) <= 1.0 and max(diffs) <= 3.0, np.round(diffs, 2)
+
+
+def test_batch_of_mixed_sizes(photos):
+    """Sources of different sizes in one batch (padded to one tensor) render as each would alone."""
+    imgs = list(photos.values())
+    batch = [imgs[i % len(imgs)] for i in range(12)]
+    params = sample_params_batch(VIEW_PRESETS["train"], 2, [f"m/{i}" for i in range(12)], 0)
+    for size in (96, (48, 32)):
+        diffs = _compare(batch, images_to_tensors(batch, "cpu"), params, size)
+        assert np.mean(diffs) <= 1.0 and max(diffs) <= 3.0, (size, np.round(diffs, 2))
