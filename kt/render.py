@@ -209,12 +209,13 @@ def decode_for_views(data: bytes, params, size: int | tuple[int, int], margin: f
     crop box exactly. Other formats decode fully. Truncated data raises, as a full decode does."""
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG":
-        rows = np.atleast_2d(np.asarray(params, dtype=np.float64))
+        # plain floats: a handful of numpy calls on 4-element rows cost 10% of a 224 px view's decode
+        rows = np.asarray(params, dtype=np.float64).reshape(-1, PARAM_DIM)[:, :4].tolist()
         ow, oh = out_size(size)
         W, H = img.size
         # the narrowest crop, in full-resolution pixels, over all views asked for
-        cw = float(np.min((np.clip(rows[:, 2], 0, 1) - np.clip(rows[:, 0], 0, 1)))) * W
-        ch = float(np.min((np.clip(rows[:, 3], 0, 1) - np.clip(rows[:, 1], 0, 1)))) * H
+        cw = min(min(max(x1, 0.0), 1.0) - min(max(x0, 0.0), 1.0) for x0, _, x1, _ in rows) * W
+        ch = min(min(max(y1, 0.0), 1.0) - min(max(y0, 0.0), 1.0) for _, y0, _, y1 in rows) * H
         scale = next((s for s in (8, 4, 2) if cw / s >= margin * ow and ch / s >= margin * oh
                       and W // s and H // s), 1)
         if scale > 1:
