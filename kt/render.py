@@ -61,7 +61,7 @@ from PIL import Image, ImageChops, ImageEnhance, ImageOps
 from kt.views import GEOMETRIC_OPS, JITTER_ORDERS, MAX_OPS, PARAM_DIM, RANDAUG_OPS, _OPS_START
 
 FILL = (128, 128, 128)  # grey for pixels that rotate/shear/translate bring in from outside the image
-COMPOSE_MAX_SHRINK = 1.7  # see `joined_run`; every 224 px view of a 500x375 photo (2.5 measured: 64 px MAD 0.16 -> 0.41)
+COMPOSE_MAX_SHRINK = 1.7  # `joined_run`; every 224 px view of a 500x375 photo (2.5: 64 px MAD 0.16 -> 0.41)
 REDUCING_GAP = 3.0  # PIL box-reduces a crop shrunk > 3x first: its resize 5-50% cheaper, MAD <= 0.18/255 (2.0: 0.35)
 PROXY_SIZE = 64  # side of the nearest-neighbour crop a composed view takes Contrast's mean from
 DRAFT_MARGIN = 2.0  # source px per output px a reduced JPEG decode keeps: MAD <= 0.4/255 measured (1.5: 1.5/255)
@@ -281,7 +281,8 @@ def _geometry(img: Image.Image, p: np.ndarray, size: tuple[int, int], crop_resam
     out = img.transform(size, Image.Transform.AFFINE, compose(crop, matrix), resample=resample, fillcolor=fill)
     keep = keep_mask([matrix, *clips], *size)
     proxy = None
-    if colour and any(kind == "jitter" and arg == 1 or kind == "photo" and arg[0] == "Contrast" for kind, arg in steps[:first]):
+    if colour and any(kind == "jitter" and arg == 1 or kind == "photo" and arg[0] == "Contrast"  # type: ignore[index]
+                      for kind, arg in steps[:first]):
         proxy = _crop(img, p, (min(size[0], PROXY_SIZE), min(size[1], PROXY_SIZE)), Image.Resampling.NEAREST)
     return out, steps[:first] + steps[first + 1:], first, keep, proxy
 

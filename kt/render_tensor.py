@@ -178,7 +178,9 @@ def _centres(maps: np.ndarray, h: int, w: int, device) -> tuple[torch.Tensor, to
     ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64) + 0.5,
                             torch.arange(w, device=device, dtype=torch.float64) + 0.5, indexing="ij")
     coef = m.view(m.shape[0], -1, 6, 1, 1)
-    return xs, ys, coef[:, :, 0] * xs + coef[:, :, 1] * ys + coef[:, :, 2], coef[:, :, 3] * xs + coef[:, :, 4] * ys + coef[:, :, 5]
+    u = coef[:, :, 0] * xs + coef[:, :, 1] * ys + coef[:, :, 2]
+    v = coef[:, :, 3] * xs + coef[:, :, 4] * ys + coef[:, :, 5]
+    return xs, ys, u, v
 
 
 def _keep(maps: np.ndarray, h: int, w: int, device) -> torch.Tensor:
@@ -382,7 +384,8 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
                     if mine:  # the joined run: the composed sample, refilled where the run's maps clip
                         at = torch.tensor([rows[idx[k]] for k in mine], device=x.device)
                         keep = _keep(_maps([args[k] for k in mine]), h, w, x.device)
-                        y[torch.tensor(mine, device=x.device)] = torch.where(keep, g[at], _col(FILL, x).view(1, 3, 1, 1))
+                        fill = _col(FILL, x).view(1, 3, 1, 1)
+                        y[torch.tensor(mine, device=x.device)] = torch.where(keep, g[at], fill)
                 else:
                     pre = [k for k, i in enumerate(idx) if i in joined and stage < joined[i][0]]
                     if pre:  # before a joined run: the same step on the composed sample, Contrast's mean from the crop
