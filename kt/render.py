@@ -10,8 +10,9 @@ the output rather than the input:
   the full decode keeps. (It saves 10-40% of the decode: libjpeg's entropy decoding, which scaling
   cannot skip, dominates.)
 - Geometry, one resample where the output allows it (`joined_run`): a view with rotate/shear/translate
-  whose crop shrinks by at most `COMPOSE_MAX_SHRINK` (1.7: every 224 px view of a 500x375 photo) is ONE
-  bilinear `transform` of the source at the output size: crop, flip and the first run of geometric ops
+  whose crop shrinks by at most `COMPOSE_MAX_SHRINK` (1.7: 64% of `train` views at 224 px of a 500x375
+  photo) is ONE bilinear `transform` of the source at the output size: crop, flip and the first run of
+  geometric ops
   composed into one affine map, the reference's fill restored by nearest-transformed keep masks. The
   colour steps that came before the run in the reference order run after it: pointwise ops commute with
   the geometry, Contrast takes its mean from a 64 px nearest proxy of the unrotated crop (a mean over the
@@ -61,7 +62,7 @@ from PIL import Image, ImageChops, ImageEnhance, ImageOps
 from kt.views import GEOMETRIC_OPS, JITTER_ORDERS, MAX_OPS, PARAM_DIM, RANDAUG_OPS, _OPS_START
 
 FILL = (128, 128, 128)  # grey for pixels that rotate/shear/translate bring in from outside the image
-COMPOSE_MAX_SHRINK = 1.7  # `joined_run`; every 224 px view of a 500x375 photo (2.5: 64 px MAD 0.16 -> 0.41)
+COMPOSE_MAX_SHRINK = 1.7  # `joined_run`; worst group MAD 0.69/255 (2.3: 0.82, 64 px views alias more)
 REDUCING_GAP = 3.0  # PIL box-reduces a crop shrunk > 3x first: its resize 5-50% cheaper, MAD <= 0.18/255 (2.0: 0.35)
 PROXY_SIZE = 64  # side of the nearest-neighbour crop a composed view takes Contrast's mean from
 DRAFT_MARGIN = 2.0  # source px per output px a reduced JPEG decode keeps: MAD <= 0.4/255 measured (1.5: 1.5/255)
