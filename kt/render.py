@@ -12,8 +12,8 @@ the output rather than the input:
 - Geometry, one resample where the output allows it (`joined_run`): a view with rotate/shear/translate
   whose crop shrinks by at most `COMPOSE_MAX_SHRINK` (1.7: 64% of `train` views at 224 px of a 500x375
   photo) is ONE bilinear `transform` of the source at the output size: crop, flip and the first run of
-  geometric ops
-  composed into one affine map, the reference's fill restored by nearest-transformed keep masks. The
+  geometric ops composed into one affine map, the reference's fill restored by nearest-transformed keep
+  masks. The
   colour steps that came before the run in the reference order run after it: pointwise ops commute with
   the geometry, Contrast takes its mean from a 64 px nearest proxy of the unrotated crop (a mean over the
   rotated view misses what the run moved out of the frame: up to 6/255 measured), and the fill is restored
