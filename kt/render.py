@@ -13,12 +13,11 @@ the output rather than the input:
   whose crop shrinks by at most `COMPOSE_MAX_SHRINK` (1.7: 64% of `train` views at 224 px of a 500x375
   photo) is ONE bilinear `transform` of the source at the output size: crop, flip and the first run of
   geometric ops composed into one affine map, the reference's fill restored by nearest-transformed keep
-  masks. The
-  colour steps that came before the run in the reference order run after it: pointwise ops commute with
-  the geometry, Contrast takes its mean from a 64 px nearest proxy of the unrotated crop (a mean over the
-  rotated view misses what the run moved out of the frame: up to 6/255 measured), and the fill is restored
-  after them, as they never saw it. A histogram op (AutoContrast, Equalize) before the run keeps the
-  two-step path: its table depends on the whole crop.
+  masks. The colour steps that came before the run in the reference order run after it: pointwise ops
+  commute with the geometry, Contrast takes its mean from a 64 px nearest proxy of the unrotated crop (a
+  mean over the rotated view misses what the run moved out of the frame: up to 6/255 measured), and the
+  fill is restored after them, as they never saw it. A histogram op (AutoContrast, Equalize) before the
+  run keeps the two-step path: its table depends on the whole crop.
 - A crop that shrinks more is resized first (PIL's antialiased bicubic with `box`; `reducing_gap` 3: PIL
   box-reduces first beyond 3x), then each run of geometric ops is one `transform` at the output size. One
   bilinear resample of a strongly shrunk source aliases: MAD 2.3/255 against the reference at 64 px, even
