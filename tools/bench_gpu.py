@@ -10,6 +10,8 @@ scikit-learn, written as shards in a temporary folder. Parts:
 
 - `teacher_forward_images_per_s`: `forward_features` on a device-resident batch, bf16 autocast and fp32
   (PyTorch's default: no TF32 for matmuls), synchronised: the ceiling of the build.
+- `render`: the batched GPU render (`kt.render_tensor`) of train views at the teacher's size, views/s of the
+  device and the host CPU it costs per view; `render_over_forward` >= 1 means it keeps up with the teacher.
 - `fidelity_bf16_vs_fp32`: the library's `teacher_outputs` in both precisions on the same rendered views:
   KL between the softmaxes, top-1 agreement, cosine of embedding and patch features. The random head is
   re-drawn so that logits have a spread like a trained classifier's (a near-uniform softmax would hide
@@ -211,6 +213,17 @@ def _teacher_step_times(teacher, device, cfg, steps) -> list[float]:
     return out
 
 
+def render_rate(device: torch.device, batch: int, size: int, forward_per_s: float) -> dict:
+    """The batched GPU render (`kt.render_tensor.render_batch`, train views of 500x375 JPEGs decoded by nvJPEG)
+    at the teacher's size, views/s of the device; `render_over_forward` >= 1: it keeps up with the teacher in
+    bf16, the measurement `--render auto` waits for (kt.teacher_cache.build.render_device_for)."""
+    from tools.bench_pipeline import bench_render_gpu
+
+    row = bench_render_gpu(None, batch=batch, device=str(device), formats=("JPEG",), specs=("train",),
+                           sizes=(size,))[f"train_{size}px_jpeg"]
+    return {**row, "size": size, "render_over_forward": row["render_views_per_s"] / forward_per_s}
+
+
 def run(args) -> dict:
     from kt.device import resolve_device
     from kt.errors import UserError
@@ -271,6 +284,7 @@ def _run(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:
              for name, dtype in (("bf16", torch.bfloat16), ("fp32", None))}
     result["teacher_forward_images_per_s"] = rates
     result["teacher_bf16_speedup"] = rates["bf16"] / rates["fp32"]
+    result["render"] = render_rate(device, cfg["batch_size"], cfg["teacher_size"], rates["bf16"])
     spec = load_view_spec("train")
     result["fidelity_bf16_vs_fp32"] = fidelity(teacher, urls, spec, cfg["teacher_size"], cfg["fidelity_views"],
                                                cfg["batch_size"], device)

@@ -176,7 +176,8 @@ def bench_render(args) -> dict:
     return out
 
 
-def bench_render_gpu(args, batch: int = 256, device: str = "cuda") -> dict:
+def bench_render_gpu(args, batch: int = 256, device: str = "cuda", formats=("JPEG", "PNG"),
+                     specs=("train", "light"), sizes=(224, 64)) -> dict:
     """The GPU path (`kt.render_tensor`): decode (nvJPEG on CUDA) and the batched render of `batch` views
     per call, views/s of the device, best of 3 after a warm-up round."""
     import torch
@@ -186,15 +187,16 @@ def bench_render_gpu(args, batch: int = 256, device: str = "cuda") -> dict:
 
     def sync():
         if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(torch.device(device))
 
     images = photos_500x375(32)
-    out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else device, "batch": batch}
-    for fmt in ("JPEG", "PNG"):
+    cuda = torch.device(device).type == "cuda"
+    out: dict = {"device": torch.cuda.get_device_name(torch.device(device)) if cuda else str(device), "batch": batch}
+    for fmt in formats:
         data = [encode(images[i % len(images)], fmt) for i in range(batch)]
-        for spec_name in ("train", "light"):
+        for spec_name in specs:
             params = sample_params_batch(VIEW_PRESETS[spec_name], 0, [f"k{i}" for i in range(batch)], 0)
-            for size in (224, 64):
+            for size in sizes:
                 rates = []
                 for _ in range(4):  # the first round warms up kernels and the allocator
                     sync()
@@ -203,8 +205,9 @@ def bench_render_gpu(args, batch: int = 256, device: str = "cuda") -> dict:
                     sync()
                     t1, c1 = time.perf_counter(), time.process_time()
                     render_batch(sources, params, size, mean=(0.5,) * 3, std=(0.5,) * 3)
+                    c2 = time.process_time()  # before the synchronisation, which spins on the host
                     sync()
-                    rates.append((t1 - t0, time.perf_counter() - t1, time.process_time() - c1))
+                    rates.append((t1 - t0, time.perf_counter() - t1, c2 - c1))
                 dec, ren = min(r[0] for r in rates[1:]), min(r[1] for r in rates[1:])
                 host = min(r[2] for r in rates[1:])
                 out[f"{spec_name}_{size}px_{fmt.lower()}"] = {
