@@ -421,8 +421,10 @@ def render_device_for(choice: str, device: torch.device | str | None = None) -> 
     if choice not in ("auto", "cpu", "cuda"):
         raise UserError(f"--render must be auto, cpu or cuda, got {choice!r}")
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    # `auto` keeps the PIL workers: measured on an H200, the PIL-exact tensor path renders ~360 train views/s,
-    # below what two CPU cores give (docs/benchmarks.md, "Data path"); it is the choice again once batched.
+    # `auto` keeps the PIL workers. Measured on an H200 (docs/benchmarks.md, "Data path"): the batched tensor
+    # render makes 1,500-2,300 train views/s at 224 px for ~0.5 host-CPU ms a view (a PIL worker: ~250 a core),
+    # yet the whole build ran 496 views/s with it against 590 with 8 PIL workers: the build's limit is
+    # elsewhere, and the GPU render takes device time from the teacher. `cuda` stays one flag away.
     if choice in ("cpu", "auto"):
         return None
     if device.type != "cuda":
