@@ -18,10 +18,14 @@ from kt.views import VIEW_PRESETS, ViewSpec, render, sample_params, to_tensor
 
 
 class EpochOrder(Sampler):
-    """Yields `(index, epoch)` in a permutation drawn from (seed, epoch)."""
+    """Yields `(index, epoch)` in a permutation drawn from (seed, epoch); `set_epoch` moves it to another epoch
+    (accelerate calls it on the samplers of the loaders it prepared), so one loader serves every epoch."""
 
     def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True):
         self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self):
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
@@ -53,16 +57,18 @@ class LabeledViews(Dataset):
 
 def labeled_loader(dataset: LabeledViews, epoch: int, batch_size: int, workers: int,
                    shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
-    """`pin_memory` when the batches go to a GPU (`kt.device.placement`).
+    """One loader for every epoch: its sampler takes the epoch (`EpochOrder.set_epoch`) and its workers persist,
+    so a small labeled set (3 batches an epoch) does not start worker processes every epoch, which cost as much
+    as the steps (docs/benchmarks.md). `pin_memory` when the batches go to a GPU (`kt.device.placement`).
 
-    The loader draws its workers' base seed from its own generator, seeded by (seed, epoch), not from the
-    global torch RNG: otherwise the draw happens where the epoch's iterator is made, which a resumed run does
-    at the resume point and an uninterrupted one at the epoch start, and every dropout mask after it (the
-    DeepLabV3 head's, EfficientNet-Lite's) would differ between the two."""
-    generator = torch.Generator().manual_seed(int(np.random.default_rng([dataset.seed, epoch]).integers(2**62)))
+    The loader draws its workers' base seed from its own generator, not from the global torch RNG: the views are
+    pure functions of (seed, key, epoch) and use no worker seed, and a global draw where an iterator is made
+    (which a resumed run does at the resume point, an uninterrupted one elsewhere) would shift every dropout mask
+    after it (the DeepLabV3 head's, EfficientNet-Lite's) between the two.
+    """
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochOrder(len(dataset), dataset.seed, epoch, shuffle),
-                      num_workers=workers, drop_last=drop_last, persistent_workers=False, pin_memory=pin_memory,
-                      generator=generator)
+                      num_workers=workers, drop_last=drop_last, persistent_workers=workers > 0,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(dataset.seed))
 
 
 class EvalStream(IterableDataset):

@@ -170,8 +170,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     # steps per epoch: None lets fit count the batches accelerate gives this process (it deals the
     # batches of the labeled set out to processes), so the schedule has the same shape on any process count
     trained = HeadOnly(model) if cfg.train == "head" else model
-    result = fit(cfg, trained, lambda epoch: labeled_loader(dataset, epoch, batch_size, cfg.workers, pin_memory=pin),
-                 None, loss_fn, out, accelerator=accelerator,
+    loader = labeled_loader(dataset, 0, batch_size, cfg.workers, pin_memory=pin)  # one for all epochs: set_epoch
+    result = fit(cfg, trained, lambda epoch: loader, None, loss_fn, out, accelerator=accelerator,
                  desc=f"finetune {model.arch}")
     summary = {"out": str(out), "model": model.arch, "labeled_images": len(samples), "completed": result.completed,
                "steps": result.global_step, "bad_samples": len(bad.bad), "train": cfg.train}

@@ -7,8 +7,15 @@ with linear warm-up (per step), mixed precision through `accelerate`, gradient a
 that end at every epoch end (so an epoch-end save never drops half-accumulated gradients), a progress
 bar, metrics as JSONL plus TensorBoard through accelerate's trackers, and exact resume: the
 accelerate state (model, optimizer, scheduler, RNG) and the position (epoch, step in epoch) are saved
-every `save_every` optimizer steps and at every epoch end, and a rerun of the same command continues
-from the last save, skipping the batches of the interrupted epoch it had already taken.
+every `save_every` optimizer steps, whenever `save_minutes` have passed since the last save, and at the end,
+and a rerun of the same command continues from the last save, skipping the batches of the interrupted epoch
+it had already taken. Saves are not tied to epochs: a finetune on 100 images has 3 steps an epoch, and a
+save per epoch cost as much as the steps (docs/benchmarks.md). Every save falls between accumulation windows,
+so wherever it falls, resume is exact.
+
+A loader factory may also hand back the same loader every epoch (a DataLoader with persistent workers whose
+sampler takes the epoch through `set_epoch`, `kt.student.data.labeled_loader`): `fit` then prepares it once
+and sets the epoch on it, so worker processes start once per run instead of once per epoch.
 
 The loop also owns the run-folder policy every command shares: an `--out` that holds the same run resumes,
 one that holds another run (a field outside `RESUMABLE_CHANGES` differs) is refused, and `init_from_run` starts
@@ -22,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -54,7 +62,10 @@ class OptimConfig:
     grad_clip: float = field(0.0, "max gradient norm; 0 disables", min=0)
     mixed_precision: str = field("no", "accelerate mixed precision: no | fp16 | bf16",
                                  choices=("no", "fp16", "bf16"))
-    save_every: int = field(0, "also save resumable state every N optimizer steps (0: at epoch ends only)", min=0)
+    save_every: int = field(0, "save resumable state every N optimizer steps (0: by time and at the end only)",
+                            min=0)
+    save_minutes: float = field(10.0, "also save resumable state when this many minutes have passed since the "
+                                      "last save (0: never by time); a kill loses at most this much work", min=0)
     stop_after_steps: int = field(0, "stop (as if killed) after N optimizer steps; 0 runs to the end "
                                      "(tests, smoke runs)", min=0)
     log_every: int = field(10, "optimizer steps between metric log lines", min=1)
@@ -125,6 +136,16 @@ class FitResult:
     is_main_process: bool = True
 
 
+def _broadcast_flag(accelerator, flag: bool) -> bool:
+    """The main process's `flag` on every process (one tiny collective; free with one process)."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast
+
+    t = torch.tensor([int(flag)], device=accelerator.device)
+    return bool(broadcast(t, from_process=0).item())
+
+
 def _with_last(batches: Iterable) -> Iterator[tuple[Any, bool]]:
     """(batch, is_last_of_epoch): one batch of lookahead tells where the epoch ends, whatever the loader."""
     it = iter(batches)
@@ -156,6 +177,9 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
             the batches across processes). False for streams that already split shards per rank.
         loader_skips: `make_loader(epoch, skip)` starts the epoch at batch `skip` itself (a stream that can
             seek); otherwise accelerate skips the first batches by reading them.
+
+    `make_loader` may return the same loader object for every epoch (persistent workers): it is prepared once
+    and told the epoch by its `set_epoch`, which must make its batches those of that epoch.
 
     Gradient accumulation windows are `grad_accum` batches counted from each epoch's start, the last one
     cut at the epoch end (its gradient rescaled to the mean over its batches, like every other window's),
@@ -209,17 +233,35 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
     running: dict[str, float] = {}
     n_running = 0
 
+    last_save = time.monotonic()
+
     def save(epoch: int, batches_in_epoch: int) -> None:
+        nonlocal last_save
         _save_state(accelerator, out_dir, {"epoch": epoch, "batches_in_epoch": batches_in_epoch,
                                            "global_step": global_step, "world_size": accelerator.num_processes})
+        last_save = time.monotonic()
 
+    def save_due() -> bool:
+        by_steps = cfg.save_every and global_step % cfg.save_every == 0
+        if not cfg.save_minutes:
+            return bool(by_steps)
+        by_time = time.monotonic() - last_save >= 60 * cfg.save_minutes
+        # every process must take the same decision (a save is collective); the main process's clock decides
+        return _broadcast_flag(accelerator, bool(by_steps or by_time))
+
+    raw_loader = prepared = None
+    saved_at = (start_epoch, skip)
     for epoch in range(start_epoch, cfg.epochs):
         if loader_skips:
             batches = make_loader(epoch, skip)
         else:
             loader = make_loader(epoch)
-            loader = accelerator.prepare_data_loader(loader) if prepare_loader else loader
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            if loader is not raw_loader:  # a loader made for this epoch (or the first of a persistent one)
+                raw_loader = loader
+                prepared = accelerator.prepare_data_loader(loader) if prepare_loader else loader
+            if hasattr(prepared, "set_epoch"):
+                prepared.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(prepared, skip) if skip else prepared
         batch_index = skip  # saves happen between windows only, so `skip` starts a window
         skip = 0
         window = 0  # batches accumulated since the last optimizer step
@@ -259,17 +301,16 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
                 if accelerator.is_main_process:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
-            if cfg.save_every and global_step % cfg.save_every == 0 and not epoch_end:
-                save(epoch, batch_index)
-            if cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
-                if epoch_end:
-                    save(epoch + 1, 0)
-                else:
-                    save(epoch, batch_index)
+            stop = bool(cfg.stop_after_steps and global_step >= cfg.stop_after_steps)
+            if stop or save_due():
+                saved_at = (epoch + 1, 0) if epoch_end else (epoch, batch_index)
+                save(*saved_at)
+            if stop:
                 bar.close()
                 accelerator.end_training()
                 return FitResult(False, global_step, epoch, last, accelerator.is_main_process)
-        save(epoch + 1, 0)
+    if saved_at != (cfg.epochs, 0):  # the end is always saved: a rerun of a finished run trains nothing
+        save(cfg.epochs, 0)
     bar.close()
     accelerator.end_training()
     return FitResult(True, global_step, cfg.epochs, last, accelerator.is_main_process)
@@ -278,7 +319,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
 # --- run folders: what a run folder may hold, and how a run starts from another ---
 
 # fields that may change between a run and its resumption without making it another run
-RESUMABLE_CHANGES = {"workers", "out", "val_data", "log_every", "save_every", "stop_after_steps"}
+RESUMABLE_CHANGES = {"workers", "out", "val_data", "log_every", "save_every", "save_minutes", "stop_after_steps"}
 
 
 def check_out_dir(out: Path, cfg, resumable: set[str] = RESUMABLE_CHANGES) -> bool:

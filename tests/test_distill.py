@@ -107,7 +107,7 @@ def test_grad_accum_windows_end_at_epoch_ends_and_resume_exactly(fmnist, cache, 
     after the epoch-end save loses nothing (the stream is not accelerate-prepared, so fit cuts the windows)."""
     from tests import kill_after_epoch
 
-    args = ("--objective", "task", "--grad-accum", "3")
+    args = ("--objective", "task", "--grad-accum", "3", "--save-every", "4")
     assert train(fmnist, cache, tmp_path / "a", *args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 * 4
@@ -256,7 +256,7 @@ def test_two_process_grad_accum_resume_equals_uninterrupted(fmnist, cache, tmp_p
     assert steps_per_epoch(StreamSpec(tuple(fmnist["train"]), (100, 100, 100), 16, 0, 0, 2, 0)) == 7
     args = ["train", "--model", "test_vit", "--cache", str(cache), "--data", str(fmnist["root"] / "train"),
             "--image-size", "32", "--batch-size", "16", "--epochs", "2", "--workers", "0", "--objective", "task",
-            "--grad-accum", "3", "--log-every", "1"]
+            "--grad-accum", "3", "--log-every", "1", "--save-every", "3"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     subprocess.run(launch + ["-m", "kt.student.cli", *args, "--out", str(tmp_path / "a")], check=True, timeout=600,
                    capture_output=True)

@@ -116,7 +116,7 @@ def test_grad_accum_windows_end_at_epoch_ends_and_resume_exactly(fmnist, tmp_pat
     first epoch-end save and resumed == uninterrupted."""
     from tests import kill_after_epoch
 
-    args = ("--labels-per-class", "4", "--batch-size", "4", "--grad-accum", "3")
+    args = ("--labels-per-class", "4", "--batch-size", "4", "--grad-accum", "3", "--save-every", "4")
     assert finetune(fmnist, tmp_path / "a", *args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2 * 4
     with monkeypatch.context() as m:
@@ -130,6 +130,80 @@ def test_grad_accum_windows_end_at_epoch_ends_and_resume_exactly(fmnist, tmp_pat
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert la == lb
+
+
+def test_saves_every_n_steps_not_every_epoch_and_a_kill_between_saves_resumes_exactly(fmnist, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """30 images in batches of 8 -> 3 steps an epoch, 4 epochs, `--save-every 5`: the state is saved at steps 5
+    and 10 and at the end, not at every epoch end; a run killed at step 8 (no save there) resumes from step 5
+    and ends equal to an uninterrupted one."""
+    from kt.student import finetune as finetune_module
+    from kt.student import loop
+
+    args = ("--epochs", "4", "--save-every", "5")
+    saves = []
+    real_save = loop._save_state
+
+    def recording_save(accelerator, out_dir, progress):
+        saves.append(dict(progress))
+        real_save(accelerator, out_dir, progress)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_save_state", recording_save)
+        assert finetune(fmnist, tmp_path / "a", *args) == 0
+    assert [(p["epoch"], p["batches_in_epoch"], p["global_step"]) for p in saves] == [(1, 2, 5), (3, 1, 10), (4, 0, 12)]
+
+    class Killed(SystemExit):
+        pass
+
+    real_loss = finetune_module.classification_loss
+
+    def killing_loss(label_smoothing):
+        inner, calls = real_loss(label_smoothing), []
+
+        def loss_fn(model, batch):
+            calls.append(1)
+            if len(calls) == 8:  # the 8th step's batch: steps 6 and 7 were taken and never saved
+                raise Killed(3)
+            return inner(model, batch)
+
+        return loss_fn
+
+    with monkeypatch.context() as m:
+        m.setattr(finetune_module, "classification_loss", killing_loss)
+        with pytest.raises(Killed):
+            finetune(fmnist, tmp_path / "b", *args)
+    assert json.loads((tmp_path / "b" / "state" / "progress.json").read_text())["global_step"] == 5
+    capsys.readouterr()
+    assert finetune(fmnist, tmp_path / "b", *args) == 0
+    assert "resuming at epoch 1, batch 2, step 5" in capsys.readouterr().out
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the killed run logged steps 6 and 7 once before the kill and again after the resume: the same losses
+    la = {x["step"]: x["loss"] for x in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())}
+    lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lb) == 12 + 2 and all(la[x["step"]] == x["loss"] for x in lb)
+
+
+def test_one_persistent_loader_gives_each_epochs_batches(fmnist):
+    """The loader `finetune` keeps for the whole run (persistent workers, `set_epoch`) yields, epoch by epoch,
+    the batches of a loader made for that epoch alone (the former per-epoch loader, the reference)."""
+    from kt.shards import expand_shards, labeled_subset
+    from kt.student.data import LabeledViews, labeled_loader
+    from kt.views import VIEW_PRESETS
+
+    samples = labeled_subset(expand_shards(str(fmnist["root"] / "train")), 2, 0)
+    dataset = LabeledViews(samples, VIEW_PRESETS["light"], 7, 16, (0.5,) * 3, (0.5,) * 3)
+    persistent = labeled_loader(dataset, 0, 4, workers=1)
+    for epoch in (0, 1, 2, 1):
+        persistent.sampler.set_epoch(epoch)
+        got = list(persistent)
+        want = list(labeled_loader(dataset, epoch, 4, workers=0))
+        assert len(got) == len(want) == 5
+        for (xa, ya), (xb, yb) in zip(got, want):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(got[0][0], list(labeled_loader(dataset, 0, 4, workers=0))[0][0])  # epochs differ
 
 
 @pytest.mark.slow

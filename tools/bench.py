@@ -9,6 +9,7 @@ seg-models, seg-codecs, pipeline).
     python -m tools.bench seg-models --json     # segmentation: params, FLOPs, build / distill / eval speed
     python -m tools.bench seg-codecs --json     # segmentation: seg_logits bytes per view and fidelity per codec
     python -m tools.bench pipeline --json       # data path: render views/s per core, writer, build + stream ceilings
+    python -m tools.bench finetune --json       # small labeled sets: an epoch's cost beyond its steps
 
 Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
 when asked for, so one benchmark's heavy imports never slow another. Results are recorded with their
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "seg-models": "tools.bench_seg_models",
     "seg-codecs": "tools.bench_seg_codecs",
     "pipeline": "tools.bench_pipeline",
+    "finetune": "tools.bench_finetune",
 }
 
 
