@@ -6,6 +6,8 @@ real `kt-*` commands.
     python -m tools.demo --preset retrieval   # curated (query-balanced) vs random transfer set
     python -m tools.demo --preset finetune    # issue-2 grid: Lite2 pretrained vs scratch vs mobilevitv2_050
     python -m tools.demo --preset smoke       # a minute-scale run of every step (numbers meaningless)
+    python -m tools.demo --preset paper       # issue 11: same-architecture IM-Pretrain, stronger teacher, curve
+                                              # (tools/demo_paper.py; --report-only reports what has finished)
 
 The foundation model is the ImageNet-pretrained EfficientNet-Lite2 (no model hub here); the student is a
 randomly initialised MobileViT-V2-0.5. Rows, each finetune repeated over the preset's seeds:
@@ -280,14 +282,23 @@ def ensure_data(preset: Preset) -> None:
 @cli_entry("demo")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    from tools.demo_paper import PAPER_PRESETS, run_paper
+
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(PAPER_PRESETS), default="demo")
     parser.add_argument("--full", action="store_const", const="full", dest="preset", help="the whole grid")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/<preset>")
     parser.add_argument("--eval-data", default=str(DATA / "test"), help="evaluation shards")
+    parser.add_argument("--train-data", type=Path, default=DATA / "train",
+                        help="paper presets: the Fashion-MNIST train shard folder (labeled sets and transfer sets)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="paper presets: write the report from the runs that have finished, run nothing")
     args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
     out = args.out or ROOT / "runs" / args.preset
     out.mkdir(parents=True, exist_ok=True)
+    if args.preset in PAPER_PRESETS:
+        ensure_data(Preset())
+        return run_paper(args.preset, out, args.train_data, args.eval_data, args.report_only)
+    preset = PRESETS[args.preset]
     ensure_data(preset)
     results = Demo(preset, out, args.eval_data).results()
     (out / "results.json").write_text(json.dumps(results, indent=2))
