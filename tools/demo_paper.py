@@ -202,28 +202,31 @@ class PaperDemo:
                              "--label-smoothing", str(recipe.label_smoothing))
 
     def rows(self):
-        """Yields (table, row, group, budget, run folders), running what is missing first: the teacher recipes,
-        then per budget the first student's rows, the curve (first budget), the teacher; the other students last."""
+        """Yields (table, row, group, budget, run folders), running what is missing first, in priority order:
+        the teacher and the first student's rows at the first budget, the other teacher recipes, the curve, the
+        first student at the other budgets, then the other students."""
         p, first = self.p, self.p.budgets[0]
-        for r in p.recipes:
-            yield "teacher recipes", r.name, "teacher", first, [self.teacher(r, first)]
         for budget in p.budgets:
             yield from self.student_rows(p.students[0], budget, first=True)
-            if budget == first:
-                yield from self.curve(p.students[0], budget)
             yield "teacher", f"teacher ({p.teacher}, {p.recipes[-1].name})", "teacher", budget, \
                 [self.teacher(p.recipes[-1], budget)]
+            if budget == first:
+                for r in p.recipes:
+                    yield "teacher recipes", r.name, "teacher", first, [self.teacher(r, first)]
+                yield from self.curve(p.students[0], budget)
         for st in p.students[1:]:
             for budget in p.budgets:
                 yield from self.student_rows(st, budget, first=False)
 
-    def task_cache(self, budget: int) -> Path:
-        """The finetuned teacher's logits over the transfer set (the first budget's over the curve's too)."""
+    def task_cache(self, budget: int, shards: int | None = None) -> Path:
+        """The finetuned teacher's logits over the first `shards` train shards (default: the rows' transfer set).
+        The curve's larger set is a cache of its own, built after the rows: over the rows' shards it holds the
+        same targets (same teacher, view seed and images)."""
         p = self.p
-        shards = max([p.transfer_shards] + [s for s, _ in p.curve]) if budget == p.budgets[0] else p.transfer_shards
+        shards = shards or p.transfer_shards
         teacher = self.teacher(p.recipes[-1], budget)
-        return self.cache(f"task-n{budget}", str(teacher / "checkpoint"), "none", "logits", shards,
-                          p.recipes[-1].image_size)
+        return self.cache(f"task-n{budget}" + ("" if shards == p.transfer_shards else f"-{shards}shards"),
+                          str(teacher / "checkpoint"), "none", "logits", shards, p.recipes[-1].image_size)
 
     def agnostic_cache(self) -> Path:
         """The pretrained (not finetuned) teacher's global and patch features: no labels, one for all budgets."""
@@ -257,10 +260,15 @@ class PaperDemo:
 
     def curve(self, st: Student, budget: int):
         p = self.p
+        largest = max(s for s, _ in p.curve)
         for shards_n, epochs in p.curve:
-            run = self.distill(f"{st.model}-task-n{budget}" + (
-                "" if (shards_n, epochs) == (p.transfer_shards, p.distill_epochs) else f"-curve-{shards_n}x{epochs}"),
-                st, self.task_cache(budget), "task", shards_n, epochs)
+            if (shards_n, epochs) == (p.transfer_shards, p.distill_epochs):  # the rows' run
+                run = self.distill(f"{st.model}-task-n{budget}", st, self.task_cache(budget), "task", shards_n,
+                                   epochs)
+            else:
+                cache = self.task_cache(budget, largest if shards_n > p.transfer_shards else None)
+                run = self.distill(f"{st.model}-task-n{budget}-curve-{shards_n}x{epochs}", st, cache, "task",
+                                   shards_n, epochs)
             yield "curve", f"{self.images(shards_n)} images x {p.views} views x {epochs} epochs", "task-oriented", \
                 budget, [self.evaluate_distilled(run)]
 
