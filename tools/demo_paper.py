@@ -111,6 +111,7 @@ class PaperDemo:
         self.p, self.out, self.train, self.eval_data, self.dry = preset, out, train, eval_data, dry
         self.log: list[dict] = []
         self._images: dict[int, int] = {}
+        self._built: set[Path] = set()
 
     # -- plumbing -------------------------------------------------------------------------------
     def run(self, module: str, *args: str) -> None:
@@ -159,10 +160,10 @@ class PaperDemo:
         return str(out)
 
     def finetune(self, run: Path, model: str, pretrained: str, budget: int, seed: int, size: int, epochs: int,
-                 *extra: str, data: str | None = None) -> Path:
+                 *extra: str) -> Path:
         if not (run / "eval.json").exists() and not self.dry:
             self.run("kt.student.cli", "finetune", "--model", model, "--pretrained", pretrained,
-                     "--data", data or self.labeled(), "--val-data", self.eval_data,
+                     "--data", self.labeled(), "--val-data", self.eval_data,
                      "--labels-per-class", str(budget), "--subset-seed", str(seed), "--seed", str(seed),
                      "--epochs", str(epochs), "--image-size", str(size), "--batch-size", str(self.p.batch_size),
                      "--lr", str(self.p.lr), *extra, "--out", str(run))
@@ -170,7 +171,8 @@ class PaperDemo:
 
     def cache(self, name: str, teacher: str, pretrained: str, targets: str, shards: int, size: int) -> Path:
         store = self.out / "cache" / f"{name}.zarr"
-        if not self.dry:  # a build of a complete store only checks it
+        if not self.dry and store not in self._built:  # a build of a complete store only checks it: once a run
+            self._built.add(store)
             self.run("kt.teacher_cache.cli", "build", "--teacher", teacher, "--pretrained", pretrained,
                      "--data", self.shards(shards), "--out", str(store), "--views", str(self.p.views),
                      "--targets", targets, "--image-size", str(size), "--batch-size", str(self.p.cache_batch_size))
