@@ -81,7 +81,7 @@ class PaperPreset:
     views: int = 1  # cached views per transfer image
     distill_epochs: int = 2
     # the growth curve: (shards, epochs) of the first student's task-oriented run at the first budget
-    curve: list[tuple[int, int]] = field(default_factory=lambda: [(3, 1), (10, 2), (30, 1), (30, 2)])
+    curve: list[tuple[int, int]] = field(default_factory=lambda: [(3, 1), (10, 1), (10, 2), (30, 1), (30, 2)])
     init_head_row: bool = True  # the first budget's task-oriented first student again with --init-head new
     finetune_epochs: int = 30  # 100 labeled images in batches of 32: 3 steps an epoch
     batch_size: int = 32
@@ -213,22 +213,27 @@ class PaperDemo:
                              "--view", recipe.view, "--label-smoothing", str(recipe.label_smoothing))
 
     def rows(self):
-        """Yields (table, row, group, budget, run folders), running what is missing first, in priority order:
-        the teacher and the first student's rows at the first budget, the other teacher recipes, the curve, the
-        first student at the other budgets, then the other students."""
-        p, first = self.p, self.p.budgets[0]
+        """Yields (table, row, group, budget, run folders), running what is missing first, in priority order: at
+        the first budget the first student's rows of the orderings (labels, IM, task-oriented, the first
+        task-agnostic objective), the curve's points on the rows' transfer set, the rest of its rows, the teacher
+        and its other recipes, the curve's larger sets; then the other budgets; then the other students."""
+        p, first, st = self.p, self.p.budgets[0], self.p.students[0]
         for budget in p.budgets:
-            yield from self.student_rows(p.students[0], budget, first=True)
+            yield from self.student_rows(st, budget, "main")
+            if budget == first:
+                yield from self.curve(st, budget, larger=False)
+            yield from self.student_rows(st, budget, "rest")
             epochs = self.teacher_epochs(p.recipes[-1], budget)
             yield "teacher", f"teacher ({p.teacher}, {p.recipes[-1].image_size} px, {p.recipes[-1].view} views, " \
                              f"{epochs} epochs)", "teacher", budget, [self.teacher(p.recipes[-1], budget)]
             if budget == first:
                 for r in p.recipes:
                     yield "teacher recipes", r.name, "teacher", first, [self.teacher(r, first)]
-                yield from self.curve(p.students[0], budget)
-        for st in p.students[1:]:
+                yield from self.curve(st, budget, larger=True)
+        for other in p.students[1:]:
             for budget in p.budgets:
-                yield from self.student_rows(st, budget, first=False)
+                yield from self.student_rows(other, budget, "main")
+                yield from self.student_rows(other, budget, "rest")
 
     def task_cache(self, budget: int, shards: int | None = None) -> Path:
         """The finetuned teacher's logits over the first `shards` train shards (default: the rows' transfer set).
@@ -246,34 +251,41 @@ class PaperDemo:
         pre = "package" if p.teacher.startswith("tf_efficientnet_lite") else "none"
         return self.cache("agnostic", p.teacher, pre, "embedding,patches", p.transfer_shards, p.recipes[-1].image_size)
 
-    def student_rows(self, st: Student, budget: int, first: bool):
+    def student_rows(self, st: Student, budget: int, part: str):
+        """part "main": labels only, IM-Pretrain, task-oriented (finetuned and as distilled), the first task-agnostic
+        objective; "rest": the other task-agnostic objectives and, for the first student at the first budget, the
+        task-oriented row with a new head."""
         p, table = self.p, f"student {st.model}"
 
         def ft(name, pretrained="none", *extra):
             return [self.finetune(self.out / "runs" / f"{st.model}-{name}-n{budget}-s{s}", st.model, pretrained,
                                   budget, s, st.image_size, p.finetune_epochs, *extra) for s in p.seeds]
 
-        yield table, "labels only (random init)", "labels", budget, ft("labels")
-        if st.imagenet:
-            yield table, "IM-Pretrain (ImageNet weights)", "im-pretrain", budget, ft("im", "package")
-        task = self.distill(f"{st.model}-task-n{budget}", st, self.task_cache(budget), "task", p.transfer_shards,
-                            p.distill_epochs)
-        yield table, "task-oriented", "task-oriented", budget, ft("task", "none", "--init", str(task))
-        yield table, "task-oriented, as distilled (no finetuning)", "task-oriented", budget, \
-            [self.evaluate_distilled(task)]
-        for objective in st.agnostic:
+        task = self.out / "distill" / f"{st.model}-task-n{budget}"
+        if part == "main":
+            yield table, "labels only (random init)", "labels", budget, ft("labels")
+            if st.imagenet:
+                yield table, "IM-Pretrain (ImageNet weights)", "im-pretrain", budget, ft("im", "package")
+            task = self.distill(task.name, st, self.task_cache(budget), "task", p.transfer_shards, p.distill_epochs)
+            yield table, "task-oriented", "task-oriented", budget, ft("task", "none", "--init", str(task))
+            yield table, "task-oriented, as distilled (no finetuning)", "task-oriented", budget, \
+                [self.evaluate_distilled(task)]
+        for objective in st.agnostic[:1] if part == "main" else st.agnostic[1:]:
             run = self.distill(f"{st.model}-{objective}", st, self.agnostic_cache(), objective, p.transfer_shards,
                                p.distill_epochs)
             yield table, f"task-agnostic ({objective})", "task-agnostic", budget, \
                 ft(objective, "none", "--init", str(run))
-        if first and budget == p.budgets[0] and p.init_head_row:  # a recipe question, after the orderings' rows
+        if part == "rest" and st is p.students[0] and budget == p.budgets[0] and p.init_head_row:
             yield table, "task-oriented, new head (--init-head new)", "task-oriented", budget, \
                 ft("task-newhead", "none", "--init", str(task), "--init-head", "new")
 
-    def curve(self, st: Student, budget: int):
+    def curve(self, st: Student, budget: int, larger: bool):
+        """The curve's points on the rows' transfer set (larger=False) or on larger ones (a cache of their own)."""
         p = self.p
         largest = max(s for s, _ in p.curve)
         for shards_n, epochs in p.curve:
+            if (shards_n > p.transfer_shards) != larger:
+                continue
             if (shards_n, epochs) == (p.transfer_shards, p.distill_epochs):  # the rows' run
                 run = self.distill(f"{st.model}-task-n{budget}", st, self.task_cache(budget), "task", shards_n,
                                    epochs)
