@@ -363,6 +363,7 @@ def write_report(results: dict, name: str, out: Path) -> None:
         hits = [r for r in rows if r["labels_per_class"] == budget and r["table"].startswith(("student", "teacher"))
                 and r["table"] != "teacher recipes"]
         if not hits:
+            ax.axis("off")
             continue
         labels = [f"{r['table'].replace('student ', '')}: {r['row']}" if r["table"] != "teacher" else "teacher"
                   for r in hits]
@@ -385,6 +386,12 @@ def write_report(results: dict, name: str, out: Path) -> None:
             ax.annotate(curve[i]["row"].replace(" views", "v").replace(" epochs", "ep"),
                         (seen[i], 100 * curve[i]["top1_mean"]), fontsize=7, textcoords="offset points",
                         xytext=(4, -10))
+        # what the curve would have to reach: the teacher it distills, and ImageNet pretraining of the same network
+        for r in rows:
+            if r["labels_per_class"] == budgets[0] and (r["table"] == "teacher" or r["group"] == "im-pretrain"):
+                ax.axhline(100 * r["top1_mean"], color=GROUPS[r["group"]], ls="--", lw=1,
+                           label="teacher" if r["table"] == "teacher" else f"IM-Pretrain ({r['table'][8:]})")
+        ax.legend(fontsize=7, loc="center right")
         ax.set_xscale("log")
         ax.set_xlabel("transfer: images x views x epochs (student samples seen)")
         ax.set_ylabel("distilled student top-1 (%), before finetuning")
