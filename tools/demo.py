@@ -8,6 +8,7 @@ real `kt-*` commands.
     python -m tools.demo --preset smoke       # a minute-scale run of every step (numbers meaningless)
     python -m tools.demo --preset paper       # issue 11: same-architecture IM-Pretrain, stronger teacher, curve
                                               # (tools/demo_paper.py; --report-only reports what has finished)
+    python -m tools.demo --preset seg         # segmentation (the paper's Table 3): tools/demo_seg.py
 
 The foundation model is the ImageNet-pretrained EfficientNet-Lite2 (no model hub here); the student is a
 randomly initialised MobileViT-V2-0.5. Rows, each finetune repeated over the preset's seeds:
@@ -279,12 +280,22 @@ def ensure_data(preset: Preset) -> None:
         make_photo_crops(PHOTOS, max(preset.transfer_size, 10000))
 
 
+SEG_PRESETS = ("seg", "seg-smoke")  # the segmentation grid lives in tools/demo_seg.py, with its own options
+
+
 @cli_entry("demo")
 def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    if pre.parse_known_args(argv)[0].preset in SEG_PRESETS:
+        from tools.demo_seg import main as seg_main
+
+        return seg_main(argv)
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n")[0])
     from tools.demo_paper import PAPER_PRESETS, run_paper
 
-    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(PAPER_PRESETS), default="demo")
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(PAPER_PRESETS) + list(SEG_PRESETS),
+                        default="demo")
     parser.add_argument("--full", action="store_const", const="full", dest="preset", help="the whole grid")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/<preset>")
     parser.add_argument("--eval-data", default=str(DATA / "test"), help="evaluation shards")

@@ -1,0 +1,76 @@
+"""`python -m tools.demo --preset seg`: the grid's commands, their order, and the whole pipeline at toy scale."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tools.demo import main as demo_main
+from tools.demo_seg import PRESETS, SegDemo
+
+
+def planned(tmp_path, preset="seg"):
+    demo = SegDemo(PRESETS[preset], tmp_path / "out", jobs=2, data_root=tmp_path / "data")
+    demo.grid_teacher = lambda: str(tmp_path / "grid-teacher")  # no model built: only the plan is checked
+    return demo, demo.plan()
+
+
+def test_plan_is_the_table(tmp_path):
+    demo, cells = planned(tmp_path)
+    p = PRESETS["seg"]
+    per_budget = 3 + 2 * len(p.transfer_sets)  # teacher, labels, IM-Pretrain; two transfer rows per set
+    assert len(cells) == len(p.budgets) * per_budget
+    assert all(len(c["runs"]) == len(p.seeds) for c in cells)
+    runs = [r for c in cells for r in c["runs"]]
+    assert len(set(runs)) == len(runs)  # no finetune shared between cells
+    names = set(demo.graph)
+    assert all(a in names for j in demo.graph.values() for a in j.after)
+    # task-oriented: finetune <- distillation <- cache <- the first seed's teacher of the same budget
+    job = demo.graph["runs/task-composites-n100-s1"]
+    assert job.after == ["distill/task-n100-composites"]
+    assert demo.graph["distill/task-n100-composites"].after == ["cache/task-n100-composites"]
+    assert demo.graph["cache/task-n100-composites"].after == ["runs/teacher-n100-s0"]
+    cmd = demo.graph["cache/agnostic-photos"].cmd
+    assert cmd[cmd.index("--targets") + 1] == "patches" and cmd[cmd.index("--data") + 1].endswith("photos")
+    ft = demo.graph["runs/labels-n400-s2"].cmd
+    assert ft[ft.index("--labeled-images") + 1] == "400" and ft[ft.index("--subset-seed") + 1] == "2"
+    assert "--task" in ft and ft[ft.index("--task") + 1] == "segmentation"
+
+
+def test_execute_respects_dependencies_and_resumes(tmp_path, monkeypatch):
+    demo, _ = planned(tmp_path, "seg-smoke")
+    started, lock = [], threading.Lock()
+
+    def fake_run(job):
+        with lock:
+            assert all(a in started for a in job.after)
+            started.append(job.name)
+        job.done.parent.mkdir(parents=True, exist_ok=True)
+        job.done.write_text("{}")
+
+    monkeypatch.setattr(demo, "run_job", fake_run)
+    demo.execute()
+    assert sorted(started) == sorted(demo.graph)
+    # teachers, caches and distillations first: the finetunes wait on them
+    assert all(demo.graph[n].first for n in started[:2])
+    started.clear()
+    demo.execute()  # everything done: nothing runs again
+    assert started == []
+
+
+@pytest.mark.slow
+def test_seg_smoke_end_to_end(tmp_path):
+    out = tmp_path / "seg"
+    assert demo_main(["--preset", "seg-smoke", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    groups = [(r["group"], r["transfer"]) for r in results["rows"]]
+    assert groups == [("teacher", ""), ("labels", ""), ("im-pretrain", ""), ("task-agnostic", "photos"),
+                      ("task-oriented", "photos"), ("task-agnostic", "composites"), ("task-oriented", "composites")]
+    assert all(0.0 <= r["miou_mean"] <= 1.0 and r["runs"] == 1 for r in results["rows"])
+    report = (out / "report.md").read_text()
+    assert "task-related transfer (composites)" in report and (out / "report.png").stat().st_size > 0
+    # a rerun resumes: every step's output exists, nothing runs again
+    assert demo_main(["--preset", "seg-smoke", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == []

