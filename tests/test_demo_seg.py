@@ -22,25 +22,29 @@ def test_plan_is_the_table(tmp_path):
     p = PRESETS["seg"]
     per_budget = 3 + 2 * len(p.transfer_sets)  # teacher, labels, IM-Pretrain; two transfer rows per set
     assert len(cells) == len(p.budgets) * per_budget
-    assert all(len(c["runs"]) == len(p.seeds) for c in cells)
+    assert all(len(c["runs"]) == len(p.teacher_seeds if c["group"] == "teacher" else p.seeds) for c in cells)
     runs = [r for c in cells for r in c["runs"]]
     assert len(set(runs)) == len(runs)  # no finetune shared between cells
     names = set(demo.graph)
     assert all(a in names for j in demo.graph.values() for a in j.after)
     # task-oriented: finetune <- distillation <- cache <- the first seed's teacher of the same budget
-    job = demo.graph["runs/task-composites-n100-s1"]
-    assert job.after == ["distill/task-n100-composites"]
-    assert demo.graph["distill/task-n100-composites"].after == ["cache/task-n100-composites"]
-    assert demo.graph["cache/task-n100-composites"].after == ["runs/teacher-n100-s0"]
+    job = demo.graph["runs/task-composites-n50-s1"]
+    assert job.after == ["distill/task-n50-composites"]
+    assert demo.graph["distill/task-n50-composites"].after == ["cache/task-n50-composites"]
+    assert demo.graph["cache/task-n50-composites"].after == ["runs/teacher-n50-s0"]
     cmd = demo.graph["cache/agnostic-photos"].cmd
     assert cmd[cmd.index("--targets") + 1] == "patches" and cmd[cmd.index("--data") + 1].endswith("photos")
-    ft = demo.graph["runs/labels-n400-s2"].cmd
-    assert ft[ft.index("--labeled-images") + 1] == "400" and ft[ft.index("--subset-seed") + 1] == "2"
+    ft = demo.graph["runs/labels-n200-s2"].cmd
+    assert ft[ft.index("--labeled-images") + 1] == "200" and ft[ft.index("--subset-seed") + 1] == "2"
     assert "--task" in ft and ft[ft.index("--task") + 1] == "segmentation"
+    # the first budget's jobs rank before the second's, whatever the order they were declared in
+    assert {demo.graph[r].rank for c in cells if c["labeled_images"] == p.budgets[0] for r in c["runs"]} == {0}
+    assert demo.graph["runs/teacher-n200-s0"].rank == demo.graph["runs/labels-n200-s0"].rank == 1
 
 
 def test_execute_respects_dependencies_and_resumes(tmp_path, monkeypatch):
-    demo, _ = planned(tmp_path, "seg-smoke")
+    demo, _ = planned(tmp_path)
+    demo.jobs = 1  # one at a time: the start order is the priority order
     started, lock = [], threading.Lock()
 
     def fake_run(job):
@@ -55,6 +59,10 @@ def test_execute_respects_dependencies_and_resumes(tmp_path, monkeypatch):
     assert sorted(started) == sorted(demo.graph)
     # teachers, caches and distillations first: the finetunes wait on them
     assert all(demo.graph[n].first for n in started[:2])
+    for rank in (0, 1):  # budget by budget, seed by seed: an interrupted demo has a run in every cell first
+        seeds = [demo.graph[n].seed for n in started if demo.graph[n].rank == rank and not demo.graph[n].first]
+        assert seeds == sorted(seeds) and len(set(seeds)) == 3
+    assert [demo.graph[n].rank for n in started] == sorted(demo.graph[n].rank for n in started)
     started.clear()
     demo.execute()  # everything done: nothing runs again
     assert started == []

@@ -55,27 +55,34 @@ GROUPS = {"teacher": "black", "labels": "tab:gray", "im-pretrain": "tab:blue", "
 class SegPreset:
     """One segmentation grid (see the module docstring for the rows)."""
 
-    budgets: list[int] = field(default_factory=lambda: [100, 400])  # labeled images
+    budgets: list[int] = field(default_factory=lambda: [50, 200])  # labeled images
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # finetune seeds (and labeled subsets)
+    teacher_seeds: list[int] = field(default_factory=lambda: [0])  # as the classification demo: one teacher a budget
     transfer_sets: list[str] = field(default_factory=lambda: ["photos", "composites"])
-    image_size: int = 64  # every model's input: 8x8 stride-8 grid
-    train_images: int = 2000  # labeled pool the budgets are drawn from (nested subsets)
-    test_images: int = 500
-    transfer_size: int = 4000  # images in each transfer set
+    image_size: int = 64  # every model's input: an 8x8 grid at output stride 8
+    train_images: int = 1000  # labeled pool the budgets are drawn from (nested subsets)
+    test_images: int = 300
+    transfer_size: int = 1000  # images in each transfer set
     views: int = 2  # cached views per transfer image
     data_seed: int = 0
+    # garment side / image side: at the maker's default (0.35-0.65) garments cover ~20% of the pixels and a
+    # scratch student sits on "all background" (docs/results.md, the probe); larger garments halve that share
+    garment_scale: tuple[float, float] = (0.5, 0.9)
     teacher: str = "tf_efficientnet_lite2"
-    teacher_steps: int = 300
+    teacher_steps: int = 200
     student: str = "mobilevitv2_050"
     im_pretrain: str = "tf_efficientnet_lite0"
-    finetune_steps: int = 600  # optimizer steps of every student / IM-Pretrain finetune, whatever the budget
-    head_width: int = 128  # DeepLabV3 width of every model: 256 (the paper's) costs 2x the step on 2 cores
+    finetune_steps: int = 200  # optimizer steps of every student finetune, whatever the budget
+    im_pretrain_steps: int = 150  # pretrained backbones converge in fewer steps (and cost 2-3x a student step)
+    # DeepLabV3 width of the teacher and IM-Pretrain heads: on the Lite models' 1280-channel grid 256 (the paper's
+    # and the students' width; `kt-student train` builds students with it) doubles a step that dominates the demo
+    lite_head_width: int = 128
     batch_size: int = 16
     lr: float = 2e-3  # from scratch / distilled students
     teacher_lr: float = 1e-3  # pretrained backbones
     distill_epochs: int = 4
     distill_batch_size: int = 32
-    workers: int = 0  # DataLoader workers per command: the data is in memory, the cores run the jobs
+    workers: int = 0  # DataLoader workers per command: the data is small, the cores run the jobs
 
 
 PRESETS: dict[str, SegPreset] = {
@@ -83,8 +90,8 @@ PRESETS: dict[str, SegPreset] = {
     "seg": SegPreset(),
     # every step at toy scale, for a test of the pipeline (numbers meaningless)
     "seg-smoke": SegPreset(budgets=[8], seeds=[0], image_size=32, train_images=16, test_images=8, transfer_size=16,
-                           views=1, teacher="test_vit", student="test_vit", im_pretrain="test_vit",
-                           teacher_steps=2, finetune_steps=2, head_width=16, batch_size=4, distill_epochs=1,
+                           views=1, teacher="test_vit", student="test_vit", im_pretrain="test_vit", teacher_steps=2,
+                           finetune_steps=2, im_pretrain_steps=2, lite_head_width=16, batch_size=4, distill_epochs=1,
                            distill_batch_size=8),
 }
 
@@ -102,6 +109,8 @@ class Job:
     done: Path
     after: list[str] = field(default_factory=list)
     first: bool = False  # others wait on it (teachers, caches, distillations): started before the finetunes
+    rank: int = 0  # its budget's place in the preset: one budget's table is finished before the next starts
+    seed: int = 0  # finetunes: every cell gets its first seed's run before any gets a second
     mark: bool = False  # `done` is a marker the demo writes on success (the command leaves no output of its own)
 
 
@@ -112,6 +121,7 @@ class SegDemo:
         self.data = {"root": root, "train": root / "train", "test": root / "test", "composites": root / "transfer",
                      "photos": root / "photos" if data_root else SEG_PHOTOS}
         self.graph: dict[str, Job] = {}
+        self.rank = 0  # of the jobs being declared (plan)
         self.log: list[dict] = []
 
     def ensure_data(self) -> None:
@@ -120,35 +130,37 @@ class SegDemo:
         from tools.make_shards import make_photo_crops
 
         p, d = self.p, self.data
-        stamp = {"train": p.train_images, "test": p.test_images, "transfer": p.transfer_size, "size": p.image_size,
-                 "seed": p.data_seed}
+        spec = CompositeSpec(size=p.image_size, scale=tuple(p.garment_scale))
+        stamp = {"train": p.train_images, "test": p.test_images, "transfer": p.transfer_size, "seed": p.data_seed,
+                 **asdict(spec)}
         marker = d["root"] / "demo_seg.json"
-        if marker.exists() and json.loads(marker.read_text()) == stamp:
+        if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp)):
             return
         shard = max(8, p.transfer_size // 4)  # several shards, so the distillation stream mixes them
-        make_fmnist_seg(d["root"], p.train_images, p.test_images, p.transfer_size, CompositeSpec(size=p.image_size),
-                        p.data_seed, shard_size=shard)
+        make_fmnist_seg(d["root"], p.train_images, p.test_images, p.transfer_size, spec, p.data_seed,
+                        shard_size=shard)
         make_photo_crops(d["photos"], p.transfer_size, size=p.image_size, seed=p.data_seed, shard_size=shard)
         marker.write_text(json.dumps(stamp))
 
     # -- the commands ----------------------------------------------------------------------------
     def add(self, job: Job) -> str:
+        job.rank = self.rank
         self.graph.setdefault(job.name, job)
         return job.name
 
     def finetune(self, name: str, model: str, budget: int, seed: int, steps: int, lr: float, init: str = "",
-                 first: bool = False) -> str:
+                 first: bool = False, head_width: int = 256) -> str:
         """A finetune of `steps` optimizer steps on `budget` labeled images (from `init`, a distillation)."""
         p, run = self.p, self.out / "runs" / name
         epochs = max(1, math.ceil(steps / max(1, budget // p.batch_size)))
         start = (["--init", str(self.out / init)] if init else
-                 ["--pretrained", pretrained_source(model), "--output-stride", "8", "--head-width", str(p.head_width)])
+                 ["--pretrained", pretrained_source(model), "--output-stride", "8", "--head-width", str(head_width)])
         cmd = ["kt.student.cli", "finetune", "--task", "segmentation", "--model", model, *start,
                "--data", str(self.data["train"]), "--val-data", str(self.data["test"]),
                "--labeled-images", str(budget), "--subset-seed", str(seed), "--seed", str(seed),
                "--epochs", str(epochs), "--image-size", str(p.image_size), "--batch-size", str(p.batch_size),
                "--lr", str(lr), "--workers", str(p.workers), "--out", str(run)]
-        return self.add(Job(f"runs/{name}", cmd, run / "eval.json", [init] if init else [], first=first))
+        return self.add(Job(f"runs/{name}", cmd, run / "eval.json", [init] if init else [], first=first, seed=seed))
 
     def cache(self, name: str, teacher: str, target: str, transfer: str, after: list[str]) -> str:
         p, store = self.p, self.out / "cache" / f"{name}.zarr"
@@ -160,7 +172,7 @@ class SegDemo:
     def distill(self, name: str, objective: str, transfer: str) -> str:
         p, run = self.p, self.out / "distill" / name
         cmd = ["kt.student.cli", "train", "--task", "segmentation", "--model", p.student, "--output-stride", "8",
-               "--head-width", str(p.head_width), "--cache", str(self.out / "cache" / f"{name}.zarr"),
+               "--cache", str(self.out / "cache" / f"{name}.zarr"),
                "--data", str(self.data[transfer]), "--objective", objective, "--epochs", str(p.distill_epochs),
                "--image-size", str(p.image_size), "--batch-size", str(p.distill_batch_size), "--lr", str(p.lr),
                "--workers", str(p.workers), "--out", str(run)]
@@ -178,42 +190,49 @@ class SegDemo:
 
             model = create_model(self.p.teacher, num_classes=len(class_names()), task="segmentation",
                                  pretrained=pretrained_source(self.p.teacher), image_size=self.p.image_size,
-                                 output_stride=8, head_width=self.p.head_width)
+                                 output_stride=8, head_width=self.p.lite_head_width)
             save_checkpoint(model.eval(), ckpt, classes=class_names())
         return str(ckpt)
 
     def plan(self) -> list[dict]:
-        """Declare every command; returns the table's cells: row, group, transfer ('' for none), budget, runs."""
-        p, cells = self.p, []
-        grid_teacher = self.grid_teacher()
-        for transfer in p.transfer_sets:  # the pretrained teacher's features do not depend on the labels
-            self.cache(f"agnostic-{transfer}", grid_teacher, "patches", transfer, [])
-            self.distill(f"agnostic-{transfer}", "patch-cosine", transfer)
+        """Declare every command; returns the table's cells: row, group, transfer ('' for none), budget, runs.
+        Declaration order is start order among ready jobs: the teachers head the longest chain (teacher ->
+        cache -> distillation -> finetunes), so they come first."""
+        p, cells, teachers = self.p, [], {}
+        teacher_name = p.teacher.replace("tf_efficientnet_", "").capitalize()  # "Lite2"
+        for self.rank, budget in enumerate(p.budgets):
+            teachers[budget] = [self.finetune(f"teacher-n{budget}-s{s}", p.teacher, budget, s, p.teacher_steps,
+                                              p.teacher_lr, first=True, head_width=p.lite_head_width)
+                                for s in p.teacher_seeds]
+            if self.rank == 0:
+                grid_teacher = self.grid_teacher()
+                for transfer in p.transfer_sets:  # the pretrained teacher's features do not depend on the labels
+                    self.cache(f"agnostic-{transfer}", grid_teacher, "patches", transfer, [])
+                    self.distill(f"agnostic-{transfer}", "patch-cosine", transfer)
+            for transfer in p.transfer_sets:  # the cache uses the first seed's teacher
+                first = teachers[budget][0]
+                self.cache(f"task-n{budget}-{transfer}", str(self.out / first), "seg_logits", transfer, [first])
+                self.distill(f"task-n{budget}-{transfer}", "task", transfer)
 
         def cell(row, group, transfer, budget, runs):
             cells.append({"row": row, "group": group, "transfer": transfer, "labeled_images": budget, "runs": runs})
 
-        for budget in p.budgets:
-            teachers = [self.finetune(f"teacher-n{budget}-s{s}", p.teacher, budget, s, p.teacher_steps, p.teacher_lr,
-                                      first=s == p.seeds[0]) for s in p.seeds]
-            cell(f"Teacher ({p.teacher} OS8, finetuned)", "teacher", "", budget, teachers)
+        for self.rank, budget in enumerate(p.budgets):
+            cell(f"Teacher ({p.teacher} OS8, finetuned)", "teacher", "", budget, teachers[budget])
             cell(f"Student ({p.student}), labels only", "labels", "", budget,
                  [self.finetune(f"labels-n{budget}-s{s}", p.student, budget, s, p.finetune_steps, p.lr)
                   for s in p.seeds])
             cell(f"IM-Pretrain ({p.im_pretrain} OS8 + DeepLabV3)", "im-pretrain", "", budget,
-                 [self.finetune(f"im-pretrain-n{budget}-s{s}", p.im_pretrain, budget, s, p.finetune_steps,
-                                p.teacher_lr) for s in p.seeds])
+                 [self.finetune(f"im-pretrain-n{budget}-s{s}", p.im_pretrain, budget, s, p.im_pretrain_steps,
+                                p.teacher_lr, head_width=p.lite_head_width) for s in p.seeds])
             for transfer in p.transfer_sets:
-                cell("Task-agnostic (patch cosine to the pretrained Lite2 grid)", "task-agnostic", transfer, budget,
-                     [self.finetune(f"agnostic-{transfer}-n{budget}-s{s}", p.student, budget, s, p.finetune_steps,
-                                    p.lr, init=f"distill/agnostic-{transfer}") for s in p.seeds])
-                # the cache uses the first seed's teacher
-                self.cache(f"task-n{budget}-{transfer}", str(self.out / teachers[0]), "seg_logits", transfer,
-                           [teachers[0]])
-                self.distill(f"task-n{budget}-{transfer}", "task", transfer)
-                cell("Task-oriented (per-pixel KL to the finetuned Lite2)", "task-oriented", transfer, budget,
-                     [self.finetune(f"task-{transfer}-n{budget}-s{s}", p.student, budget, s, p.finetune_steps, p.lr,
-                                    init=f"distill/task-n{budget}-{transfer}") for s in p.seeds])
+                cell(f"Task-agnostic (patch cosine to the pretrained {teacher_name} grid)", "task-agnostic", transfer,
+                     budget, [self.finetune(f"agnostic-{transfer}-n{budget}-s{s}", p.student, budget, s,
+                                            p.finetune_steps, p.lr, init=f"distill/agnostic-{transfer}")
+                              for s in p.seeds])
+                cell(f"Task-oriented (per-pixel KL to the finetuned {teacher_name})", "task-oriented", transfer,
+                     budget, [self.finetune(f"task-{transfer}-n{budget}-s{s}", p.student, budget, s, p.finetune_steps,
+                                            p.lr, init=f"distill/task-n{budget}-{transfer}") for s in p.seeds])
         return cells
 
     # -- running -----------------------------------------------------------------------------------
@@ -244,7 +263,9 @@ class SegDemo:
         with ThreadPoolExecutor(self.jobs) as pool:
             while pending or running:
                 ready = [n for n in pending if all(a in finished for a in self.graph[n].after)]
-                ready.sort(key=lambda n: not self.graph[n].first)  # stable: declaration order within a class
+                # the first budget first; in it, what others wait on, then seed by seed (an interrupted demo
+                # has a run in every cell), then declaration order (a stable sort)
+                ready.sort(key=lambda n: (self.graph[n].rank, not self.graph[n].first, self.graph[n].seed))
                 for n in ready[:self.jobs - len(running)]:
                     pending.remove(n)
                     running[pool.submit(self.run_job, self.graph[n])] = n
@@ -259,13 +280,19 @@ class SegDemo:
 
         rows = []
         for c in cells:
-            agg = aggregate([load_run_metrics(self.out / r) for r in c["runs"]])
+            # --report-only on an unfinished demo: a cell reports the runs it has (`runs` says how many)
+            done = [r for r in c["runs"] if self.graph[r].done.exists()]
+            agg = aggregate([load_run_metrics(self.out / r) for r in done]) if done else \
+                {"runs": 0, "miou_mean": None, "miou_std": None}
             rows.append({**{k: v for k, v in c.items() if k != "runs"}, **agg, "run_dirs": c["runs"]})
         return {"preset": asdict(self.p), "rows": rows, "steps": self.log}
 
 
 def cell_text(row: dict) -> str:
-    return f"{100 * row['miou_mean']:.1f} ± {100 * row['miou_std']:.1f}"
+    if not row["runs"]:
+        return "not run yet"
+    partial = f" ({row['runs']} of {len(row['run_dirs'])} runs)" if row["runs"] < len(row["run_dirs"]) else ""
+    return f"{100 * row['miou_mean']:.1f} ± {100 * row['miou_std']:.1f}{partial}"
 
 
 def write_report(results: dict, name: str, out: Path) -> None:
@@ -292,8 +319,8 @@ def write_report(results: dict, name: str, out: Path) -> None:
         lines.append(f"| {row} | {budget} | " + " | ".join(values) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     budgets = sorted({r["labeled_images"] for r in rows})
-    per = [[r for r in rows if r["labeled_images"] == b] for b in budgets]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 0.45 * max(map(len, per)) + 1.8),
+    per = [[r for r in rows if r["labeled_images"] == b and r["runs"]] for b in budgets]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 0.45 * max(1, *map(len, per)) + 1.8),
                              squeeze=False)
     for ax, budget, group in zip(axes[0], budgets, per):
         labels = [r["row"].split(" (")[0] + (f", {r['transfer']}" if r["transfer"] else "") for r in group]
@@ -315,6 +342,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="student fastvit_s12 instead of mobilevitv2_050")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/<preset>[-full]")
     parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one torch thread each)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the runs finished so far")
     parser.add_argument("--data-root", type=Path, default=None,
                         help=f"where the composites and photo crops go (default {SEG_DATA}; OUT/data for seg-smoke)")
     args = parser.parse_args(argv)
@@ -329,9 +358,11 @@ def main(argv=None) -> int:
     data_root = args.data_root or (out / "data" if args.preset == "seg-smoke" else None)
     demo = SegDemo(preset, out, args.jobs, data_root)
     start = time.time()
-    demo.ensure_data()
+    if not args.report_only:
+        demo.ensure_data()
     cells = demo.plan()
-    demo.execute()
+    if not args.report_only:
+        demo.execute()
     results = demo.results(cells)
     results["wall_s"] = round(time.time() - start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))

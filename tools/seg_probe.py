@@ -85,6 +85,25 @@ def prepare(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
+def random_resized_crop(x: torch.Tensor, y: torch.Tensor, min_scale: float, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inception-style crops (area share in [min_scale, 1], aspect 3/4..4/3) back to full size, as kt's "light"
+    view does: images bilinear, masks nearest (torchvision's functional ops, per image)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import resized_crop
+
+    size = list(x.shape[-2:])
+    xs, ys = [], []
+    for xi, yi in zip(x, y):
+        area = rng.uniform(min_scale, 1.0) * size[0] * size[1]
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        h = min(size[0], int(round(math.sqrt(area / aspect))))
+        w = min(size[1], int(round(math.sqrt(area * aspect))))
+        top, left = int(rng.integers(0, size[0] - h + 1)), int(rng.integers(0, size[1] - w + 1))
+        xs.append(resized_crop(xi, top, left, h, w, size, antialias=True))
+        ys.append(resized_crop(yi[None], top, left, h, w, size, interpolation=InterpolationMode.NEAREST)[0])
+    return torch.stack(xs), torch.stack(ys)
+
+
 def run(args) -> dict:
     torch.manual_seed(args.seed)
     spec = CompositeSpec(size=args.data_size, scale=tuple(args.scale), garments=tuple(args.garments))
@@ -109,6 +128,8 @@ def run(args) -> dict:
         flip = torch.from_numpy(rng.random(args.batch) < 0.5)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         y = torch.where(flip.view(-1, 1, 1), y.flip(-1), y)
+        if args.crop_scale < 1:
+            x, y = random_resized_crop(x, y, args.crop_scale, rng)
         logits = model.forward_features(prepare(x, model.mean, model.std, args.size))["seg_logits"]
         logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, y, weight=weights, ignore_index=IGNORE)
@@ -143,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weighting", default="none", choices=WEIGHTINGS)
     p.add_argument("--head-width", type=int, default=256)
+    p.add_argument("--crop-scale", type=float, default=1.0,
+                   help="random resized crops of this minimum area share (kt's light view: 0.35); 1: flips only")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
