@@ -14,33 +14,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from kt.views import GEOMETRIC_OPS, JITTER_ORDERS, MAX_OPS, PARAM_DIM, RANDAUG_OPS
+# parameter decoding is the view format's, shared with kt.render: only the rendering arithmetic is frozen here
+from kt.render import as_params as _as_params, ops as _ops, out_size as _out_size
+from kt.views import GEOMETRIC_OPS, JITTER_ORDERS
 
-_OPS_START = 9
 _FILL = (128, 128, 128)
 
-
-def _out_size(size: int | tuple[int, int]) -> tuple[int, int]:
-    w, h = (size, size) if isinstance(size, (int, np.integer)) else size
-    if int(w) < 1 or int(h) < 1:
-        raise ValueError(f"output size must be positive, got {size!r}")
-    return int(w), int(h)
-
-
-def _as_params(params) -> np.ndarray:
-    p = np.asarray(params, dtype=np.float32).astype(np.float64)
-    if p.shape != (PARAM_DIM,):
-        raise ValueError(f"view parameters must have shape ({PARAM_DIM},), got {p.shape}")
-    return p
-
-
-def _ops(p: np.ndarray) -> list[tuple[str, float]]:
-    ops = []
-    for k in range(MAX_OPS):
-        op = int(round(p[_OPS_START + 2 * k]))
-        if op >= 0:
-            ops.append((RANDAUG_OPS[op], float(p[_OPS_START + 2 * k + 1])))
-    return ops
 
 
 def _crop_flip(img: Image.Image, p: np.ndarray, size: tuple[int, int], resample: int) -> Image.Image:
