@@ -47,11 +47,14 @@ class LabeledViews(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: tuple[int, int]):
-        i, epoch = item
+    def view(self, i: int, epoch: int):
+        """Sample i, its view-`epoch` parameters and the rendered, normalised image."""
         s = self.samples[i]
         params = sample_params(self.spec, self.seed, s.key, epoch)
-        x = to_tensor(render(s.image, params, self.image_size), self.mean, self.std)
+        return s, params, to_tensor(render(s.image, params, self.image_size), self.mean, self.std)
+
+    def __getitem__(self, item: tuple[int, int]):
+        s, _, x = self.view(*item)
         return x, s.label
 
 

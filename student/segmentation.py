@@ -27,13 +27,14 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
 from kt.render import render, render_mask, to_tensor
 from kt.masks import ignore_label
 from kt.shards import BadSamples, Sample, iter_samples, labeled_images, split_urls
 from kt.views import ViewSpec, sample_params
+from kt.student.data import LabeledViews
 from kt.student.losses import cross_entropy
 
 # the whole image at the model's input size: an eval view without the classification centre crop
@@ -76,24 +77,17 @@ def labeled_masks(urls: Sequence[str], n: int | None, seed: int, bad: BadSamples
     return labeled_images(urls, n, seed, bad, mask_classes=len(classes))
 
 
-class SegmentationViews(Dataset):
+class SegmentationViews(LabeledViews):
     """In-memory labeled images with masks; item `(i, epoch)` is image i's view `epoch` and the same view of
     its mask (int64, the ignore label where the view shows no labeled pixel)."""
 
     def __init__(self, samples: Sequence[Sample], spec: ViewSpec, seed: int, image_size: int,
                  mean: Sequence[float], std: Sequence[float], num_classes: int):
-        self.samples, self.spec, self.seed = list(samples), spec, seed
-        self.image_size, self.mean, self.std = image_size, mean, std
+        super().__init__(samples, spec, seed, image_size, mean, std)
         self.ignore = ignore_label(num_classes)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __getitem__(self, item: tuple[int, int]):
-        i, epoch = item
-        s = self.samples[i]
-        params = sample_params(self.spec, self.seed, s.key, epoch)
-        x = to_tensor(render(s.image, params, self.image_size), self.mean, self.std)
+        s, params, x = self.view(*item)
         mask = render_mask(s.mask, params, self.image_size, fill=self.ignore)
         return x, torch.from_numpy(np.asarray(mask, dtype=np.int64))
 
