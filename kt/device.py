@@ -85,6 +85,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+CHANNELS_LAST_HELP = ("channels_last (NHWC) weights and activations: on CPU 1.8-4x faster for depthwise-conv "
+                      "networks (EfficientNet-Lite, FastViT) at small sizes, the usual format for convnets under "
+                      "AMP on GPUs; a speed knob that changes results only in the last float bits "
+                      "(docs/benchmarks.md). Off by default so recorded runs rerun bit-for-bit")
+
+
+def set_channels_last(model: nn.Module, on: bool) -> nn.Module:
+    """Move `model`'s 4-d weights to channels_last when `on` (then convolutions keep activations NHWC: the
+    input's layout is converted by the first one). Saved weights stay plain contiguous tensors
+    (`kt.weights.write_safetensors`), so checkpoints do not depend on it."""
+    if on:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where a model's parameters live (CPU for a model without any)."""
     param = next(model.parameters(), None)

@@ -187,7 +187,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=SAFETENSORS_METADATA)
+    save_file(_packed(state), str(tmp), metadata=SAFETENSORS_METADATA)
     os.replace(tmp, path)
 
 
@@ -195,7 +195,12 @@ def safetensors_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 of the bytes `write_safetensors` would write for `state` (without writing them)."""
     from safetensors.torch import save
 
-    return hashlib.sha256(save(state, metadata=SAFETENSORS_METADATA)).hexdigest()
+    return hashlib.sha256(save(_packed(state), metadata=SAFETENSORS_METADATA)).hexdigest()
+
+
+def _packed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous copies of channels_last weights (safetensors stores plain row-major tensors only)."""
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 def file_sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kt.config import field
-from kt.device import model_device, placement, resolve_device
+from kt.device import CHANNELS_LAST_HELP, model_device, placement, resolve_device, set_channels_last
 from kt.errors import UserError
 from kt.student.data import eval_loader
 
@@ -33,6 +33,7 @@ class EvalConfig:
     batch_size: int = field(256, "images per forward pass", min=1)
     workers: int = field(2, "DataLoader workers decoding and rendering", min=0)
     device: str = field("auto", "auto (CUDA when present) | cpu | cuda | cuda:N")
+    channels_last: bool = field(False, CHANNELS_LAST_HELP)
     max_bad_fraction: float = field(0.01, "segmentation: fail when more than this fraction of samples is bad "
                                           "(undecodable, mask missing or of another size)", min=0, max=1)
 
@@ -48,7 +49,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     device = resolve_device(cfg.device)  # a bad device fails before the checkpoint loads
     urls = expand_shards(cfg.data)
-    model = load_model(cfg.checkpoint, what="--checkpoint").to(device)
+    model = set_channels_last(load_model(cfg.checkpoint, what="--checkpoint").to(device), cfg.channels_last)
     if model.task == "segmentation":
         from kt.student.segmentation import evaluate_segmentation
 

@@ -39,6 +39,7 @@ import yaml
 from torch import nn
 
 from kt.config import accelerate_cpu, config_dict, field
+from kt.device import CHANNELS_LAST_HELP, set_channels_last
 from kt.errors import UserError
 # CHECKPOINT_DIR, where a run leaves its model, is defined beside the checkpoint format (kt.checkpoints
 # resolves run folders with it) and re-exported here for the commands that write runs.
@@ -69,6 +70,7 @@ class OptimConfig:
     stop_after_steps: int = field(0, "stop (as if killed) after N optimizer steps; 0 runs to the end "
                                      "(tests, smoke runs)", min=0)
     log_every: int = field(10, "optimizer steps between metric log lines", min=1)
+    channels_last: bool = field(False, CHANNELS_LAST_HELP)
     seed: int = field(0, "seeds data order, views and initialisation", min=0)
 
 
@@ -209,6 +211,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
     total = sum(updates)
     schedule = cosine_with_warmup(total, int(cfg.warmup_epochs * (updates[0] if updates else 0)), cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    set_channels_last(modules, cfg.channels_last)  # in place (same Parameters); Adam's state follows their layout
     modules, optimizer = accelerator.prepare(modules, optimizer)
     # the scheduler steps once per optimizer update on every process; registered so save_state keeps it
     accelerator.register_for_checkpointing(scheduler)

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.config import accelerate_cpu, check_config, config_dict, field, run_record
-from kt.device import Placement, model_device, placement
+from kt.device import CHANNELS_LAST_HELP, Placement, model_device, placement, set_channels_last
 from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
@@ -70,6 +70,7 @@ class BuildConfig:
     codec: list = field([], "TARGET=SPEC overrides of the default codecs, e.g. logits=topk:k=10")
     max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt", min=0, max=1)
     fit_views: int = field(256, "teacher outputs sampled to fit PCA codecs", min=1)
+    channels_last: bool = field(False, CHANNELS_LAST_HELP)
     teacher_precision: str = field("bf16", "teacher forwards on CUDA: bf16 autocast (about 2x the throughput; "
                                            "fidelity in docs/benchmarks.md) | fp32; on CPU always fp32")
     overwrite: bool = field(False, "replace a cache of another teacher/view spec at --out")
@@ -329,7 +330,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     attrs = cache_attributes(model, spec, cfg, codecs, shapes, urls)
     attrs["task"] = task_attributes(model, shapes, image_size)
     attrs["transfer_classes"] = classes
-    model.to(place.device)  # after the fingerprint, which hashes the weights as loaded
+    set_channels_last(model.to(place.device), cfg.channels_last)  # after the fingerprint (weights as loaded)
 
     if state.is_main_process:
         store = CacheStore.create(cfg.out, attrs, overwrite=cfg.overwrite)

