@@ -180,7 +180,7 @@ def train_args(cache, data, out, *extra, objective="task"):
 @pytest.fixture(scope="module")
 def seg_run(seg_cache, transfer, tmp_path_factory):
     out = tmp_path_factory.mktemp("seg_run") / "distill"
-    assert student_main(train_args(seg_cache, transfer, out)) == 0
+    assert student_main(train_args(seg_cache, transfer, out, "--head-width", "48")) == 0
     return out
 
 
@@ -189,6 +189,7 @@ def test_distilled_seg_student_and_its_finetune_init(seg_run):
     assert (student.task, student.num_classes, student.output_stride, student.classes) == \
         ("segmentation", 4, 8, CLASSES)
     assert student(torch.zeros(2, 3, 64, 64)).shape == (2, 4, 8, 8)
+    assert student.card["head_width"] == 48  # --head-width: the student's DeepLabV3 width
     metrics = [json.loads(line) for line in (seg_run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["loss"]) and 0 <= m["agree"] <= 1 for m in metrics)
     # finetune --init: the distilled seg model, head kept (task objective, classes match)

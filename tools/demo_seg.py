@@ -1,8 +1,9 @@
 """The segmentation demo: the paper's Table 3 (ADE20K there) in miniature on fmnist-seg, through the real
 `kt-*` commands.
 
-    python -m tools.demo --preset seg                # budgets 100 and 400 images, student mobilevitv2_050
+    python -m tools.demo --preset seg                # budgets 50 and 200 images, student mobilevitv2_050
     python -m tools.demo --preset seg --full         # the same grid with student fastvit_s12
+    python -m tools.demo --preset seg --codecs fp16 pixel-topk:k=3   # + the task-oriented row from those caches
     python -m tools.demo --preset seg-smoke          # every step at toy scale (numbers meaningless)
 
 Task: tools.fmnist_seg composites (Fashion-MNIST garments on photo crops, 11 classes), labeled subsets of
@@ -77,6 +78,12 @@ class SegPreset:
     # DeepLabV3 width of the teacher and IM-Pretrain heads: on the Lite models' 1280-channel grid 256 (the paper's
     # and the students' width; `kt-student train` builds students with it) doubles a step that dominates the demo
     lite_head_width: int = 128
+    # the student's DeepLabV3 width, in every student row (labels only, distilled): on MobileViT-V2-0.5's 8x8 grid
+    # a 256-wide head is 69% of the FLOPs at 64 px (0.51 GFLOPs); 128 wide, 0.31 (docs/benchmarks.md)
+    student_head_width: int = 128
+    # extra task-oriented rows (largest budget, composites): the same distillation from a cache written with each
+    # of these seg_logits codecs, beside the default codec's row (`--codecs fp16 pixel-topk:k=3`)
+    codecs: list[str] = field(default_factory=list)
     batch_size: int = 16
     lr: float = 2e-3  # from scratch / distilled students
     teacher_lr: float = 1e-3  # pretrained backbones
@@ -91,7 +98,8 @@ PRESETS: dict[str, SegPreset] = {
     # every step at toy scale, for a test of the pipeline (numbers meaningless)
     "seg-smoke": SegPreset(budgets=[8], seeds=[0], image_size=32, train_images=16, test_images=8, transfer_size=16,
                            views=1, teacher="test_vit", student="test_vit", im_pretrain="test_vit", teacher_steps=2,
-                           finetune_steps=2, im_pretrain_steps=2, lite_head_width=16, batch_size=4, distill_epochs=1,
+                           finetune_steps=2, im_pretrain_steps=2, lite_head_width=16, student_head_width=16,
+                           batch_size=4, distill_epochs=1,
                            distill_batch_size=8),
 }
 
@@ -162,17 +170,17 @@ class SegDemo:
                "--lr", str(lr), "--workers", str(p.workers), "--out", str(run)]
         return self.add(Job(f"runs/{name}", cmd, run / "eval.json", [init] if init else [], first=first, seed=seed))
 
-    def cache(self, name: str, teacher: str, target: str, transfer: str, after: list[str]) -> str:
+    def cache(self, name: str, teacher: str, target: str, transfer: str, after: list[str], codec: str = "") -> str:
         p, store = self.p, self.out / "cache" / f"{name}.zarr"
         cmd = ["kt.teacher_cache.cli", "build", "--teacher", teacher, "--data", str(self.data[transfer]),
                "--out", str(store), "--views", str(p.views), "--targets", target, "--image-size", str(p.image_size),
-               "--batch-size", "64", "--workers", str(p.workers)]
+               "--batch-size", "64", "--workers", str(p.workers), *(["--codec", f"{target}={codec}"] if codec else [])]
         return self.add(Job(f"cache/{name}", cmd, store.with_suffix(".done"), after, first=True, mark=True))
 
     def distill(self, name: str, objective: str, transfer: str) -> str:
         p, run = self.p, self.out / "distill" / name
         cmd = ["kt.student.cli", "train", "--task", "segmentation", "--model", p.student, "--output-stride", "8",
-               "--cache", str(self.out / "cache" / f"{name}.zarr"),
+               "--head-width", str(p.student_head_width), "--cache", str(self.out / "cache" / f"{name}.zarr"),
                "--data", str(self.data[transfer]), "--objective", objective, "--epochs", str(p.distill_epochs),
                "--image-size", str(p.image_size), "--batch-size", str(p.distill_batch_size), "--lr", str(p.lr),
                "--workers", str(p.workers), "--out", str(run)]
@@ -220,8 +228,8 @@ class SegDemo:
         for self.rank, budget in enumerate(p.budgets):
             cell(f"Teacher ({p.teacher} OS8, finetuned)", "teacher", "", budget, teachers[budget])
             cell(f"Student ({p.student}), labels only", "labels", "", budget,
-                 [self.finetune(f"labels-n{budget}-s{s}", p.student, budget, s, p.finetune_steps, p.lr)
-                  for s in p.seeds])
+                 [self.finetune(f"labels-n{budget}-s{s}", p.student, budget, s, p.finetune_steps, p.lr,
+                                head_width=p.student_head_width) for s in p.seeds])
             cell(f"IM-Pretrain ({p.im_pretrain} OS8 + DeepLabV3)", "im-pretrain", "", budget,
                  [self.finetune(f"im-pretrain-n{budget}-s{s}", p.im_pretrain, budget, s, p.im_pretrain_steps,
                                 p.teacher_lr, head_width=p.lite_head_width) for s in p.seeds])
@@ -233,6 +241,15 @@ class SegDemo:
                 cell(f"Task-oriented (per-pixel KL to the finetuned {teacher_name})", "task-oriented", transfer,
                      budget, [self.finetune(f"task-{transfer}-n{budget}-s{s}", p.student, budget, s, p.finetune_steps,
                                             p.lr, init=f"distill/task-n{budget}-{transfer}") for s in p.seeds])
+        budget = p.budgets[-1]
+        for codec in p.codecs:  # the codec's effect on the student: the composites row again, from another cache
+            name = f"task-n{budget}-composites-{codec.replace(':', '-').replace('=', '')}"
+            self.cache(name, str(self.out / teachers[budget][0]), "seg_logits", "composites", [teachers[budget][0]],
+                       codec=codec)
+            self.distill(name, "task", "composites")
+            cell(f"Task-oriented, cache codec {codec}", "task-oriented", "composites", budget,
+                 [self.finetune(f"{name}-s{s}", p.student, budget, s, p.finetune_steps, p.lr, init=f"distill/{name}")
+                  for s in p.seeds])
         return cells
 
     # -- running -----------------------------------------------------------------------------------
@@ -307,7 +324,8 @@ def write_report(results: dict, name: str, out: Path) -> None:
              f"fmnist-seg test mIoU (%), mean ± std over finetune seeds {p['seeds']}; {p['test_images']} test "
              f"composites at {p['image_size']} px, 11 classes. Teacher {p['teacher']} at output stride 8, student "
              f"{p['student']}; transfer sets of {p['transfer_size']} images x {p['views']} cached views. Rows "
-             f"without a transfer set have one value, shown in every column. Wall time "
+             f"without a transfer set have one value, shown in every column. Task-oriented caches hold the seg_logits "
+             f"in kt-cache build's default codec unless the row names one. Wall time "
              f"{results['wall_s'] / 60:.1f} min.", "",
              "| row | labeled images | " + " | ".join(TRANSFER_NAMES[t] for t in transfers) + " |",
              "|---|---|" + "---|" * len(transfers)]
@@ -315,7 +333,7 @@ def write_report(results: dict, name: str, out: Path) -> None:
     for r in rows:
         seen.setdefault((r["row"], r["labeled_images"]), {})[r["transfer"]] = r
     for (row, budget), by_transfer in seen.items():
-        values = [cell_text(by_transfer.get(t) or by_transfer[""]) for t in transfers]
+        values = [cell_text(r) if (r := by_transfer.get(t) or by_transfer.get("")) else "-" for t in transfers]
         lines.append(f"| {row} | {budget} | " + " | ".join(values) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     budgets = sorted({r["labeled_images"] for r in rows})
@@ -344,6 +362,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one torch thread each)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the runs finished so far")
+    parser.add_argument("--codecs", nargs="+", default=[], metavar="SPEC",
+                        help="also rows distilled from caches with these seg_logits codecs (e.g. fp16 "
+                             "pixel-topk:k=3), at the largest budget on the composites")
     parser.add_argument("--data-root", type=Path, default=None,
                         help=f"where the composites and photo crops go (default {SEG_DATA}; OUT/data for seg-smoke)")
     args = parser.parse_args(argv)
@@ -352,6 +373,8 @@ def main(argv=None) -> int:
     preset = PRESETS[args.preset]
     if args.full:
         preset = replace(preset, student="fastvit_s12")
+    if args.codecs:
+        preset = replace(preset, codecs=list(preset.codecs) + args.codecs)
     name = args.preset + ("-full" if args.full else "")
     out = (args.out or ROOT / "runs" / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
