@@ -70,3 +70,18 @@ def test_build_channels_last_caches_the_same_targets(tiny_teacher, fmnist, tmp_p
             for part, value in parts.items():
                 np.testing.assert_allclose(np.asarray(cl[shard_id]["targets"][t][part], np.float32),
                                            np.asarray(value, np.float32), rtol=1e-2, atol=2e-3, err_msg=t)
+
+
+def test_channels_last_benchmark_measures_both_layouts():
+    from tools import bench_channels_last
+    from tools.bench import _parse
+
+    args = _parse(bench_channels_last, ["--models", "test_efficientnet@32", "test_vit@32/8", "--train-batch", "4",
+                                        "--infer-batch", "4", "--steps", "1", "--repeats", "1", "--threads", "1"])
+    result = bench_channels_last.run(args)
+    assert [m["model"] for m in result["models"]] == ["test_efficientnet@32", "test_vit@32/8"]
+    for m in result["models"]:
+        for part in ("train_img_s", "infer_img_s"):
+            v = m[part]
+            assert v["nchw"] > 0 and v["channels_last"] > 0
+            assert abs(v["ratio"] - v["channels_last"] / v["nchw"]) < 0.01

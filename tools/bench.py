@@ -1,5 +1,5 @@
 """Benchmarks, one entry point: `python -m tools.bench NAME [--json]` (NAME: cache, distill, retrieval, export, gpu,
-seg-models, seg-codecs, pipeline).
+seg-models, seg-codecs, pipeline, finetune, channels-last).
 
     python -m tools.bench cache --json          # teacher cache: build overhead, bytes, fidelity, reader
     python -m tools.bench distill --json        # student distillation from the cache
@@ -10,6 +10,7 @@ seg-models, seg-codecs, pipeline).
     python -m tools.bench seg-codecs --json     # segmentation: seg_logits bytes per view and fidelity per codec
     python -m tools.bench pipeline --json       # data path: render views/s per core, writer, build + stream ceilings
     python -m tools.bench finetune --json       # small labeled sets: an epoch's cost beyond its steps
+    python -m tools.bench channels-last --json  # NCHW vs channels_last weights: train / inference images/s
 
 Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
 when asked for, so one benchmark's heavy imports never slow another. Results are recorded with their
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "seg-codecs": "tools.bench_seg_codecs",
     "pipeline": "tools.bench_pipeline",
     "finetune": "tools.bench_finetune",
+    "channels-last": "tools.bench_channels_last",
 }
 
 
