@@ -40,7 +40,8 @@ from kt.views import ViewSet, load_view_spec
 from kt.student.losses import DistillObjective, create_objective, objective_class
 from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, batch_sizes, plan_epoch,
                                steps_per_epoch, stream_loader)
-from kt.student.loop import CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit
+from kt.student.loop import (CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit,
+                             locks_run_folder)
 
 
 @dataclass
@@ -224,6 +225,7 @@ def check_no_single_batches(spec: StreamSpec, epochs: int) -> None:
                             "the ASPP pooling branch needs two); change --batch-size or --workers")
 
 
+@locks_run_folder
 def run_distill(cfg: DistillConfig) -> dict:
     check_config(cfg)  # also when called as a library, not through build_config
     for name in ("data", "out"):

@@ -35,7 +35,7 @@ from kt.views import load_view_spec
 from kt.student.data import LabeledViews, labeled_loader
 from kt.student.evaluate import METRICS_FILE, evaluate
 from kt.student.loop import (CHECKPOINT_DIR, INIT_HEADS, OptimConfig, check_out_dir, create_accelerator, fit,
-                             init_from_run)
+                             init_from_run, locks_run_folder)
 
 TRAIN_MODES = ("all", "head")
 
@@ -110,6 +110,7 @@ def classification_loss(label_smoothing: float):
     return loss_fn
 
 
+@locks_run_folder
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Finetune, save the checkpoint, evaluate; returns the summary (also printed by the CLI)."""
     check_config(cfg)  # also when called as a library, not through build_config

@@ -325,9 +325,55 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
 RESUMABLE_CHANGES = {"workers", "out", "val_data", "log_every", "save_every", "save_minutes", "stop_after_steps"}
 
 
+LOCK_FILE = ".kt-run.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path):
+    """Hold `out` for one run: a second kt process on the same folder (a job submitted twice, a demo started twice)
+    is refused in one line instead of both resuming from, and saving over, the same state. An flock, not a pid
+    file: the kernel drops it when its holder dies (kill -9 and OOM included), so a crashed run never leaves a
+    stale lock behind. Taken by rank 0 only: the ranks of one distributed run share their folder. A folder this
+    made and the run left empty (a refused configuration) is removed again."""
+    import fcntl
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"output folder {out} is in use by another kt process (pid {holder}); wait for it to "
+                            "end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def locks_run_folder(run: Callable) -> Callable:
+    """`run(cfg, ...)` under `run_folder_lock(cfg.out)`."""
+    import functools
+
+    @functools.wraps(run)
+    def locked(cfg, *args, **kwargs):
+        with run_folder_lock(Path(cfg.out)) if cfg.out else contextlib.nullcontext():
+            return run(cfg, *args, **kwargs)
+
+    return locked
+
+
 def check_out_dir(out: Path, cfg, resumable: set[str] = RESUMABLE_CHANGES) -> bool:
     """True when `out` holds this same run (resume); raises `UserError` when it holds anything else."""
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
         return False
     saved = out / "config.yaml"
     if not saved.exists():

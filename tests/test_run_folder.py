@@ -41,3 +41,64 @@ def test_changed_field_is_another_run(tmp_path):
     write_saved(tmp_path / "run", Cfg())
     with pytest.raises(UserError, match="lr: 0.1 there, 0.2 now"):
         check_out_dir(tmp_path / "run", Cfg(lr=0.2))
+
+
+# --- one process per run folder -------------------------------------------------------------------------
+HOLD = """
+import sys, time
+from pathlib import Path
+from kt.student.loop import run_folder_lock
+with run_folder_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(out):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_process_on_a_live_run_folder_is_refused_in_one_line(fmnist, tmp_path, capsys):
+    from tests.test_finetune import finetune
+
+    out = tmp_path / "run"
+    proc = _holder(out)
+    try:
+        capsys.readouterr()
+        assert finetune(fmnist, out) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and f"is in use by another kt process (pid {proc.pid})" in err[0], err
+        assert not (out / "state").exists() and not (out / "config.yaml").exists()  # nothing written beside it
+    finally:
+        proc.kill()
+        proc.wait()
+    # the holder died without cleaning up (kill -9): the kernel dropped its lock, the folder is free
+    assert finetune(fmnist, out) == 0
+    assert (out / "checkpoint").exists()
+    # a finished run's folder resumes (nothing to train) in the same process: the lock went with the first run
+    assert finetune(fmnist, out) == 0
+
+
+def test_a_refused_configuration_leaves_no_folder_behind(tmp_path):
+    from kt.student.cli import main
+
+    out = tmp_path / "never"
+    assert main(["finetune", "--data", str(tmp_path / "missing"), "--model", "test_efficientnet",
+                 "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_a_folder_holding_only_a_lock_file_is_a_fresh_run_folder(tmp_path):
+    from kt.student.loop import LOCK_FILE
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_text("123")  # left by a run refused before it wrote anything
+    assert check_out_dir(tmp_path / "run", Cfg()) is False
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no kt run"):
+        check_out_dir(tmp_path / "run", Cfg())
