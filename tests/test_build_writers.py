@@ -46,3 +46,19 @@ def test_writer_threads_must_be_positive(tiny_teacher, fmnist, tmp_path, capsys)
     args = build_args(tiny_teacher, fmnist["train"][:1], tmp_path / "x.zarr", "--writer-threads", "0")
     assert main(args) == 2
     assert "--writer-threads 0: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_build_benchmark_separates_the_fixed_cost_from_the_per_view_ratio(fmnist, tmp_path):
+    from tools import bench_cache
+
+    result = bench_cache.run(["--data", str(fmnist["root"] / "train"), "--build-shards", "1", "--large-shards", "3",
+                              "--repeats", "1", "--skip", "fidelity,reader", "--image-size", "32",
+                              "--batch-size", "50", "--workers", "0", "--workdir", str(tmp_path)])
+    build = result["build"]
+    assert build["views"] == 100 and build["large_views"] == 300
+    assert build["large_build_over_forward"] > 0 and build["marginal_build_over_forward"] > 0
+    # the model: build = fixed + marginal x forward's per-view time; the two sizes reproduce their builds
+    per_view_f = (build["large_forward_s"][0] - build["forward_s"][0]) / 200
+    per_view_b = build["marginal_build_over_forward"] * per_view_f
+    assert abs(build["build_fixed_s"] + per_view_b * 300 - build["large_build_s"][0]) < 0.05

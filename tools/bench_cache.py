@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.bench cache", description=__doc__.splitlines()[0])
     p.add_argument("--data", default=FMNIST, help="Fashion-MNIST shards (a directory of .tar)")
     p.add_argument("--build-shards", type=int, default=2, help="input shards timed for build_over_forward")
+    p.add_argument("--large-shards", type=int, default=0,
+                   help="also time forward and build over this many shards: the per-view (marginal) ratio and the "
+                        "build's fixed cost, separated (0: off)")
     p.add_argument("--image-size", type=int, default=64, help="Lite2 input size for the build timing")
     p.add_argument("--views", type=int, default=1, help="views per image in the build timing")
     p.add_argument("--batch-size", type=int, default=64)
@@ -102,13 +105,14 @@ def bench_build(args, work: str) -> dict:
         view_loader,
     )
 
-    urls = expand_shards(args.data)[: args.build_shards]
+    all_urls = expand_shards(args.data)
+    urls = all_urls[: args.build_shards]
     checkpoint = str(save_checkpoint(lite2(args.image_size), os.path.join(work, "lite2")))
     targets = ["logits", "embedding", "patches"]
     model = lite2(args.image_size)
     spec = load_view_spec("train")
 
-    def forward_only() -> int:
+    def forward_only(urls=urls) -> int:
         n = 0
         for item in view_loader(urls, ViewSet(spec, 0, args.views), args.image_size, model.mean, model.std,
                                 args.batch_size, args.workers):
@@ -118,7 +122,7 @@ def bench_build(args, work: str) -> dict:
                 n += len(item.rows)
         return n
 
-    def build(i: int) -> dict:
+    def build(i, urls=urls) -> dict:
         cfg = BuildConfig(teacher=checkpoint, data="::".join(urls), out=os.path.join(work, f"build{i}.zarr"),
                           views=args.views, seed=0, targets=targets, image_size=args.image_size,
                           batch_size=args.batch_size, workers=args.workers)
@@ -135,7 +139,26 @@ def bench_build(args, work: str) -> dict:
     from kt.teacher_cache.store import CacheStore
 
     stored = CacheStore.open(os.path.join(work, "build0.zarr")).nbytes_stored()
-    return {
+    large = {}
+    if args.large_shards > args.build_shards:
+        # build = fixed + per_view x views, forward = per_view_f x views: two sizes separate the build's fixed
+        # cost (checkpoint hashing, the codecs' fit views, store creation) from what every view costs it
+        big = all_urls[: args.large_shards]
+        lf, lb = [], []
+        for i in range(args.repeats):
+            (t, _), big_views = _timed(forward_only, big)
+            lf.append(t)
+            (t, _), _ = _timed(build, f"large{i}", big)
+            lb.append(t)
+        per_view_f = (min(lf) - min(forward_s)) / (big_views - n_views)
+        per_view_b = (min(lb) - min(build_s)) / (big_views - n_views)
+        large = {"large_views": big_views, "large_forward_s": [round(t, 2) for t in lf],
+                 "large_build_s": [round(t, 2) for t in lb],
+                 "large_build_over_forward": round(min(lb) / min(lf), 3),
+                 "marginal_build_over_forward": round(per_view_b / per_view_f, 3),
+                 "build_fixed_s": round(min(build_s) - per_view_b * n_views, 2),
+                 "forward_fixed_s": round(min(forward_s) - per_view_f * n_views, 2)}
+    return {**large,
         "build_over_forward": round(min(build_s) / min(forward_s), 3),
         "build_s": [round(t, 2) for t in build_s], "forward_s": [round(t, 2) for t in forward_s],
         # CPU seconds of this process and its DataLoader workers: what other agents' load does not inflate
