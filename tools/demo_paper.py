@@ -216,7 +216,9 @@ class PaperDemo:
             from kt.shards import expand_shards
             from kt.student.evaluate import evaluate
 
-            model = load_model(str(run), what="distilled student").eval()
+            from kt.device import set_channels_last
+
+            model = set_channels_last(load_model(str(run), what="distilled student").eval(), self.p.channels_last)
             metrics = evaluate(model, expand_shards(self.eval_data), classes=model.classes)
             (run / "eval.json").write_text(json.dumps(metrics, indent=2))
         return run
