@@ -266,6 +266,50 @@ def subset_rank(seed: int, key: str) -> str:
     return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=16).hexdigest()
 
 
+class _SmallestRanks:
+    """The `n` samples of smallest `subset_rank(seed, key)` offered so far (every one when `n` is None): a bounded
+    max-heap of negated ranks, whose top is the largest rank kept. The one selection rule of both subset kinds."""
+
+    def __init__(self, n: int | None, seed: int):
+        self.n, self.seed, self.heap = n, seed, []
+
+    def rank(self, key: str) -> int:
+        return -int(subset_rank(self.seed, key), 16)
+
+    def wants(self, neg: int) -> bool:
+        """Would a sample of (negated) rank `neg` be kept? Asked before decoding it, so most are never decoded."""
+        return self.n is None or len(self.heap) < self.n or neg > self.heap[0][0]
+
+    def add(self, neg: int, sample: Sample) -> None:
+        item = (neg, sample.key, sample)
+        if self.n is None or len(self.heap) < self.n:
+            heapq.heappush(self.heap, item)
+        else:
+            heapq.heapreplace(self.heap, item)
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+    def samples(self) -> list[Sample]:
+        return [item[2] for item in self.heap]
+
+
+def _decode_kept(sample: Sample, bad: BadSamples, mask_classes: int = 0) -> bool:
+    """Decode a sample the selection keeps; a corrupt one is recorded bad (the next by rank takes its place). A
+    `UserError` (a mask label the classes do not allow) is the user's to fix, not a bad sample."""
+    try:
+        sample.image = decode_image(sample.raw[image_ext(sample.raw)])
+        if mask_classes:
+            sample.mask = decode_mask(sample.raw[MASK_EXT], sample.image.size, mask_classes, sample.key)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- counted bad, as iter_samples does
+        bad.record(sample.shard, sample.key, f"{type(e).__name__}: {e}")
+        return False
+    sample.raw = {}
+    return True
+
+
 def labeled_subset(urls: Sequence[str], n_per_class: int | None, seed: int,
                    bad: BadSamples | None = None, num_classes: int | None = None) -> list[Sample]:
     """Exactly `n_per_class` decoded images per class, chosen by `seed`.
@@ -276,42 +320,30 @@ def labeled_subset(urls: Sequence[str], n_per_class: int | None, seed: int,
     recorded, and the next image by rank takes their place). `n_per_class=None` takes every image.
     Returns samples sorted by (label, key).
     """
-    heaps: dict[int, list] = {}
+    kept: dict[int, _SmallestRanks] = {}
     counts: dict[int, int] = {}
     bad = bad if bad is not None else BadSamples(max_fraction=1.0)
     for sample in iter_samples(urls, bad=bad, decode=False, keep_raw=True):
         if sample.label is None:
             raise UserError(f"sample {sample.key} in {sample.shard} has no .cls label")
         counts[sample.label] = counts.get(sample.label, 0) + 1
-        heap = heaps.setdefault(sample.label, [])
-        # a min-heap of negated ranks is a max-heap of ranks: its top is the largest rank kept so far
-        neg = -int(subset_rank(seed, sample.key), 16)
-        if n_per_class is not None and len(heap) >= n_per_class and neg <= heap[0][0]:
+        best = kept.setdefault(sample.label, _SmallestRanks(n_per_class, seed))
+        neg = best.rank(sample.key)
+        if not best.wants(neg):
             continue
-        try:
-            sample.image = decode_image(sample.raw[image_ext(sample.raw)])
-        except Exception as e:  # noqa: BLE001
-            bad.record(sample.shard, sample.key, f"{type(e).__name__}: {e}")
+        if not _decode_kept(sample, bad):
             counts[sample.label] -= 1
             continue
-        sample.raw = {}
-        item = (neg, sample.key, sample)
-        if n_per_class is None or len(heap) < n_per_class:
-            heapq.heappush(heap, item)
-        else:
-            heapq.heapreplace(heap, item)
+        best.add(neg, sample)
     bad.check()
-    if not heaps:
+    if not kept:
         raise UserError(f"no labeled samples in {urls[0]}{' ...' if len(urls) > 1 else ''}")
-    classes = range(num_classes) if num_classes else sorted(heaps)
-    for c in classes:
-        have = len(heaps.get(c, []))
+    for c in range(num_classes) if num_classes else sorted(kept):
+        have = len(kept[c]) if c in kept else 0
         if n_per_class is not None and have < n_per_class:
             raise UserError(f"--labels-per-class {n_per_class} is more than class {c} holds "
                             f"({counts.get(c, 0)} usable images)")
-    out = [item[2] for c in sorted(heaps) for item in heaps[c]]
-    out.sort(key=lambda s: (s.label, s.key))
-    return out
+    return sorted((s for best in kept.values() for s in best.samples()), key=lambda s: (s.label, s.key))
 
 
 def labeled_images(urls: Sequence[str], n: int | None, seed: int, bad: BadSamples | None = None,
@@ -324,38 +356,22 @@ def labeled_images(urls: Sequence[str], n: int | None, seed: int, bad: BadSample
     `num_classes` when given. Bad samples never enter the subset: the next by rank takes their place.
     Returns samples sorted by key.
     """
-    heap: list = []  # (negated rank, key, sample): its top is the largest rank kept so far
+    best = _SmallestRanks(n, seed)
     bad = bad if bad is not None else BadSamples(max_fraction=1.0)
     for sample in iter_samples(urls, bad=bad, decode=False, keep_raw=True, mask_classes=mask_classes):
         if not mask_classes and sample.label is None:
             raise UserError(f"sample {sample.key} in {sample.shard} has no .cls label")
         if not mask_classes and num_classes and not 0 <= sample.label < num_classes:
             raise UserError(f"sample {sample.key}: label {sample.label} is not a class ({num_classes} classes)")
-        neg = -int(subset_rank(seed, sample.key), 16)
-        if n is not None and len(heap) >= n and neg <= heap[0][0]:
-            continue
-        ext = image_ext(sample.raw)
-        try:
-            sample.image = decode_image(sample.raw[ext])
-            if mask_classes:
-                sample.mask = decode_mask(sample.raw[MASK_EXT], sample.image.size, mask_classes, sample.key)
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 -- counted bad, as iter_samples does
-            bad.record(sample.shard, sample.key, f"{type(e).__name__}: {e}")
-            continue
-        sample.raw = {}
-        item = (neg, sample.key, sample)
-        if n is None or len(heap) < n:
-            heapq.heappush(heap, item)
-        else:
-            heapq.heapreplace(heap, item)
+        neg = best.rank(sample.key)
+        if best.wants(neg) and _decode_kept(sample, bad, mask_classes):
+            best.add(neg, sample)
     bad.check()
-    if not heap:
+    if not len(best):
         raise UserError(f"no usable samples in {urls[0]}{' ...' if len(urls) > 1 else ''}")
-    if n is not None and len(heap) < n:
-        raise UserError(f"--labeled-images {n} is more than the data holds ({len(heap)} usable images)")
-    return sorted((item[2] for item in heap), key=lambda s: s.key)
+    if n is not None and len(best) < n:
+        raise UserError(f"--labeled-images {n} is more than the data holds ({len(best)} usable images)")
+    return sorted(best.samples(), key=lambda s: s.key)
 
 
 # ------------------------------------------------------------------------------------------- writing
