@@ -53,6 +53,13 @@ def test_paper_preset_smoke_runs_every_row_and_resumes(fmnist, tmp_path):
     assert ("student test_efficientnet", "task-agnostic (patch-cosine)") in tables
     assert sum(r["table"] == "curve" for r in results["rows"]) == 2
     assert sum(r["table"] == "teacher recipes" for r in results["rows"]) == 2
+    # the task-oriented row again from the curve's largest distillation, its 3 seeds finetuned from that run
+    curve_row = [r for r in results["rows"] if "the curve's largest" in r["row"]]
+    assert len(curve_row) == 1 and curve_row[0]["runs"] == 2
+    import yaml
+
+    assert all(yaml.safe_load((out / d / "config.yaml").read_text())["init"].endswith("-curve-2x1")
+               for d in curve_row[0]["run_dirs"])
     assert (out / "report.png").stat().st_size > 0 and "Transfer-growth curve" in (out / "report.md").read_text()
     assert main(args + ["--report-only"]) == 0  # nothing missing, nothing run
     assert main(args) == 0
