@@ -92,6 +92,9 @@ class SegPreset:
     distill_epochs: int = 8
     distill_batch_size: int = 32
     workers: int = 0  # DataLoader workers per command: the data is small, the cores run the jobs
+    # NHWC weights: measured 1.1x for MobileViT-V2-0.5 OS8 training, 1.2-1.5x for the Lite OS8 teachers' forward
+    # (python -m tools.bench channels-last, docs/benchmarks.md)
+    channels_last: bool = True
 
 
 PRESETS: dict[str, SegPreset] = {
@@ -153,6 +156,10 @@ class SegDemo:
         marker.write_text(json.dumps(stamp))
 
     # -- the commands ----------------------------------------------------------------------------
+    @property
+    def cl(self) -> list[str]:
+        return ["--channels-last"] if self.p.channels_last else []
+
     def add(self, job: Job) -> str:
         job.rank = self.rank
         self.graph.setdefault(job.name, job)
@@ -169,14 +176,15 @@ class SegDemo:
                "--data", str(self.data["train"]), "--val-data", str(self.data["test"]),
                "--labeled-images", str(budget), "--subset-seed", str(seed), "--seed", str(seed),
                "--epochs", str(epochs), "--image-size", str(p.image_size), "--batch-size", str(p.batch_size),
-               "--lr", str(lr), "--workers", str(p.workers), "--out", str(run)]
+               "--lr", str(lr), "--workers", str(p.workers), *self.cl, "--out", str(run)]
         return self.add(Job(f"runs/{name}", cmd, run / "eval.json", [init] if init else [], first=first, seed=seed))
 
     def cache(self, name: str, teacher: str, target: str, transfer: str, after: list[str], codec: str = "") -> str:
         p, store = self.p, self.out / "cache" / f"{name}.zarr"
         cmd = ["kt.teacher_cache.cli", "build", "--teacher", teacher, "--data", str(self.data[transfer]),
                "--out", str(store), "--views", str(p.views), "--targets", target, "--image-size", str(p.image_size),
-               "--batch-size", "64", "--workers", str(p.workers), *(["--codec", f"{target}={codec}"] if codec else [])]
+               "--batch-size", "64", "--workers", str(p.workers), *self.cl,
+               *(["--codec", f"{target}={codec}"] if codec else [])]
         return self.add(Job(f"cache/{name}", cmd, store.with_suffix(".done"), after, first=True, mark=True))
 
     def distill(self, name: str, objective: str, transfer: str) -> str:
@@ -185,7 +193,7 @@ class SegDemo:
                "--head-width", str(p.student_head_width), "--cache", str(self.out / "cache" / f"{name}.zarr"),
                "--data", str(self.data[transfer]), "--objective", objective, "--epochs", str(p.distill_epochs),
                "--image-size", str(p.image_size), "--batch-size", str(p.distill_batch_size), "--lr", str(p.lr),
-               "--workers", str(p.workers), "--out", str(run)]
+               "--workers", str(p.workers), *self.cl, "--out", str(run)]
         return self.add(Job(f"distill/{name}", cmd, run / "checkpoint" / "card.json", [f"cache/{name}"], first=True))
 
     def grid_teacher(self) -> str:
