@@ -140,13 +140,19 @@ def parse_codecs(specs: Sequence[str], targets: Sequence[str]) -> dict[str, Code
 def fit_default_codecs(codecs: dict[str, Codec], shapes: dict[str, tuple], overrides: Sequence[str]) -> dict[str, Codec]:
     """A default top-k codec (`topk:k=10`, `pixel-topk:k=5`) on a teacher with fewer than k classes would be
     refused (k exceeds the classes); there the default becomes `fp16`, exact and smaller than keeping every class
-    with indices and a tail. A codec given with --codec is kept as given (and refused by its codec)."""
+    with indices and a tail. A top-k given with --codec for more classes than the teacher has is refused here,
+    before the store exists, not at the first batch."""
     given = {item.split("=", 1)[0] for item in overrides}
     out = dict(codecs)
     for target, codec in codecs.items():
         k = getattr(codec, "k", None)
-        if target not in given and k is not None and k > shapes[target][codec.class_axis]:
-            out[target] = parse_codec("fp16", target)
+        classes = shapes[target][codec.class_axis] if k is not None else None
+        if k is None or k <= classes:
+            continue
+        if target in given:
+            raise UserError(f"--codec {target}={codec.spec}: k={k} is more than the teacher's {classes} classes "
+                            f"(use k <= {classes}, or fp16)")
+        out[target] = parse_codec("fp16", target)
     return out
 
 

@@ -117,6 +117,12 @@ def test_the_list_from_trying(fmnist, tiny_teacher, tmp_path, capsys):  # noqa: 
     assert "1 rows hold NaN or infinite values, e.g. row 2 (key 'c')" in err
     assert not (tmp_path / "e.emb").exists()
 
+    # a top-k codec for more classes than the teacher has: refused before the store exists (was: at the first batch)
+    err = one_line(capsys, cache, build_args(tiny_teacher, data, tmp_path / "k.zarr", "--codec", "logits=topk:k=50"),
+                   "kt-cache")
+    assert "--codec logits=topk:k=50: k=50 is more than the teacher's 10 classes" in err
+    assert not (tmp_path / "k.zarr").exists()
+
 
 # ------------------------------------------------------------------------------------------ two writers
 HOLD = """

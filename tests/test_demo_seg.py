@@ -68,7 +68,7 @@ def test_execute_respects_dependencies_and_resumes(tmp_path, monkeypatch):
     assert started == []
 
 
-def test_codec_rows_distill_the_largest_budget_from_caches_in_each_codec(tmp_path):
+def test_codec_rows_distill_the_first_budget_from_caches_in_each_codec(tmp_path):
     from dataclasses import replace
 
     demo = SegDemo(replace(PRESETS["seg"], codecs=["fp16", "pixel-topk:k=3"]), tmp_path / "out", jobs=2,
@@ -76,15 +76,15 @@ def test_codec_rows_distill_the_largest_budget_from_caches_in_each_codec(tmp_pat
     demo.grid_teacher = lambda: str(tmp_path / "grid-teacher")
     cells = [c for c in demo.plan() if "codec" in c["row"]]
     assert [(c["row"], c["transfer"], c["labeled_images"], len(c["runs"])) for c in cells] == [
-        ("Task-oriented, cache codec fp16", "composites", 200, 3),
-        ("Task-oriented, cache codec pixel-topk:k=3", "composites", 200, 3)]
-    build = demo.graph["cache/task-n200-composites-fp16"]
-    assert build.after == ["runs/teacher-n200-s0"]
+        ("Task-oriented, cache codec fp16", "composites", 50, 3),
+        ("Task-oriented, cache codec pixel-topk:k=3", "composites", 50, 3)]
+    build = demo.graph["cache/task-n50-composites-fp16"]
+    assert build.after == ["runs/teacher-n50-s0"]
     assert build.cmd[build.cmd.index("--codec") + 1] == "seg_logits=fp16"
-    assert "--codec" not in demo.graph["cache/task-n200-composites"].cmd  # the main row: build's default codec
-    assert demo.graph["runs/task-n200-composites-pixel-topk-k3-s2"].after == ["distill/task-n200-composites-pixel-topk-k3"]
+    assert "--codec" not in demo.graph["cache/task-n50-composites"].cmd  # the main row: build's default codec
+    assert demo.graph["runs/task-n50-composites-pixel-topk-k3-s2"].after == ["distill/task-n50-composites-pixel-topk-k3"]
     # every student row has the preset's student head width (distilled ones through --init)
-    for name in ("distill/task-n200-composites-fp16", "runs/labels-n50-s0"):
+    for name in ("distill/task-n50-composites-fp16", "runs/labels-n200-s0"):
         cmd = demo.graph[name].cmd
         assert cmd[cmd.index("--head-width") + 1] == str(PRESETS["seg"].student_head_width)
 

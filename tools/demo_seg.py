@@ -81,7 +81,7 @@ class SegPreset:
     # the student's DeepLabV3 width, in every student row (labels only, distilled): on MobileViT-V2-0.5's 8x8 grid
     # a 256-wide head is 69% of the FLOPs at 64 px (0.51 GFLOPs); 128 wide, 0.31 (docs/benchmarks.md)
     student_head_width: int = 128
-    # extra task-oriented rows (largest budget, composites): the same distillation from a cache written with each
+    # extra task-oriented rows (first budget, composites): the same distillation from a cache written with each
     # of these seg_logits codecs, beside the default codec's row (`--codecs fp16 pixel-topk:k=3`)
     codecs: list[str] = field(default_factory=list)
     batch_size: int = 16
@@ -251,7 +251,7 @@ class SegDemo:
                 cell(f"Task-oriented (per-pixel KL to the finetuned {teacher_name})", "task-oriented", transfer,
                      budget, [self.finetune(f"task-{transfer}-n{budget}-s{s}", p.student, budget, s, p.finetune_steps,
                                             p.lr, init=f"distill/task-n{budget}-{transfer}") for s in p.seeds])
-        budget = p.budgets[-1]
+        budget = p.budgets[0]  # measured: at 200 labels every scratch student (transfer rows too) is all-background
         for codec in p.codecs:  # the codec's effect on the student: the composites row again, from another cache
             name = f"task-n{budget}-composites-{codec.replace(':', '-').replace('=', '')}"
             self.cache(name, str(self.out / teachers[budget][0]), "seg_logits", "composites", [teachers[budget][0]],
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
                         help="run nothing: write the report from the runs finished so far")
     parser.add_argument("--codecs", nargs="+", default=[], metavar="SPEC",
                         help="also rows distilled from caches with these seg_logits codecs (e.g. fp16 "
-                             "pixel-topk:k=3), at the largest budget on the composites")
+                             "pixel-topk:k=3), at the first budget on the composites")
     parser.add_argument("--data-root", type=Path, default=None,
                         help=f"where the composites and photo crops go (default {SEG_DATA}; OUT/data for seg-smoke)")
     args = parser.parse_args(argv)
