@@ -19,7 +19,8 @@ Pipeline, per process:
 
 Resume is the store's: complete shards are skipped, the rest are redone from their first sample. Codecs
 that need fitting (PCA) are fitted once, by rank 0, on the teacher's outputs for the first views of the
-first input shards, and stored; every rank and every resumed run decodes with that stored state.
+first input shards, and stored; every rank and every resumed run decodes with that stored state. A single
+process takes those outputs from its own stream (`StreamFit`) instead of a second teacher pass.
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ class BuildConfig:
                                 "exact but slower, see docs/benchmarks.md) | cpu | cuda; both give the same "
                                 "views within 1/255",
                         choices=("auto", "cpu", "cuda"))
-    writer_threads: int = field(1, "threads encoding, compressing and writing targets; raise it when the "
-                                   "writer limits the build (python -m tools.bench pipeline: views/s per thread)",
-                                min=1)
+    writer_threads: int = field(-1, "threads encoding, compressing and writing targets; -1: none when the teacher "
+                                    "runs on the CPU (the work is done in its thread: a writer thread would take "
+                                    "cores from the teacher's own), 1 on a GPU; raise it when the writer limits the "
+                                    "build (python -m tools.bench pipeline: views/s per thread)",
+                                min=-1)
     codec: list = field([], "TARGET=SPEC overrides of the default codecs, e.g. logits=topk:k=10")
     max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt", min=0, max=1)
     fit_views: int = field(256, "teacher outputs sampled to fit PCA codecs", min=1)
@@ -258,7 +261,7 @@ def view_loader(urls, view_set: ViewSet, image_size, mean, std, batch_size, work
 def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], view_set: ViewSet,
                image_size: int, batch_size: int, n_views: int, place: Placement | None = None) -> None:
     """Fit codecs that learn from data (PCA) on the teacher's outputs for the first views of the data."""
-    needs = [t for t, c in codecs.items() if type(c).fit is not Codec.fit]
+    needs = codecs_to_fit(codecs)
     if not needs:
         return
     dataset = ShardViewBatches(urls, view_set, image_size, model.mean, model.std, batch_size)
@@ -277,6 +280,72 @@ def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], 
             break
     for t in needs:
         codecs[t].fit(np.concatenate(got[t])[:n_views])
+
+
+def codecs_to_fit(codecs: dict[str, Codec]) -> list[str]:
+    return [t for t, c in codecs.items() if type(c).fit is not Codec.fit]
+
+
+class StreamFit:
+    """The codec fit of a fresh single-process build, taken from the build's own stream.
+
+    `fit_codecs` runs the teacher once more over the first views of the data before the build starts; a
+    single process gets the same views from its own stream (its shards are all the shards, in order), so
+    this holds the stream's first items back, fits on the same views in the same order (the first
+    `n_views` finite rows of the first shards, shard by shard: DataLoader workers interleave shards, each
+    shard's batches still arrive in order), and then lets the held items through. The store is bit for bit
+    the one `fit_codecs` makes, with no second forward of the fit views (measured: most of the build's
+    fixed cost, docs/benchmarks.md). Several processes keep `fit_codecs`: rank 0's stream is not the
+    first shards."""
+
+    def __init__(self, codecs: dict[str, Codec], urls: Sequence[str], n_views: int):
+        self.codecs, self.needs, self.urls, self.n_views = codecs, codecs_to_fit(codecs), list(urls), n_views
+        self.held: list[TeacherBatch | ShardEnd] = []
+        self.batches: dict[str, list[TeacherBatch]] = {u: [] for u in self.urls}
+        self.ended: set[str] = set()
+
+    def add(self, item: TeacherBatch | ShardEnd) -> bool:
+        """Hold `item`; True once the fit views are all in (the fit is then made: call `release`)."""
+        self.held.append(item)
+        if isinstance(item, TeacherBatch):
+            self.batches[item.url].append(item)
+        else:
+            self.ended.add(item.url)
+        got = self._fit_views()
+        if got is None:
+            return False
+        if not any(got[t] for t in self.needs):
+            raise UserError("no sample of the transfer set decodes with finite teacher outputs: nothing to fit "
+                            f"the {', '.join(self.needs)} codec on")
+        for t in self.needs:
+            self.codecs[t].fit(np.concatenate(got[t])[:self.n_views])
+        return True
+
+    def _fit_views(self) -> dict[str, list[np.ndarray]] | None:
+        """The fit's rows (as `fit_codecs` collects them), or None while the stream has not given them all."""
+        got: dict[str, list[np.ndarray]] = {t: [] for t in self.needs}
+        n = 0
+        for url in self.urls:
+            for b in self.batches[url]:
+                finite = finite_rows({t: b.raw[t] for t in self.needs})  # as fit_codecs: these targets only
+                for t in self.needs:
+                    got[t].append(b.raw[t][finite])
+                n += int(finite.sum())
+                if n >= self.n_views:
+                    return got
+            if url not in self.ended:
+                return None
+        return got  # every shard ended: fit on what there is
+
+    def release(self) -> list[TeacherBatch | ShardEnd]:
+        held, self.held = self.held, []
+        return held
+
+
+def write_codec_states(store: CacheStore, codecs: dict[str, Codec], shapes: dict[str, tuple]) -> None:
+    for t, codec in codecs.items():
+        codec.item_shape = shapes[t]
+        store.write_codec_state(t, *codec.state())
 
 
 def build_cache(cfg: BuildConfig) -> dict:
@@ -338,17 +407,18 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     attrs["transfer_classes"] = classes
     set_channels_last(model.to(place.device), cfg.channels_last)  # after the fingerprint (weights as loaded)
 
+    stream_fit = None
     if state.is_main_process:
         store = CacheStore.create(cfg.out, attrs, overwrite=cfg.overwrite)
         if any(store.read_codec_state(t) is None for t in targets):  # a fresh cache (not a resumed one)
-            fit_codecs(model, codecs, urls, view_set, image_size, cfg.batch_size, cfg.fit_views, place)
-            for t, codec in codecs.items():
-                codec.item_shape = shapes[t]
-                store.write_codec_state(t, *codec.state())
+            if state.num_processes == 1 and codecs_to_fit(codecs):
+                stream_fit = StreamFit(codecs, urls, cfg.fit_views)  # fitted on the build's first views
+            else:
+                fit_codecs(model, codecs, urls, view_set, image_size, cfg.batch_size, cfg.fit_views, place)
+                write_codec_states(store, codecs, shapes)
     state.wait_for_everyone()
     if not state.is_main_process:
         store = CacheStore.open(cfg.out, mode="r+")
-    codecs = store.load_codecs()
 
     done = store.completed()
     mine = [u for u in split_urls(urls, state.process_index, state.num_processes) if shard_id_for(u) not in done]
@@ -356,10 +426,9 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
                "shards_skipped": len(split_urls(urls, state.process_index, state.num_processes)) - len(mine),
                "shards_written": 0, "samples": 0, "bad": 0, "views_per_s": 0.0, "device": str(place.device),
                "teacher_dtype": str(place.teacher_dtype or torch.float32).removeprefix("torch."),
-               "codecs": {t: c.spec for t, c in codecs.items()}}  # what `auto` chose, among others
+               "codecs": {}, "writer_threads": writer_threads(cfg, place.device)}
     if mine:
-        writer = Writer(store, cfg.views, codecs, state.process_index, threads=cfg.writer_threads)
-        writer.start()
+        writer = None if stream_fit else start_writer(store, cfg, state.process_index, place.device)
         bar = tqdm(desc=f"kt-cache build (rank {state.process_index})", unit="view", mininterval=1.0,
                    disable=not state.is_local_main_process, dynamic_ncols=True)
         start, n_views = time.perf_counter(), 0
@@ -373,22 +442,48 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
                                               item.params, image_size, model.mean, model.std)
                     with torch.inference_mode():
                         raw = teacher_outputs(model, item.x, targets, place)
-                    writer.put(TeacherBatch(item.url, item.rows, item.views, item.params, raw, finite_rows(raw)))
+                    item = TeacherBatch(item.url, item.rows, item.views, item.params, raw, finite_rows(raw))
                     n_views += len(item.rows)
                     bar.update(len(item.rows))
+                if writer is None:  # the codecs are fitted on the stream's first views, then they go on
+                    if not stream_fit.add(item):
+                        continue
+                    write_codec_states(store, codecs, shapes)
+                    writer = start_writer(store, cfg, state.process_index, place.device)
+                    for held in stream_fit.release():
+                        writer.put(held)
                 else:
                     writer.put(item)
+                if isinstance(item, ShardEnd):
                     bar.set_postfix(shards=f"{len(writer.written)}/{len(mine)}")
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
         elapsed = time.perf_counter() - start
         summary.update(shards_written=len(writer.written), samples=sum(w["samples"] for w in writer.written),
                        bad=sum(w["bad"] for w in writer.written), views_per_s=n_views / max(elapsed, 1e-9))
+    summary["codecs"] = {t: c.spec for t, c in store.load_codecs().items()}  # what `auto` chose, among others
     state.wait_for_everyone()
     check_unique_keys(store, urls)
     check_bad_fraction(store, urls, cfg.max_bad_fraction)
     return summary
+
+
+def writer_threads(cfg: BuildConfig, device: torch.device) -> int:
+    """`--writer-threads`, with -1 resolved: 0 next to a CPU teacher, 1 next to a GPU one. On the 2-core box
+    (python -m tools.bench cache, docs/benchmarks.md) a writer thread beside a CPU teacher cost more than its
+    own work: OpenMP threads of the teacher wait on the one it preempts."""
+    if cfg.writer_threads >= 0:
+        return cfg.writer_threads
+    return 0 if torch.device(device).type == "cpu" else 1
+
+
+def start_writer(store: CacheStore, cfg: BuildConfig, rank: int, device: torch.device) -> Writer:
+    """The writer, with the codecs as stored (a fresh build's fit goes through its stored state too)."""
+    writer = Writer(store, cfg.views, store.load_codecs(), rank, threads=writer_threads(cfg, device))
+    writer.start()
+    return writer
 
 
 def check_unique_keys(store: CacheStore, urls: Sequence[str]) -> None:

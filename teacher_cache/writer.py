@@ -130,7 +130,8 @@ class ShardAssembler:
 
 
 class Writer:
-    """Encodes batches and writes finished shards off the teacher's thread, with `threads` parallel threads.
+    """Encodes batches and writes finished shards off the teacher's thread, with `threads` parallel threads
+    (0: in the caller's thread, as each job is put; see `BuildConfig.writer_threads`).
 
     Encoding (numpy) and compression + I/O (numcodecs, zarr) release the GIL, so threads scale until the
     cores do. Batches of one shard may be encoded by different threads in any order; the assembler sorts
@@ -141,8 +142,8 @@ class Writer:
 
     def __init__(self, store: CacheStore, views: int, codecs: dict[str, Codec], rank: int, max_pending: int = 8,
                  threads: int = 1):
-        if threads < 1:
-            raise UserError(f"--writer-threads must be at least 1, got {threads}")
+        if threads < 0:
+            raise UserError(f"--writer-threads must be at least 0, got {threads}")
         self.store, self.views, self.codecs, self.rank = store, views, codecs, rank
         self.jobs: queue.Queue = queue.Queue(maxsize=max_pending * threads)
         self.shards: dict[str, ShardAssembler] = {}
@@ -203,6 +204,9 @@ class Writer:
         if isinstance(job, TeacherBatch):
             with self._cond:
                 self._in_flight[job.url] = self._in_flight.get(job.url, 0) + 1
+        if not self._threads:  # inline: the work is done before put returns, errors raised here
+            self._do(job)
+            return
         self.jobs.put(job)
 
     def check(self) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from kt.teacher_cache.cli import main
 from kt.teacher_cache.store import CacheStore
+from tests.test_cache_cli import assert_same_store, small_shards  # noqa: F401 -- the fixture, shared
 from tests.test_reader import build_args, tiny_teacher  # noqa: F401 -- the fixture, shared
 
 
@@ -42,10 +43,65 @@ def test_two_writer_threads_write_the_same_store(tiny_teacher, fmnist, tmp_path)
                 np.testing.assert_array_equal(a["targets"][t][part], b["targets"][t][part])
 
 
-def test_writer_threads_must_be_positive(tiny_teacher, fmnist, tmp_path, capsys):  # noqa: F811
-    args = build_args(tiny_teacher, fmnist["train"][:1], tmp_path / "x.zarr", "--writer-threads", "0")
+def test_writer_in_the_teachers_thread_writes_the_same_store(tiny_teacher, small_shards, tmp_path):  # noqa: F811
+    for threads in (0, 1):
+        args = build_args(tiny_teacher, small_shards[:2], tmp_path / f"w{threads}.zarr", "--writer-threads",
+                          str(threads), "--codec", "patches=pca:d=16,int8", views=2)
+        args[args.index("--batch-size") + 1] = "5"
+        assert main(args) == 0
+    assert_same_store(tmp_path / "w0.zarr", tmp_path / "w1.zarr")
+
+
+def test_writer_threads_below_auto_are_refused(tiny_teacher, fmnist, tmp_path, capsys):  # noqa: F811
+    args = build_args(tiny_teacher, fmnist["train"][:1], tmp_path / "x.zarr", "--writer-threads", "-2")
     assert main(args) == 2
-    assert "--writer-threads 0: must be >= 1" in capsys.readouterr().err
+    assert "--writer-threads -2: must be >= -1" in capsys.readouterr().err
+
+
+def test_default_writer_works_in_the_teachers_thread_on_cpu_and_beside_a_gpu():
+    import torch
+
+    from kt.teacher_cache.build import BuildConfig, writer_threads
+
+    assert writer_threads(BuildConfig(), torch.device("cpu")) == 0
+    assert writer_threads(BuildConfig(), torch.device("cuda", 0)) == 1
+    assert writer_threads(BuildConfig(writer_threads=3), torch.device("cpu")) == 3
+
+
+def test_codecs_are_fitted_on_the_builds_own_views(tiny_teacher, small_shards, tmp_path, monkeypatch):  # noqa: F811
+    """A single-process build fits PCA on the first views of its own stream: no second teacher pass, and the
+    basis `fit_codecs` (the separate pass several processes use) gets from the same data. Two workers
+    interleave the shards' batches, and the fit views span two shards."""
+    from kt.checkpoints import load_model
+    from kt.teacher_cache import build
+    from kt.teacher_cache.codecs import parse_codec
+    from kt.views import ViewSet, load_view_spec
+
+    forwarded = []
+    real = build.teacher_outputs
+
+    def counting(model, x, targets, place=None):
+        forwarded.append(len(x))
+        return real(model, x, targets, place)
+
+    monkeypatch.setattr(build, "teacher_outputs", counting)
+    out = tmp_path / "c.zarr"
+    args = build_args(tiny_teacher, small_shards, out, "--codec", "patches=pca:d=16,int8", views=2)
+    args[args.index("--fit-views") + 1] = "40"  # shard 0 gives 24 views: the fit needs shard 1 too
+    args[args.index("--batch-size") + 1] = "5"
+    args[args.index("--workers") + 1] = "2"
+    assert main(args) == 0
+    assert forwarded[0] == 1  # the item shapes' probe
+    assert sum(forwarded[1:]) == 4 * 12 * 2  # then every view once, none again for the fit
+
+    model = load_model(tiny_teacher, image_size=32).eval()
+    fitted = {"patches": parse_codec("pca:d=16,int8", "patches")}
+    build.fit_codecs(model, fitted, small_shards, ViewSet(load_view_spec("train"), 0, 2), 32, 5, 40)
+    stored_attrs, stored = CacheStore.open(str(out)).read_codec_state("patches")
+    _, expected = fitted["patches"].state()
+    assert sorted(stored) == sorted(expected)
+    for name in expected:
+        np.testing.assert_array_equal(stored[name], expected[name])
 
 
 @pytest.mark.slow

@@ -37,6 +37,13 @@ def test_plan_is_the_table(tmp_path):
     ft = demo.graph["runs/labels-n200-s2"].cmd
     assert ft[ft.index("--labeled-images") + 1] == "200" and ft[ft.index("--subset-seed") + 1] == "2"
     assert "--task" in ft and ft[ft.index("--task") + 1] == "segmentation"
+    # scratch students finetune at the scratch lr; distilled inits at the pretrained-init lr, like IM-Pretrain
+    lr = {n: demo.graph[n].cmd[demo.graph[n].cmd.index("--lr") + 1] for n in
+          ("runs/labels-n50-s0", "runs/task-photos-n50-s0", "runs/agnostic-composites-n200-s1",
+           "runs/im-pretrain-n50-s0")}
+    assert lr == {"runs/labels-n50-s0": str(p.lr), "runs/task-photos-n50-s0": str(p.distilled_lr),
+                  "runs/agnostic-composites-n200-s1": str(p.distilled_lr), "runs/im-pretrain-n50-s0": str(p.teacher_lr)}
+    assert p.distilled_lr != p.lr
     # the first budget's jobs rank before the second's, whatever the order they were declared in
     assert {demo.graph[r].rank for c in cells if c["labeled_images"] == p.budgets[0] for r in c["runs"]} == {0}
     assert demo.graph["runs/teacher-n200-s0"].rank == demo.graph["runs/labels-n200-s0"].rank == 1

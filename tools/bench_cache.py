@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (both sides of the ratio)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--writer-threads", type=int, default=None,
+                   help="BuildConfig.writer_threads of the timed builds (default: the build's default)")
     p.add_argument("--fidelity-views", type=int, default=512, help="teacher outputs the codecs are measured on")
     p.add_argument("--fidelity-size", type=int, default=128, help="Lite2 input size for fidelity (4x4 grid)")
     p.add_argument("--grid-pca-d", default="32,64,128,256", help="PCA sizes tried on the Lite2 grid")
@@ -125,7 +127,8 @@ def bench_build(args, work: str) -> dict:
     def build(i, urls=urls) -> dict:
         cfg = BuildConfig(teacher=checkpoint, data="::".join(urls), out=os.path.join(work, f"build{i}.zarr"),
                           views=args.views, seed=0, targets=targets, image_size=args.image_size,
-                          batch_size=args.batch_size, workers=args.workers)
+                          batch_size=args.batch_size, workers=args.workers,
+                          **({} if args.writer_threads is None else {"writer_threads": args.writer_threads}))
         return build_cache(cfg)
 
     forward_s, build_s, forward_cpu, build_cpu = [], [], [], []
@@ -165,7 +168,8 @@ def bench_build(args, work: str) -> dict:
         "build_over_forward_cpu": round(min(build_cpu) / min(forward_cpu), 3),
         "build_cpu_s": [round(t, 2) for t in build_cpu], "forward_cpu_s": [round(t, 2) for t in forward_cpu],
         "views": n_views, "images": summary["samples"], "shards": len(urls), "image_size": args.image_size,
-        "workers": args.workers, "batch_size": args.batch_size, "teacher": "tf_efficientnet_lite2 (package, 1000 classes)",
+        "workers": args.workers, "batch_size": args.batch_size, "writer_threads": summary["writer_threads"],
+        "teacher": "tf_efficientnet_lite2 (package, 1000 classes)",
         # the defaults, patches chosen by `auto` (fitted on 256 views inside the build)
         "codecs": ", ".join(f"{t} {c}" for t, c in summary.get("codecs", {}).items()),
         "stored_bytes_per_view": round(stored / max(n_views, 1), 1),
