@@ -107,6 +107,7 @@ def test_seg_smoke_end_to_end(tmp_path):
     assert all(0.0 <= r["miou_mean"] <= 1.0 and r["runs"] == 1 for r in results["rows"])
     report = (out / "report.md").read_text()
     assert "task-related transfer (composites)" in report and (out / "report.png").stat().st_size > 0
+    assert "What the scratch student needed here: garments 0.5-0.9" in report  # the issue asks the report to say
     # a rerun resumes: every step's output exists, nothing runs again
     assert demo_main(["--preset", "seg-smoke", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["steps"] == []
