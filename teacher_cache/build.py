@@ -9,10 +9,12 @@ Pipeline, per process:
   sample each view's parameters from (spec, seed, key, view) and render the teacher's input. At this
   point we have batches that each belong to one input shard, in sample order, views consecutive.
 - The main thread only runs the teacher (one backbone pass gives logits, embedding and grid).
-- One writer thread (`kt.teacher_cache.writer`) encodes each batch as it comes and, at a shard's end,
-  writes the shard and its completion marker (`kt.teacher_cache.store`), so neither encoding nor I/O
-  stalls the teacher; a bounded queue keeps the teacher from running away from a slow store. Samples
-  whose teacher outputs are not finite are left out there and counted as bad samples.
+- The writer (`kt.teacher_cache.writer`) encodes each batch as it comes and, at a shard's end, writes the
+  shard and its completion marker (`kt.teacher_cache.store`). Beside a GPU teacher it is a thread, so
+  neither encoding nor I/O stalls the teacher (a bounded queue keeps the teacher from running away from a
+  slow store); beside a CPU teacher it works in the teacher's thread, between batches, because a thread
+  there would only take cores from the teacher's own (`--writer-threads`). Samples whose teacher outputs
+  are not finite are left out there and counted as bad samples.
 - Keys must be unique: reading refuses a key twice in one shard, and once every rank is done the build
   refuses a key in two shards (`check_unique_keys`). Each sample's content digest is stored beside its
   targets, so readers can tell the targets belong to these pixels, not only to this key.
