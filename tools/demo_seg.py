@@ -342,7 +342,7 @@ def scratch_note(p: dict) -> str:
             f"0.35-0.65 it predicted only background), {p['image_size']} px (at 32 px it did not learn), lr "
             f"{p['lr']} from scratch and {p['distilled_lr']} from a distilled init (2e-3 there collapsed the 200-label "
             "finetunes to background). What did not help: a higher lr, class-weighted CE, more distillation "
-            "epochs past 8 (the student's agreement with its teacher stays at the background share, ~0.72). "
+            "epochs past 8 (MobileViT-V2-0.5's agreement with its teacher stays at the background share, ~0.72). "
             "Details: docs/results.md.")
 
 
