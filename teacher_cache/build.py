@@ -263,29 +263,47 @@ def view_loader(urls, view_set: ViewSet, image_size, mean, std, batch_size, work
 def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], view_set: ViewSet,
                image_size: int, batch_size: int, n_views: int, place: Placement | None = None) -> None:
     """Fit codecs that learn from data (PCA) on the teacher's outputs for the first views of the data."""
-    needs = codecs_to_fit(codecs)
-    if not needs:
+    rows = FitRows(codecs, n_views)
+    if not rows.needs:
         return
-    dataset = ShardViewBatches(urls, view_set, image_size, model.mean, model.std, batch_size)
-    got: dict[str, list[np.ndarray]] = {t: [] for t in needs}
-    n = 0
-    for item in dataset:
-        if not isinstance(item, ViewBatch):
-            continue
-        with torch.inference_mode():
-            raw = teacher_outputs(model, item.x, needs, place)
-        finite = finite_rows(raw)  # a non-finite output would poison the basis; the build drops it anyway
-        for t in needs:
-            got[t].append(raw[t][finite])
-        n += int(finite.sum())
-        if n >= n_views:
-            break
-    for t in needs:
-        codecs[t].fit(np.concatenate(got[t])[:n_views])
+    for item in ShardViewBatches(urls, view_set, image_size, model.mean, model.std, batch_size):
+        if isinstance(item, ViewBatch):
+            with torch.inference_mode():
+                raw = teacher_outputs(model, item.x, rows.needs, place)
+            if rows.add(raw):
+                break
+    rows.fit()
 
 
 def codecs_to_fit(codecs: dict[str, Codec]) -> list[str]:
     return [t for t, c in codecs.items() if type(c).fit is not Codec.fit]
+
+
+class FitRows:
+    """What the codecs that learn from data are fitted on: the teacher's finite rows (of those targets), batch
+    after batch in the data's order, up to `n_views`. One collection for both ways the build fits
+    (`fit_codecs`, `StreamFit`), so the two give the same basis."""
+
+    def __init__(self, codecs: dict[str, Codec], n_views: int):
+        self.codecs, self.needs, self.n_views = codecs, codecs_to_fit(codecs), n_views
+        self.got: dict[str, list[np.ndarray]] = {t: [] for t in self.needs}
+        self.n = 0
+
+    def add(self, raw: dict[str, np.ndarray]) -> bool:
+        """Take one batch's outputs; True once `n_views` rows are in."""
+        # a non-finite output would poison the basis; the build drops it anyway
+        finite = finite_rows({t: raw[t] for t in self.needs})
+        for t in self.needs:
+            self.got[t].append(raw[t][finite])
+        self.n += int(finite.sum())
+        return self.n >= self.n_views
+
+    def fit(self) -> None:
+        if not self.n:
+            raise UserError("no sample of the transfer set decodes with finite teacher outputs: nothing to fit "
+                            f"the {', '.join(self.needs)} codec on")
+        for t in self.needs:
+            self.codecs[t].fit(np.concatenate(self.got[t])[:self.n_views])
 
 
 class StreamFit:
@@ -301,10 +319,11 @@ class StreamFit:
     first shards."""
 
     def __init__(self, codecs: dict[str, Codec], urls: Sequence[str], n_views: int):
-        self.codecs, self.needs, self.urls, self.n_views = codecs, codecs_to_fit(codecs), list(urls), n_views
+        self.rows, self.urls = FitRows(codecs, n_views), list(urls)
         self.held: list[TeacherBatch | ShardEnd] = []
         self.batches: dict[str, list[TeacherBatch]] = {u: [] for u in self.urls}
         self.ended: set[str] = set()
+        self.shard, self.taken = 0, 0  # the data's order: batches of urls[shard] handed to `rows` so far
 
     def add(self, item: TeacherBatch | ShardEnd) -> bool:
         """Hold `item`; True once the fit views are all in (the fit is then made: call `release`)."""
@@ -313,31 +332,18 @@ class StreamFit:
             self.batches[item.url].append(item)
         else:
             self.ended.add(item.url)
-        got = self._fit_views()
-        if got is None:
-            return False
-        if not any(got[t] for t in self.needs):
-            raise UserError("no sample of the transfer set decodes with finite teacher outputs: nothing to fit "
-                            f"the {', '.join(self.needs)} codec on")
-        for t in self.needs:
-            self.codecs[t].fit(np.concatenate(got[t])[:self.n_views])
-        return True
-
-    def _fit_views(self) -> dict[str, list[np.ndarray]] | None:
-        """The fit's rows (as `fit_codecs` collects them), or None while the stream has not given them all."""
-        got: dict[str, list[np.ndarray]] = {t: [] for t in self.needs}
-        n = 0
-        for url in self.urls:
-            for b in self.batches[url]:
-                finite = finite_rows({t: b.raw[t] for t in self.needs})  # as fit_codecs: these targets only
-                for t in self.needs:
-                    got[t].append(b.raw[t][finite])
-                n += int(finite.sum())
-                if n >= self.n_views:
-                    return got
+        while self.shard < len(self.urls):  # hand on, in the data's order, what has arrived of it
+            url = self.urls[self.shard]
+            while self.taken < len(self.batches[url]):
+                self.taken += 1
+                if self.rows.add(self.batches[url][self.taken - 1].raw):
+                    self.rows.fit()
+                    return True
             if url not in self.ended:
-                return None
-        return got  # every shard ended: fit on what there is
+                return False
+            self.shard, self.taken = self.shard + 1, 0
+        self.rows.fit()  # every shard ended: fit on what there is
+        return True
 
     def release(self) -> list[TeacherBatch | ShardEnd]:
         held, self.held = self.held, []
