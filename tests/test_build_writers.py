@@ -104,8 +104,24 @@ def test_codecs_are_fitted_on_the_builds_own_views(tiny_teacher, small_shards, t
         np.testing.assert_array_equal(stored[name], expected[name])
 
 
+def test_build_benchmark_separates_the_fixed_cost_from_the_per_view_ratio():
+    """build = fixed + per_view x views at two sizes, with known costs: the separation gives them back exactly."""
+    from tools.bench_cache import separate_fixed_cost
+
+    def forward(views):
+        return 0.5 + 0.010 * views
+
+    def build(views):
+        return 2.0 + 0.012 * views
+
+    got = separate_fixed_cost(100, forward(100), build(100), 300, forward(300), build(300))
+    assert got == {"marginal_build_over_forward": 1.2, "build_fixed_s": 2.0, "forward_fixed_s": 0.5}
+
+
 @pytest.mark.slow
-def test_build_benchmark_separates_the_fixed_cost_from_the_per_view_ratio(fmnist, tmp_path):
+def test_build_benchmark_times_two_sizes(fmnist, tmp_path):
+    """The benchmark end to end on tiny shards. Its timings are only checked for being there: this runs beside
+    other tests, where a ratio of two timings means nothing (the arithmetic is tested above)."""
     from tools import bench_cache
 
     result = bench_cache.run(["--data", str(fmnist["root"] / "train"), "--build-shards", "1", "--large-shards", "3",
@@ -113,8 +129,6 @@ def test_build_benchmark_separates_the_fixed_cost_from_the_per_view_ratio(fmnist
                               "--batch-size", "50", "--workers", "0", "--workdir", str(tmp_path)])
     build = result["build"]
     assert build["views"] == 100 and build["large_views"] == 300
-    assert build["large_build_over_forward"] > 0 and build["marginal_build_over_forward"] > 0
-    # the model: build = fixed + marginal x forward's per-view time; the two sizes reproduce their builds
-    per_view_f = (build["large_forward_s"][0] - build["forward_s"][0]) / 200
-    per_view_b = build["marginal_build_over_forward"] * per_view_f
-    assert abs(build["build_fixed_s"] + per_view_b * 300 - build["large_build_s"][0]) < 0.05
+    assert len(build["forward_s"]) == len(build["build_s"]) == len(build["large_build_s"]) == 1
+    assert all(t > 0 for key in ("forward_s", "build_s", "large_forward_s", "large_build_s") for t in build[key])
+    assert {"marginal_build_over_forward", "build_fixed_s", "forward_fixed_s"} <= set(build)

@@ -153,14 +153,9 @@ def bench_build(args, work: str) -> dict:
             lf.append(t)
             (t, _), _ = _timed(build, f"large{i}", big)
             lb.append(t)
-        per_view_f = (min(lf) - min(forward_s)) / (big_views - n_views)
-        per_view_b = (min(lb) - min(build_s)) / (big_views - n_views)
         large = {"large_views": big_views, "large_forward_s": [round(t, 2) for t in lf],
-                 "large_build_s": [round(t, 2) for t in lb],
-                 "large_build_over_forward": round(min(lb) / min(lf), 3),
-                 "marginal_build_over_forward": round(per_view_b / per_view_f, 3),
-                 "build_fixed_s": round(min(build_s) - per_view_b * n_views, 2),
-                 "forward_fixed_s": round(min(forward_s) - per_view_f * n_views, 2)}
+                 "large_build_s": [round(t, 2) for t in lb], "large_build_over_forward": round(min(lb) / min(lf), 3),
+                 **separate_fixed_cost(n_views, min(forward_s), min(build_s), big_views, min(lf), min(lb))}
     return {**large,
         "build_over_forward": round(min(build_s) / min(forward_s), 3),
         "build_s": [round(t, 2) for t in build_s], "forward_s": [round(t, 2) for t in forward_s],
@@ -174,6 +169,18 @@ def bench_build(args, work: str) -> dict:
         "codecs": ", ".join(f"{t} {c}" for t, c in summary.get("codecs", {}).items()),
         "stored_bytes_per_view": round(stored / max(n_views, 1), 1),
     }
+
+
+def separate_fixed_cost(views: int, forward_s: float, build_s: float, large_views: int, large_forward_s: float,
+                        large_build_s: float) -> dict:
+    """Two sizes of the same job, each as fixed + per_view x views: the build's per-view cost over the forward's
+    (`marginal_build_over_forward`) and each side's fixed cost. Timings, so on a loaded machine any of them can
+    come out below zero: a figure needs a quiet machine."""
+    per_view_f = (large_forward_s - forward_s) / (large_views - views)
+    per_view_b = (large_build_s - build_s) / (large_views - views)
+    return {"marginal_build_over_forward": round(per_view_b / per_view_f, 3),
+            "build_fixed_s": round(build_s - per_view_b * views, 2),
+            "forward_fixed_s": round(forward_s - per_view_f * views, 2)}
 
 
 def _timed(fn, *args):
