@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kt.render import FILL, Affine, as_params, compose, crop_box, joined_run, out_size, plan
+from kt.render import FILL, Affine, as_params, compose, crop_box, joined_run, normalize, out_size, plan
 from kt.views import JITTER_ORDERS
 
 
@@ -395,7 +395,4 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
                 x = x.index_copy(0, sel, y) if len(idx) < len(x) else y
         if mean is None or std is None:
             return x.to(torch.uint8)
-        s = torch.tensor(std, dtype=torch.float64)
-        scale = (1.0 / (255.0 * s)).to(torch.float32).view(1, 3, 1, 1).to(x.device)
-        shift = (torch.tensor(mean, dtype=torch.float64) / s).to(torch.float32).view(1, 3, 1, 1).to(x.device)
-        return x.mul_(scale).sub_(shift)
+        return normalize(x, mean, std)

@@ -8,7 +8,10 @@ Pipeline, per process:
 - DataLoader workers read this rank's incomplete input shards (one worker per shard at a time), decode,
   sample each view's parameters from (spec, seed, key, view) and render the teacher's input. At this
   point we have batches that each belong to one input shard, in sample order, views consecutive.
-- The main thread only runs the teacher (one backbone pass gives logits, embedding and grid).
+- The main thread only runs the teacher (one backbone pass gives logits, embedding and grid). On a GPU the
+  workers send uint8 views, normalised there; the teacher is replayed as one captured CUDA graph per batch
+  (`GraphedTeacher`: Python threads beside an op-by-op forward slow its ~400 launches, see its docstring);
+  and one batch is in flight, so that the host's work between batches overlaps the teacher's.
 - The writer (`kt.teacher_cache.writer`) encodes each batch as it comes and, at a shard's end, writes the
   shard and its completion marker (`kt.teacher_cache.store`). Beside a GPU teacher it is a thread, so
   neither encoding nor I/O stalls the teacher (a bounded queue keeps the teacher from running away from a
@@ -41,7 +44,7 @@ from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, decode_image, expand_shards, iter_samples, load_classes, split_urls
-from kt.render import decode_for_views, render, to_tensor
+from kt.render import decode_for_views, normalize, render, to_tensor, to_uint8
 from kt.render_tensor import images_to_tensors, render_batch
 from kt.views import ViewSet, ViewSpec, load_view_spec
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
@@ -63,8 +66,8 @@ class BuildConfig:
     image_size: int = field(0, "teacher input size (0: the checkpoint's)", min=0)
     batch_size: int = field(64, "teacher batch size", min=1)
     workers: int = field(2, "DataLoader workers decoding and rendering", min=0)
-    render: str = field("auto", "where views are rendered: auto (today the DataLoader workers: the GPU path is "
-                                "exact but slower, see docs/benchmarks.md) | cpu | cuda; both give the same "
+    render: str = field("auto", "where views are rendered: auto (today the DataLoader workers: a build with the "
+                                "GPU path ran slower, see docs/benchmarks.md) | cpu | cuda; both give the same "
                                 "views within 1/255",
                         choices=("auto", "cpu", "cuda"))
     writer_threads: int = field(-1, "threads encoding, compressing and writing targets; -1: none when the teacher "
@@ -76,6 +79,10 @@ class BuildConfig:
     max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt", min=0, max=1)
     fit_views: int = field(256, "teacher outputs sampled to fit PCA codecs", min=1)
     channels_last: bool = field(False, CHANNELS_LAST_HELP)
+    teacher_graph: bool = field(True, "on CUDA, run the teacher as one captured CUDA graph per batch: a ViT-L/14 "
+                                      "forward is ~400 kernel launches, and Python threads beside it (the "
+                                      "DataLoader's, the writer's) slow launching enough to halve the build "
+                                      "(docs/benchmarks.md); --no-teacher-graph runs it op by op")
     teacher_precision: str = field("bf16", "teacher forwards on CUDA: bf16 autocast (about 2x the throughput; "
                                            "fidelity in docs/benchmarks.md) | fp32; on CPU always fp32")
     overwrite: bool = field(False, "replace a cache of another teacher/view spec at --out")
@@ -87,10 +94,93 @@ def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str],
     """`kt.models.teacher_targets` of one batch as float32 numpy arrays, as the codecs take them.
 
     `x` goes to the model's device; `place` sets the precision there (default: fp32)."""
+    return launch_teacher(model, x, targets, place).result()
+
+
+@dataclass
+class TeacherRun:
+    """One batch's teacher outputs on their way to the host: on CUDA the copies are queued behind the forward
+    (into pinned memory) and `result` waits for them; on a CPU they are done already."""
+
+    host: dict[str, torch.Tensor]
+    done: "torch.cuda.Event | None"
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.done is not None:
+            self.done.synchronize()
+        return {t: v.numpy() for t, v in self.host.items()}
+
+
+def launch_teacher(model, x: torch.Tensor, targets: Sequence[str], place: Placement | None = None) -> TeacherRun:
+    """`teacher_outputs` without waiting for a GPU: the forward and the copies back are queued, and the caller
+    can do host work (fetch and copy the next batch, encode the last one) while the GPU computes. `model`
+    may be a `GraphedTeacher`."""
     place = place or placement(model_device(model), "fp32")
-    with place.teacher_autocast():
-        out = teacher_targets(model, place.to(x), targets)
-    return {t: v.float().cpu().numpy() for t, v in out.items()}
+    if isinstance(model, GraphedTeacher):
+        out = model(place.to(x))
+    else:
+        with torch.inference_mode(), place.teacher_autocast():
+            out = teacher_targets(model, place.to(x), targets)
+    cuda = place.device.type == "cuda"
+    # non_blocking device->host copies land in pinned memory (torch allocates it so), hence the event
+    host = {t: v.float().to("cpu", non_blocking=cuda) for t, v in out.items()}
+    done = None
+    if cuda:
+        done = torch.cuda.Event()
+        done.record()
+    return TeacherRun(host, done)
+
+
+class GraphedTeacher:
+    """`teacher_targets` of a CUDA teacher captured once as a CUDA graph for `batch_size` views, replayed per
+    batch: one launch instead of one per op. Measured on an H200 (docs/benchmarks.md): a ViT-L/14 forward
+    launches ~400 kernels, and beside a busy Python thread the main thread waits for the GIL at every one of
+    them (2,035 images/s alone, 15 beside a pure-Python loop); the build's DataLoader pin thread and writer
+    thread are such threads, and they held the eager teacher to ~0.5 of its forward.
+
+    A shorter batch (a shard's last) fills the first rows of the static input; the other rows keep the last
+    batch's data and their outputs are dropped (eval-mode rows are independent). Capture follows PyTorch's
+    recipe: warm-up on a side stream, autocast without its weight cache. `capture` returns None (and the build
+    runs eagerly) when the model cannot be captured, e.g. it synchronises with the host in its forward."""
+
+    def __init__(self, model: TaskModel, targets: Sequence[str], place: Placement, batch_size: int, image_size: int):
+        self.x = torch.zeros(batch_size, 3, image_size, image_size, device=place.device)
+        autocast = torch.autocast("cuda", dtype=place.teacher_dtype or torch.bfloat16,
+                                  enabled=place.teacher_dtype is not None, cache_enabled=False)
+
+        def forward() -> dict[str, torch.Tensor]:
+            return {t: v.float() for t, v in teacher_targets(model, self.x, targets).items()}
+
+        with torch.cuda.device(place.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.inference_mode(), autocast, torch.cuda.stream(side):
+                for _ in range(2):  # cuBLAS/cuDNN handles and workspaces exist before the capture
+                    forward()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), autocast, torch.cuda.graph(self.graph):
+                self.out = forward()
+
+    @classmethod
+    def capture(cls, model, targets, place, batch_size, image_size) -> "GraphedTeacher | None":
+        try:
+            return cls(model, targets, place, batch_size, image_size)
+        except Exception as e:  # noqa: BLE001 -- any capture failure leaves the eager teacher, which works
+            import warnings
+
+            warnings.warn(f"kt-cache build: the teacher could not be captured as a CUDA graph ({type(e).__name__}: "
+                          f"{e}); it runs op by op", stacklevel=2)
+            torch.cuda.synchronize(place.device)
+            return None
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = len(x)
+        if n > len(self.x):
+            raise ValueError(f"a batch of {n} views for a graph captured for {len(self.x)}")
+        self.x[:n].copy_(x)
+        self.graph.replay()
+        return {t: v[:n] for t, v in self.out.items()}
 
 
 def parse_targets(targets: Sequence[str] | str) -> list[str]:
@@ -192,20 +282,28 @@ class ViewBatch:
     views: np.ndarray  # (b,) view index
     keys: list[str]
     params: np.ndarray  # (b, P)
-    x: torch.Tensor | list[torch.Tensor]  # (b, 3, S, S) the teacher's input; device_render: b uint8 (3, H, W) sources
+    # (b, 3, S, S) the teacher's input, normalised float32, or uint8 views normalised on the teacher's GPU;
+    # device_render: b uint8 (3, H, W) sources
+    x: torch.Tensor | list[torch.Tensor]
+
+    def pin_memory(self) -> "ViewBatch":
+        """Called by the DataLoader's pin thread (a dataclass is otherwise passed through unpinned)."""
+        self.x = [t.pin_memory() for t in self.x] if isinstance(self.x, list) else self.x.pin_memory()
+        return self
 
 
 class ShardViewBatches(IterableDataset):
     """`ViewBatch`es of rendered teacher views, each from one input shard, and a `ShardEnd` after each shard.
 
     With `device_render` the workers only decode: x is the views' decoded uint8 sources, rendered as one
-    batch on the teacher's GPU (`kt.render_tensor.render_batch`) from the same params."""
+    batch on the teacher's GPU (`kt.render_tensor.render_batch`) from the same params. With `uint8` the
+    rendered views stay uint8, for the consumer to `normalize` on its device."""
 
     def __init__(self, urls: Sequence[str], view_set: ViewSet, image_size: int, mean, std, batch_size: int,
-                 device_render: bool = False):
+                 device_render: bool = False, uint8: bool = False):
         self.urls, self.view_set = list(urls), view_set
         self.image_size, self.mean, self.std, self.batch_size = image_size, mean, std, batch_size
-        self.device_render = device_render
+        self.device_render, self.uint8 = device_render, uint8
 
     def __iter__(self) -> Iterator[ViewBatch | ShardEnd]:
         info = get_worker_info()
@@ -234,8 +332,11 @@ class ShardViewBatches(IterableDataset):
             digests.append(sample.digest)
             source = images_to_tensors([sample.image], "cpu")[0] if self.device_render else None
             for v, params in enumerate(views.pop(sample.key)):
-                x = source if self.device_render else \
-                    to_tensor(render(sample.image, params, self.image_size), self.mean, self.std)
+                if self.device_render:
+                    x = source
+                else:
+                    view = render(sample.image, params, self.image_size)
+                    x = to_uint8(view) if self.uint8 else to_tensor(view, self.mean, self.std)
                 buf.append((row, v, params, x))
                 if len(buf) == self.batch_size:
                     yield self._batch(url, buf, keys)
@@ -252,14 +353,57 @@ class ShardViewBatches(IterableDataset):
 
 
 def view_loader(urls, view_set: ViewSet, image_size, mean, std, batch_size, workers,
-                pin_memory: bool = False, device_render: bool = False) -> DataLoader:
-    dataset = ShardViewBatches(urls, view_set, image_size, mean, std, batch_size, device_render)
+                pin_memory: bool = False, device_render: bool = False, uint8: bool = False) -> DataLoader:
+    dataset = ShardViewBatches(urls, view_set, image_size, mean, std, batch_size, device_render, uint8)
     workers = min(workers, len(urls))
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
 # ----------------------------------------------------------------------------------------- the build
+# workers send uint8 views to a CUDA teacher, normalised there: a quarter of the bytes through shared and
+# pinned memory (tools/bench_gpu.py's `build` part times it against float views; a module switch for that)
+UINT8_VIEWS_TO_GPU = True
+
+
+class BuildClock:
+    """Where the build loop's wall time goes, for the summary: waiting on the DataLoader (decode + render:
+    the data path), the teacher (queueing its forward, with the host->device copy and a GPU render or
+    normalisation; on a CPU the whole forward), waiting for the teacher's outputs (a GPU still computing),
+    and the writer (encoding when it runs in the teacher's thread, a full queue when its thread falls
+    behind, the final flush). `first_batch` is the time until the first
+    batch reached the teacher (worker start, first decodes, on a CPU its forward too); the steady rate leaves
+    it out, so that a short run's start-up does not pass for the pipeline's throughput."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.spent = {"loader_wait": 0.0, "teacher": 0.0, "teacher_wait": 0.0, "writer": 0.0}
+        self.first_batch_s: float | None = None
+        self.first_views = 0
+
+    def next(self, loader):
+        item = next(loader, None)
+        self.lap("loader_wait")
+        return item
+
+    def lap(self, what: str, views: int = 0) -> None:
+        now = time.perf_counter()
+        self.spent[what] += now - self.last
+        self.last = now
+        if views and self.first_batch_s is None:
+            self.first_batch_s, self.first_views = now - self.start, views
+
+    @property
+    def elapsed(self) -> float:
+        return self.last - self.start
+
+    def summary(self, n_views: int) -> dict:
+        first = self.first_batch_s or 0.0
+        rest = n_views - self.first_views
+        return {"time_s": {k: round(v, 3) for k, v in self.spent.items()} | {"first_batch": round(first, 3)},
+                "steady_views_per_s": rest / max(self.elapsed - first, 1e-9) if rest > 0 else 0.0}
+
+
 def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], view_set: ViewSet,
                image_size: int, batch_size: int, n_views: int, place: Placement | None = None) -> None:
     """Fit codecs that learn from data (PCA) on the teacher's outputs for the first views of the data."""
@@ -434,43 +578,78 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
                "shards_skipped": len(split_urls(urls, state.process_index, state.num_processes)) - len(mine),
                "shards_written": 0, "samples": 0, "bad": 0, "views_per_s": 0.0, "device": str(place.device),
                "teacher_dtype": str(place.teacher_dtype or torch.float32).removeprefix("torch."),
-               "codecs": {}, "writer_threads": writer_threads(cfg, place.device)}
+               "codecs": {}, "writer_threads": writer_threads(cfg, place.device), "teacher_graph": False}
     if mine:
         writer = None if stream_fit else start_writer(store, cfg, state.process_index, place.device)
         bar = tqdm(desc=f"kt-cache build (rank {state.process_index})", unit="view", mininterval=1.0,
                    disable=not state.is_local_main_process, dynamic_ncols=True)
-        start, n_views = time.perf_counter(), 0
+        uint8 = render_device is None and place.device.type == "cuda" and UINT8_VIEWS_TO_GPU
+        teacher = model
+        if cfg.teacher_graph and place.device.type == "cuda":
+            teacher = GraphedTeacher.capture(model, targets, place, cfg.batch_size, image_size) or model
+        summary["teacher_graph"] = isinstance(teacher, GraphedTeacher)
+        clock = BuildClock()
+        n_views = 0
+
+        def emit(item: TeacherBatch | ShardEnd) -> None:
+            nonlocal writer
+            if writer is None:  # the codecs are fitted on the stream's first views, then they go on
+                if not stream_fit.add(item):
+                    return
+                write_codec_states(store, codecs, shapes)
+                writer = start_writer(store, cfg, state.process_index, place.device)
+                for held in stream_fit.release():
+                    writer.put(held)
+            else:
+                writer.put(item)
+            if isinstance(item, ShardEnd):
+                bar.set_postfix(shards=f"{len(writer.written)}/{len(mine)}")
+
+        def finish(batch: ViewBatch, run: TeacherRun) -> None:
+            raw = run.result()
+            clock.lap("teacher_wait")
+            emit(TeacherBatch(batch.url, batch.rows, batch.views, batch.params, raw, finite_rows(raw)))
+            clock.lap("writer")
+
+        # one batch in flight: batch i's forward is queued on the GPU before batch i-1's outputs are waited
+        # for, so that the host's work between batches overlaps the teacher's instead of idling the GPU
+        pending: tuple[ViewBatch, TeacherRun] | None = None
         try:
-            for item in view_loader(mine, view_set, image_size, model.mean, model.std,
-                                    cfg.batch_size, cfg.workers, pin_memory=place.pin_memory,
-                                    device_render=render_device is not None):
+            loader = iter(view_loader(mine, view_set, image_size, model.mean, model.std, cfg.batch_size,
+                                      cfg.workers, pin_memory=place.pin_memory,
+                                      device_render=render_device is not None, uint8=uint8))
+            while (item := clock.next(loader)) is not None:
                 if isinstance(item, ViewBatch):
                     if render_device is not None:  # sources: render the batch on the teacher's GPU
                         item.x = render_batch([s.to(render_device, non_blocking=place.non_blocking) for s in item.x],
                                               item.params, image_size, model.mean, model.std)
-                    with torch.inference_mode():
-                        raw = teacher_outputs(model, item.x, targets, place)
-                    item = TeacherBatch(item.url, item.rows, item.views, item.params, raw, finite_rows(raw))
+                    elif uint8:
+                        item.x = normalize(place.to(item.x), model.mean, model.std)
+                    run = launch_teacher(teacher, item.x, targets, place)
+                    item.x = None  # the input is the GPU's now: let the host memory go
                     n_views += len(item.rows)
                     bar.update(len(item.rows))
-                if writer is None:  # the codecs are fitted on the stream's first views, then they go on
-                    if not stream_fit.add(item):
-                        continue
-                    write_codec_states(store, codecs, shapes)
-                    writer = start_writer(store, cfg, state.process_index, place.device)
-                    for held in stream_fit.release():
-                        writer.put(held)
+                    clock.lap("teacher", len(item.rows))
+                    if pending is not None:
+                        finish(*pending)
+                    pending = (item, run)
                 else:
-                    writer.put(item)
-                if isinstance(item, ShardEnd):
-                    bar.set_postfix(shards=f"{len(writer.written)}/{len(mine)}")
+                    if pending is not None:
+                        finish(*pending)
+                        pending = None
+                    emit(item)
+                    clock.lap("writer")
+            if pending is not None:
+                finish(*pending)
+                pending = None
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
-        elapsed = time.perf_counter() - start
+            clock.lap("writer")
         summary.update(shards_written=len(writer.written), samples=sum(w["samples"] for w in writer.written),
-                       bad=sum(w["bad"] for w in writer.written), views_per_s=n_views / max(elapsed, 1e-9))
+                       bad=sum(w["bad"] for w in writer.written), views_per_s=n_views / max(clock.elapsed, 1e-9),
+                       **clock.summary(n_views))
     summary["codecs"] = {t: c.spec for t, c in store.load_codecs().items()}  # what `auto` chose, among others
     state.wait_for_everyone()
     check_unique_keys(store, urls)
@@ -531,10 +710,10 @@ def render_device_for(choice: str, device: torch.device | str | None = None) -> 
     if choice not in ("auto", "cpu", "cuda"):
         raise UserError(f"--render must be auto, cpu or cuda, got {choice!r}")
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    # `auto` keeps the PIL workers. Measured on an H200 (docs/benchmarks.md, "Data path"): the batched tensor
-    # render makes 1,500-2,300 train views/s at 224 px for ~0.5 host-CPU ms a view (a PIL worker: ~250 a core),
-    # yet the whole build ran 496 views/s with it against 590 with 8 PIL workers: the build's limit is
-    # elsewhere, and the GPU render takes device time from the teacher. `cuda` stays one flag away.
+    # `auto` keeps the PIL workers. Measured on an H200 (docs/benchmarks.md, "The build on a GPU host"): the
+    # batched tensor render makes 1,500-2,300 train views/s at 224 px for ~0.5 host-CPU ms a view, but that host
+    # work runs in the main thread, which bounds the build: a ViT-L/14 build ran 669 views/s with it against
+    # 1,220 with 8 PIL workers. `cuda` stays one flag away.
     if choice in ("cpu", "auto"):
         return None
     if device.type != "cuda":

@@ -78,13 +78,13 @@ def test_codecs_are_fitted_on_the_builds_own_views(tiny_teacher, small_shards, t
     from kt.views import ViewSet, load_view_spec
 
     forwarded = []
-    real = build.teacher_outputs
+    real = build.launch_teacher  # every teacher forward of the build goes through it
 
     def counting(model, x, targets, place=None):
         forwarded.append(len(x))
         return real(model, x, targets, place)
 
-    monkeypatch.setattr(build, "teacher_outputs", counting)
+    monkeypatch.setattr(build, "launch_teacher", counting)
     out = tmp_path / "c.zarr"
     args = build_args(tiny_teacher, small_shards, out, "--codec", "patches=pca:d=16,int8", views=2)
     args[args.index("--fit-views") + 1] = "40"  # shard 0 gives 24 views: the fit needs shard 1 too

@@ -123,7 +123,99 @@ def cache(data, teacher, tmp_path_factory):
     assert summary["device"].split(":")[0] == DEVICE
     assert summary["teacher_dtype"] == ("bfloat16" if DEVICE == "cuda" else "float32")
     assert summary["samples"] == 256 and summary["bad"] == 0
+    assert set(summary["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}
+    assert summary["teacher_graph"] is (DEVICE == "cuda")
+    assert summary["steady_views_per_s"] > 0
     return out
+
+
+def test_uint8_views_normalised_on_the_device_give_the_float_views_cache(data, teacher, cache, tmp_path,
+                                                                         monkeypatch):
+    """The default (workers send uint8 views, normalised on the teacher's GPU) against float views made in
+    the workers: the teacher's inputs are the same bits (tests/test_build_data_path.py), so are its outputs."""
+    import kt.teacher_cache.build as build
+    from kt.teacher_cache.reader import CacheReader
+
+    monkeypatch.setattr(build, "UINT8_VIEWS_TO_GPU", False)
+    out = tmp_path / "f32.zarr"
+    build.build_cache(build.BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(out), views=2,
+                                        targets=["logits", "embedding", "patches"], batch_size=64, workers=2,
+                                        codec=["logits=fp16", "embedding=fp16", "patches=fp16"]))
+    a, b = CacheReader(str(cache)), CacheReader(str(out))
+    worst = 0.0
+    for url in data["train_urls"]:
+        sa, sb = a.shard(url, ["logits", "embedding", "patches"]), b.shard(url, ["logits", "embedding", "patches"])
+        assert list(sa.keys) == list(sb.keys)
+        np.testing.assert_array_equal(sa.params, sb.params)
+        for t in sa.targets:
+            worst = max(worst, float(np.abs(sa.targets[t] - sb.targets[t]).max()))
+    print("uint8 vs float views, largest stored difference:", worst)
+    assert worst == 0.0
+
+
+def test_teacher_graph_gives_the_eager_teachers_cache(data, teacher, cache, tmp_path):
+    """The default build replays the teacher as a CUDA graph; `--no-teacher-graph` runs it op by op."""
+    from kt.teacher_cache.build import BuildConfig, build_cache
+    from kt.teacher_cache.reader import CacheReader
+
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    out = tmp_path / "eager.zarr"
+    summary = build_cache(BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(out), views=2,
+                                      targets=["logits", "embedding", "patches"], batch_size=64, workers=2,
+                                      codec=["logits=fp16", "embedding=fp16", "patches=fp16"], teacher_graph=False))
+    assert summary["teacher_graph"] is False
+    a, b = CacheReader(str(cache)), CacheReader(str(out))
+    worst = 0.0
+    for url in data["train_urls"]:
+        sa, sb = a.shard(url, ["logits", "embedding", "patches"]), b.shard(url, ["logits", "embedding", "patches"])
+        assert list(sa.keys) == list(sb.keys)
+        for t in sa.targets:
+            np.testing.assert_allclose(sa.targets[t], sb.targets[t], rtol=1e-2, atol=1e-2)
+            worst = max(worst, float(np.abs(sa.targets[t] - sb.targets[t]).max()))
+    print("graph vs eager teacher, largest stored difference:", worst)
+
+
+def test_graphed_teacher_replays_a_short_batch_as_rows_of_a_full_one(teacher):
+    from kt.checkpoints import load_checkpoint
+    from kt.device import placement
+    from kt.models import teacher_targets
+    from kt.teacher_cache.build import GraphedTeacher
+
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    place = placement("cuda")
+    model = load_checkpoint(teacher).eval().to("cuda")
+    g = GraphedTeacher(model, ["logits", "embedding"], place, 16, SIZE)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 3, SIZE, SIZE, generator=gen).cuda() for _ in range(2))
+    full = {t: v.clone() for t, v in g(b).items()}
+    g(a)  # the static input now holds a's rows
+    short = g(b[:5])  # rows 5.. keep a's data: dropped
+    for t in full:
+        assert short[t].shape[0] == 5
+        assert torch.equal(short[t], full[t][:5])
+    with torch.inference_mode(), place.teacher_autocast():
+        eager = teacher_targets(model, b, ["logits", "embedding"])
+    for t in full:
+        torch.testing.assert_close(full[t], eager[t].float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError):
+        g(torch.zeros(17, 3, SIZE, SIZE, device="cuda"))
+
+
+def test_build_loader_pins_its_view_batches(data):
+    """The DataLoader pins what has a `pin_memory` method: without one a ViewBatch reached the GPU unpinned,
+    and `non_blocking` copies from it were synchronous."""
+    from kt.teacher_cache.build import ViewBatch, view_loader
+    from kt.views import ViewSet, load_view_spec
+
+    if not torch.cuda.is_available():
+        pytest.skip("pinned memory needs CUDA")
+    for uint8 in (False, True):
+        loader = view_loader(data["train_urls"][:1], ViewSet(load_view_spec("train"), 0, 1), SIZE,
+                             (0.5,) * 3, (0.5,) * 3, 16, workers=1, pin_memory=True, uint8=uint8)
+        batch = next(b for b in loader if isinstance(b, ViewBatch))
+        assert batch.x.is_pinned() and batch.x.dtype == (torch.uint8 if uint8 else torch.float32)
 
 
 def test_cached_targets_match_an_fp32_cpu_forward(data, teacher, cache):

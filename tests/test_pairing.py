@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 import zarr
 from PIL import Image
@@ -199,18 +200,18 @@ def with_black_images(tmp_path):
 
 def test_non_finite_teacher_outputs_are_bad_samples(tiny_teacher, with_black_images, tmp_path, capsys,  # noqa: F811
                                                     monkeypatch):
-    real = build.teacher_outputs
+    real = build.launch_teacher  # every teacher forward of the build goes through it
 
     def nan_on_constant_images(model, x, targets, *placement):
-        out = real(model, x, targets, *placement)
+        out = real(model, x, targets, *placement).result()
         constant = (x.flatten(2).std(2).amax(1) == 0).numpy()
         if "embedding" in out:
             out["embedding"][constant, 0] = np.nan
         if "logits" in out:
             out["logits"][constant, 1] = np.inf
-        return out
+        return build.TeacherRun({t: torch.from_numpy(v) for t, v in out.items()}, None)
 
-    monkeypatch.setattr(build, "teacher_outputs", nan_on_constant_images)
+    monkeypatch.setattr(build, "launch_teacher", nan_on_constant_images)
     args = build_args(tiny_teacher, with_black_images, tmp_path / "c.zarr", "--codec", "patches=int8",
                       "--view-spec", "eval", views=2)
     err = one_line(capsys, cache_main, args, "kt-cache")

@@ -17,9 +17,16 @@ scikit-learn, written as shards in a temporary folder. Parts:
   re-drawn so that logits have a spread like a trained classifier's (a near-uniform softmax would hide
   errors in the logits) and LayerScale is set to 1 (at timm's 1e-5 init the blocks do nothing); random
   weights make these figures indicative, not a trained teacher's.
-- `build`: `kt-cache build` end to end (decode + render in DataLoader workers, pinned copies, the teacher in
-  bf16, encode, write), views/s as the build reports it; `build_over_forward` < 1 means the data path or the
-  writer, not the teacher, bounds the build.
+- `build`: `kt-cache build` end to end on `build_images` 500x375 JPEGs (q95, ~44 KB: 256 distinct photos under
+  distinct keys), 2 views each, logits + embedding: decode + render in DataLoader workers, pinned copies, the
+  teacher in bf16, encode, write. Views/s as the build reports it, and `steady_views_per_s` without the time
+  to the first batch (worker start, first decodes, first-call set-up), which dominates a short run; the
+  build's clock (`time_s`: waiting on the loader, the teacher, the writer) says which part bounds it.
+  Variants: `pil_uint8` (the default: workers render with PIL, send uint8, normalised on the GPU, the
+  teacher replayed as a CUDA graph), `pil_uint8_eager` (`--no-teacher-graph`), `pil_float` (workers send
+  normalised float32, 4x the bytes), `cuda_render` (`--render cuda`: workers only decode), and
+  `pil_uint8_short` (the first `images` images only: the short run earlier rounds measured).
+  `build_over_forward` < 1 means the data path or the writer, not the teacher, bounds the build.
 - `distill`: student training steps/s (AdamW, bf16 autocast as `--mixed-precision bf16` gives, batches
   pinned and copied asynchronously) on the same stream from the cache and with the teacher online (bf16),
   data loading included; `online_over_cached_ideal` = 1 + teacher forward / cached step is what the cache
@@ -47,12 +54,22 @@ from kt.views import ViewSet
 PRESETS = {
     # images: enough full batches for 2 warm-up + `steps` timed steps of one epoch
     "full": dict(teacher="vit_large_patch14_dinov2", teacher_size=224, student="fastvit_s12", student_size=224,
-                 images=768, views=2, batch_size=64, steps=10, rounds=2, fidelity_views=256,
+                 images=768, build_images=4096, views=2, batch_size=64, steps=10, rounds=2, fidelity_views=256,
                  seg_teacher="vit_large_patch14_dinov2", seg_size=512, seg_images=64, seg_batch_size=8),
     "tiny": dict(teacher="test_vit", teacher_size=32, student="test_efficientnet", student_size=32,
-                 images=96, views=2, batch_size=16, steps=3, rounds=1, fidelity_views=32,
+                 images=96, build_images=128, views=2, batch_size=16, steps=3, rounds=1, fidelity_views=32,
                  seg_teacher="test_vit", seg_size=64, seg_images=16, seg_batch_size=4),
 }
+
+BUILD_VARIANTS = {  # name: (BuildConfig overrides, uint8 views to the GPU, images: all or the first `images`)
+    "pil_uint8": ({}, True, "build_images"), "pil_float": ({}, False, "build_images"),
+    "pil_uint8_eager": ({"teacher_graph": False}, True, "build_images"),
+    "cuda_render": ({"render": "cuda"}, True, "build_images"), "pil_uint8_short": ({}, True, "images"),
+    # not run by default (--build-variants): the writer in the teacher's thread, twice the workers
+    "pil_uint8_writer_inline": ({"writer_threads": 0}, True, "build_images"),
+    "pil_uint8_2x_workers": ({"workers": "2x"}, True, "build_images")}
+DEFAULT_BUILD_VARIANTS = "pil_uint8,pil_uint8_eager,pil_float,cuda_render,pil_uint8_short"
+
 SEG_CLASSES = 150  # ADE20K's
 NUM_CLASSES = 100
 LAYER_SCALE = 1.0  # random teachers' LayerScale (see _run)
@@ -67,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--no-seg", action="store_true", help="skip the segmentation part (seg_teacher at stride 8)")
     p.add_argument("--seg-only", action="store_true", help="only the segmentation part")
+    p.add_argument("--build-only", action="store_true", help="only the teacher's forward rate and the build part")
+    p.add_argument("--build-variants", default=DEFAULT_BUILD_VARIANTS,
+                   help="comma-separated names of tools.bench_gpu.BUILD_VARIANTS, in order")
     for name, default in PRESETS["full"].items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
                        help=f"default {default} ({PRESETS['tiny'][name]} with --tiny)")
@@ -239,8 +259,9 @@ def run(args) -> dict:
         raise SystemExit(2) from None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        out = {} if args.seg_only else _run(cfg, device, args.workers, Path(tmp))
-        if not args.no_seg:
+        out = {} if args.seg_only else _run(cfg, device, args.workers, Path(tmp), args.build_only,
+                                                  args.build_variants)
+        if not args.no_seg and not args.build_only:
             t = time.perf_counter()
             out["seg"] = seg_speed(cfg, device, args.workers, Path(tmp))
             out["seg"]["seconds"] = time.perf_counter() - t
@@ -248,21 +269,18 @@ def run(args) -> dict:
     return out
 
 
-def _run(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:
+def _run(cfg: dict, device: torch.device, workers: int, tmp: Path, build_only: bool = False,
+         build_variants_arg: str = DEFAULT_BUILD_VARIANTS) -> dict:
     from kt.checkpoints import save_checkpoint
     from kt.models import create_model
-    from kt.teacher_cache.build import BuildConfig, build_cache
     from kt.views import load_view_spec
-    from tools.make_shards import make_photo_crops
 
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
               "tf32_cudnn": torch.backends.cudnn.allow_tf32, "workers": workers, **cfg}
     t = time.perf_counter()
-    # one batch per shard: every DataLoader worker gets whole shards and only full batches
-    shard_size = cfg["batch_size"]
-    urls = make_photo_crops(tmp / "photos", cfg["images"], size=int(cfg["teacher_size"] * 8 / 7), seed=0,
-                            shard_size=shard_size)
+    # one batch of images per shard: every DataLoader worker gets whole shards
+    urls = jpeg_shards(tmp / "jpegs", cfg["build_images"], shard_size=cfg["batch_size"])
     result["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -284,26 +302,64 @@ def _run(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:
              for name, dtype in (("bf16", torch.bfloat16), ("fp32", None))}
     result["teacher_forward_images_per_s"] = rates
     result["teacher_bf16_speedup"] = rates["bf16"] / rates["fp32"]
-    result["render"] = render_rate(device, cfg["batch_size"], cfg["teacher_size"], rates["bf16"])
-    spec = load_view_spec("train")
-    result["fidelity_bf16_vs_fp32"] = fidelity(teacher, urls, spec, cfg["teacher_size"], cfg["fidelity_views"],
-                                               cfg["batch_size"], device)
+    if not build_only:
+        result["render"] = render_rate(device, cfg["batch_size"], cfg["teacher_size"], rates["bf16"])
+        result["fidelity_bf16_vs_fp32"] = fidelity(teacher, urls, load_view_spec("train"), cfg["teacher_size"],
+                                                   cfg["fidelity_views"], cfg["batch_size"], device)
 
     t = time.perf_counter()
     ckpt = save_checkpoint(teacher.float().cpu(), tmp / "teacher", classes=[f"c{i}" for i in range(NUM_CLASSES)])
     teacher.to(device)
-    cache = tmp / "cache.zarr"
-    summary = build_cache(BuildConfig(teacher=str(ckpt), data=str(tmp / "photos"), out=str(cache),
-                                      views=cfg["views"], targets=["logits", "embedding"],
-                                      batch_size=cfg["batch_size"], workers=workers))
-    build_s = time.perf_counter() - t
-    bf16 = summary["teacher_dtype"] == "bfloat16"  # CPU builds run fp32 (kt.device)
-    result["build"] = {"views": summary["samples"] * cfg["views"], "views_per_s": summary["views_per_s"],
-                       "build_over_forward": summary["views_per_s"] / rates["bf16" if bf16 else "fp32"],
-                       "wall_s_with_checkpoint_io": build_s, "device": summary["device"],
-                       "teacher_dtype": summary["teacher_dtype"]}
-    result["distill"] = distill_steps(cfg, cache, urls, teacher, device, workers)
+    result["checkpoint_s"] = time.perf_counter() - t
+    bf16 = device.type == "cuda"  # CPU builds run fp32 (kt.device)
+    result["build"] = build_variants(cfg, ckpt, urls, tmp, workers, rates["bf16" if bf16 else "fp32"],
+                                     build_variants_arg)
+    if not build_only:
+        result["distill"] = distill_steps(cfg, tmp / "build" / "pil_uint8.zarr", urls, teacher, device, workers)
     return result
+
+
+def jpeg_shards(out: Path, n: int, shard_size: int, distinct: int = 256) -> list[str]:
+    """`n` 500x375 JPEGs (q95, ~44 KB, `tools.bench_pipeline`'s photos) in shards of `shard_size`: `distinct`
+    photos encoded once and repeated under distinct keys, so that making the data takes seconds, not minutes."""
+    from kt.shards import write_shards
+    from tools.bench_pipeline import encode, photos_500x375
+
+    jpegs = [encode(img, "JPEG") for img in photos_500x375(min(n, distinct), seed=1)]
+    samples = ({"__key__": f"photo-{i:06d}", "jpg": jpegs[i % len(jpegs)], "cls": b"0"} for i in range(n))
+    return write_shards(samples, out, prefix="photos", maxcount=shard_size)
+
+
+def build_variants(cfg: dict, ckpt, urls: list[str], tmp: Path, workers: int, forward_per_s: float,
+                   variants: str = DEFAULT_BUILD_VARIANTS) -> dict:
+    """`kt-cache build` of the JPEG transfer set (shards of one batch of images) in each of BUILD_VARIANTS
+    (only `pil_uint8` without CUDA)."""
+    import kt.teacher_cache.build as build
+
+    out = {"input": "500x375 JPEG q95", "views_per_image": cfg["views"], "targets": ["logits", "embedding"],
+           "workers": workers}
+    names = variants.split(",") if torch.cuda.is_available() else ["pil_uint8"]
+    for name in names:
+        overrides, uint8, images = BUILD_VARIANTS[name]
+        mine = urls[:max(1, cfg[images] // cfg["batch_size"])]
+        kw = {"workers": workers} | overrides
+        kw["workers"] = 2 * workers if kw["workers"] == "2x" else kw["workers"]
+        build.UINT8_VIEWS_TO_GPU = uint8
+        try:
+            summary = build.build_cache(build.BuildConfig(
+                teacher=str(ckpt), data="::".join(mine), out=str(tmp / "build" / f"{name}.zarr"), views=cfg["views"],
+                targets=["logits", "embedding"], batch_size=cfg["batch_size"], **kw))
+        finally:
+            build.UINT8_VIEWS_TO_GPU = True
+        out[name] = {"views": summary["samples"] * cfg["views"], "views_per_s": summary["views_per_s"],
+                     "steady_views_per_s": summary["steady_views_per_s"], "time_s": summary["time_s"],
+                     "build_over_forward": summary["views_per_s"] / forward_per_s,
+                     "steady_over_forward": summary["steady_views_per_s"] / forward_per_s,
+                     "workers": kw["workers"], "writer_threads": summary["writer_threads"],
+                     "teacher_graph": summary["teacher_graph"],
+                     "steady_views_per_s_per_worker": summary["steady_views_per_s"] / max(kw["workers"], 1),
+                     "device": summary["device"], "teacher_dtype": summary["teacher_dtype"]}
+    return out
 
 
 def seg_speed(cfg: dict, device: torch.device, workers: int, tmp: Path) -> dict:

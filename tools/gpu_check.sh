@@ -58,7 +58,8 @@ mapfile -t gpu_tests < <(grep -l "mark.gpu" tests/test_*.py)
 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${gpu_tests[@]}" -s 2>&1 | tee "$OUT_DIR/pytest.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-"$PY" -m tools.bench gpu --json >"$OUT_DIR/bench_gpu.json" 2>"$OUT_DIR/bench_gpu.log"
+# BENCH_ARGS: extra arguments of the benchmark, e.g. BENCH_ARGS=--no-seg or --build-only
+"$PY" -m tools.bench gpu --json ${BENCH_ARGS:-} >"$OUT_DIR/bench_gpu.json" 2>"$OUT_DIR/bench_gpu.log"
 rc=$?
 tail -n 5 "$OUT_DIR/bench_gpu.log" | tr '\r' '\n' | tail -n 5 >&2
 cat "$OUT_DIR/bench_gpu.json"

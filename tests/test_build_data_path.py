@@ -1,0 +1,83 @@
+"""The build's data path: uint8 views normalised on the consumer's device equal float views made in the
+workers, and the build's clock (where its time goes, the steady rate without start-up)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kt.render import normalize, to_tensor, to_uint8
+from kt.teacher_cache.build import BuildClock, ShardViewBatches, ViewBatch
+from kt.views import ViewSet, load_view_spec
+from tests.test_cache_cli import small_shards  # noqa: F401 -- the fixture, shared
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_uint8_views_normalised_later_equal_the_workers_float_views(small_shards):  # noqa: F811
+    view_set = ViewSet(load_view_spec("train"), 0, 2)
+    kw = dict(urls=small_shards[:1], view_set=view_set, image_size=40, mean=MEAN, std=STD, batch_size=7)
+    f32 = [b for b in ShardViewBatches(**kw) if isinstance(b, ViewBatch)]
+    u8 = [b for b in ShardViewBatches(**kw, uint8=True) if isinstance(b, ViewBatch)]
+    assert len(f32) == len(u8) == 4  # 12 images x 2 views in batches of 7
+    for a, b in zip(f32, u8):
+        assert a.x.dtype == torch.float32 and b.x.dtype == torch.uint8 and b.x.shape == a.x.shape
+        np.testing.assert_array_equal(a.params, b.params)
+        assert torch.equal(normalize(b.x, MEAN, STD), a.x)  # bit for bit: the same two float32 operations
+
+
+def test_normalize_is_to_tensor_for_one_view_and_for_a_batch():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (9, 11, 3), dtype=np.uint8) for _ in range(3)]
+    from PIL import Image
+
+    views = [Image.fromarray(a) for a in images]
+    expect = torch.stack([to_tensor(v, MEAN, STD) for v in views])
+    u8 = torch.stack([to_uint8(v) for v in views])
+    assert u8.is_contiguous() and torch.equal(u8.permute(0, 2, 3, 1), torch.from_numpy(np.stack(images)))
+    assert torch.equal(normalize(u8, MEAN, STD), expect)
+    # the reference arithmetic, (x / 255 - mean) / std, within float32 rounding
+    ref = (u8.double() / 255 - torch.tensor(MEAN).double().view(3, 1, 1)) / torch.tensor(STD).double().view(3, 1, 1)
+    torch.testing.assert_close(expect.double(), ref, rtol=0, atol=1e-6)
+
+
+def test_build_clock_splits_the_loop_and_leaves_start_up_out_of_the_steady_rate(monkeypatch):
+    import kt.teacher_cache.build as build
+
+    now = iter([0.0,  # start
+                2.0, 2.5, 2.6,  # first batch: 2 s waiting on the workers, 0.5 s teacher, 0.1 s writer
+                2.7, 3.2, 3.3,  # then per batch: 0.1 s wait, 0.5 s teacher, 0.1 s writer
+                3.4, 3.9, 4.0,
+                4.1, 4.5,  # end of data (0.1 s), the writer's final flush (0.4 s)
+                9.0])  # a clock that saw no batch
+    monkeypatch.setattr(build.time, "perf_counter", lambda: next(now))
+    clock = BuildClock()
+    batches = iter([1, 2, 3])
+    n = 0
+    while clock.next(batches) is not None:
+        clock.lap("teacher", 64)
+        n += 64
+        clock.lap("writer")
+    clock.lap("writer")
+    out = clock.summary(n)
+    assert out["time_s"] == {"loader_wait": 2.3, "teacher": 1.5, "teacher_wait": 0.0, "writer": 0.7,
+                           "first_batch": 2.5}
+    assert clock.elapsed == 4.5
+    # 128 views after the first batch, in the 2.0 s after it was through the teacher
+    assert abs(out["steady_views_per_s"] - 128 / 2.0) < 1e-9
+    assert BuildClock().summary(0)["steady_views_per_s"] == 0.0
+
+
+def test_gpu_benchmark_runs_its_build_part_on_the_cpu_at_toy_sizes(capsys):
+    """`python -m tools.bench gpu --device cpu --tiny`: the code path the GPU run takes, with the build's clock;
+    on a CPU only the default variant runs (no CUDA render, no uint8 hand-off)."""
+    from tools.bench_gpu import build_parser, run
+
+    out = run(build_parser().parse_args(["--device", "cpu", "--tiny", "--build-only"]))
+    build = out["build"]
+    assert build["input"] == "500x375 JPEG q95" and set(build) >= {"pil_uint8"} and "pil_float" not in build
+    row = build["pil_uint8"]
+    assert row["views"] == 128 * 2 and row["teacher_dtype"] == "float32"
+    assert set(row["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}
+    assert row["steady_views_per_s"] > 0 and row["views_per_s"] > 0
+    assert "distill" not in out and "render" not in out  # --build-only
