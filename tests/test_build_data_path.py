@@ -81,3 +81,17 @@ def test_gpu_benchmark_runs_its_build_part_on_the_cpu_at_toy_sizes(capsys):
     assert set(row["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}
     assert row["steady_views_per_s"] > 0 and row["views_per_s"] > 0
     assert "distill" not in out and "render" not in out  # --build-only
+
+
+def test_writer_benchmark_reports_small_shards_and_the_fixed_cost_per_shard(tmp_path):
+    """`bench pipeline`'s writer part also writes shards of 128 views: a shard's fixed cost (zarr metadata of
+    its arrays) is what bounded a GPU build on shards of 64 images (docs/benchmarks.md)."""
+    import argparse
+
+    from tools.bench_pipeline import bench_writer
+
+    out = bench_writer(argparse.Namespace(writer_views=256, writer_threads="1"), str(tmp_path))
+    assert set(out) == {"logits", "logits+embedding", "logits+embedding+patches"}
+    for row in out.values():
+        assert row["views"] == 1024 and row["views_per_s_per_thread"] > 0
+        assert row["views_per_s_per_thread_small_shards"] > 0 and isinstance(row["shard_fixed_ms"], float)

@@ -18,7 +18,7 @@ scikit-learn, written as shards in a temporary folder. Parts:
   errors in the logits) and LayerScale is set to 1 (at timm's 1e-5 init the blocks do nothing); random
   weights make these figures indicative, not a trained teacher's.
 - `build`: `kt-cache build` end to end on `build_images` 500x375 JPEGs (q95, ~44 KB: 256 distinct photos under
-  distinct keys), 2 views each, logits + embedding: decode + render in DataLoader workers, pinned copies, the
+  distinct keys) in shards of `build_shard_images`, 2 views each, logits + embedding: decode + render in DataLoader workers, pinned copies, the
   teacher in bf16, encode, write. Views/s as the build reports it, and `steady_views_per_s` without the time
   to the first batch (worker start, first decodes, first-call set-up), which dominates a short run; the
   build's clock (`time_s`: waiting on the loader, the teacher, the writer) says which part bounds it.
@@ -54,10 +54,10 @@ from kt.views import ViewSet
 PRESETS = {
     # images: enough full batches for 2 warm-up + `steps` timed steps of one epoch
     "full": dict(teacher="vit_large_patch14_dinov2", teacher_size=224, student="fastvit_s12", student_size=224,
-                 images=768, build_images=4096, views=2, batch_size=64, steps=10, rounds=2, fidelity_views=256,
+                 images=768, build_images=4096, build_shard_images=256, views=2, batch_size=64, steps=10, rounds=2, fidelity_views=256,
                  seg_teacher="vit_large_patch14_dinov2", seg_size=512, seg_images=64, seg_batch_size=8),
     "tiny": dict(teacher="test_vit", teacher_size=32, student="test_efficientnet", student_size=32,
-                 images=96, build_images=128, views=2, batch_size=16, steps=3, rounds=1, fidelity_views=32,
+                 images=96, build_images=128, build_shard_images=16, views=2, batch_size=16, steps=3, rounds=1, fidelity_views=32,
                  seg_teacher="test_vit", seg_size=64, seg_images=16, seg_batch_size=4),
 }
 
@@ -279,8 +279,9 @@ def _run(cfg: dict, device: torch.device, workers: int, tmp: Path, build_only: b
               "torch": torch.__version__, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
               "tf32_cudnn": torch.backends.cudnn.allow_tf32, "workers": workers, **cfg}
     t = time.perf_counter()
-    # one batch of images per shard: every DataLoader worker gets whole shards
-    urls = jpeg_shards(tmp / "jpegs", cfg["build_images"], shard_size=cfg["batch_size"])
+    # shards of 256 images, 2 per worker: shards of one batch (64 images), as earlier rounds used, made the
+    # writer's fixed cost per shard (~50 ms of zarr metadata, `bench pipeline`'s shard_fixed_ms) the limit
+    urls = jpeg_shards(tmp / "jpegs", cfg["build_images"], shard_size=cfg["build_shard_images"])
     result["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -332,7 +333,7 @@ def jpeg_shards(out: Path, n: int, shard_size: int, distinct: int = 256) -> list
 
 def build_variants(cfg: dict, ckpt, urls: list[str], tmp: Path, workers: int, forward_per_s: float,
                    variants: str = DEFAULT_BUILD_VARIANTS) -> dict:
-    """`kt-cache build` of the JPEG transfer set (shards of one batch of images) in each of BUILD_VARIANTS
+    """`kt-cache build` of the JPEG transfer set (shards of `build_shard_images`) in each of BUILD_VARIANTS
     (only `pil_uint8` without CUDA)."""
     import kt.teacher_cache.build as build
 
@@ -341,7 +342,7 @@ def build_variants(cfg: dict, ckpt, urls: list[str], tmp: Path, workers: int, fo
     names = variants.split(",") if torch.cuda.is_available() else ["pil_uint8"]
     for name in names:
         overrides, uint8, images = BUILD_VARIANTS[name]
-        mine = urls[:max(1, cfg[images] // cfg["batch_size"])]
+        mine = urls[:max(1, cfg[images] // cfg["build_shard_images"])]
         kw = {"workers": workers} | overrides
         kw["workers"] = 2 * workers if kw["workers"] == "2x" else kw["workers"]
         build.UINT8_VIEWS_TO_GPU = uint8

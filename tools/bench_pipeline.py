@@ -268,26 +268,31 @@ def bench_writer(args, work: str, batch: int = 64, views: int = 4) -> dict:
         rates = {threads: _write(store, codecs, batches, spec, views, batch, args.writer_views, threads)
                  for threads in [int(t) for t in str(args.writer_threads).split(",") if t.strip()]}
         first = rates[min(rates)]
+        # the same thread on shards of 32 images (128 views): what a shard's fixed cost does to small shards
+        small = _write(store, codecs, batches, spec, views, batch, args.writer_views, min(rates), per_shard=128)
         out[name] = {"views_per_s_per_thread": first["views_per_s"], "views_per_cpu_s": first["views_per_cpu_s"],
+                     "views_per_s_per_thread_small_shards": small["views_per_s"],
+                     "shard_fixed_ms": round(1000 * (128 / small["views_per_s"] - 128 / first["views_per_s"]), 1),
                      "views_per_s_by_threads": {t: r["views_per_s"] for t, r in rates.items()},
                      "views": first["views"], "codecs": {t: c.spec for t, c in codecs.items()},
                      "stored_bytes_per_view": round(store.nbytes_stored() / first["views"], 1)}
     return out
 
 
-def _write(store, codecs, batches, spec, views: int, batch: int, n_views: int, threads: int) -> dict:
-    """Views/s of one Writer with `threads` threads writing shards of 1,024 views (256 images x 4 views)."""
+def _write(store, codecs, batches, spec, views: int, batch: int, n_views: int, threads: int,
+           per_shard: int = 1024) -> dict:
+    """Views/s of one Writer with `threads` threads writing shards of `per_shard` views (by default 256 images x
+    4 views)."""
     from kt.teacher_cache.writer import ShardEnd, TeacherBatch, Writer, finite_rows
     from kt.views import sample_params_batch
 
-    per_shard = 1024
     n_total = max(per_shard, n_views // per_shard * per_shard)
     writer = Writer(store, views, codecs, rank=0, **({"threads": threads} if threads > 1 else {}))
     jobs = []  # prepared before timing: the main thread only hands them over, as the build's teacher loop does
     for s in range(n_total // per_shard):
         url = f"/synthetic/shard-{s:06d}.tar"  # never opened: the writer only names shards by it
         keys = [f"s{s}-{i:06d}" for i in range(per_shard // views)]
-        for b in range(per_shard // batch):
+        for b in range(max(1, per_shard // batch)):
             flat = np.arange(b * batch, (b + 1) * batch)
             idx, vidx = flat // views, flat % views
             params = sample_params_batch(spec, 0, [keys[i] for i in idx], vidx.tolist())
