@@ -4,7 +4,8 @@
 and returns (N, 3, h, w): uint8, or normalised float32 when `mean`/`std` are given. `decode_batch`
 decodes image bytes with `torchvision.io`, JPEGs on the GPU (nvJPEG) when the device is CUDA.
 `default_device()` is "cuda" when CUDA is present; `kt-cache build --render cuda` renders on the teacher's
-GPU, its DataLoader workers only decoding. The student stream does not use it yet.
+GPU and `kt-student train --render cuda` on the student's, their DataLoader workers only decoding
+(`render_device_for`).
 
 The batched formulation: the work per batch is a fixed number of kernels, whatever N.
 - crop + resize: PIL's separable antialiased bicubic (a = -0.5, support scaled by the shrink factor) with
@@ -25,11 +26,10 @@ The batched formulation: the work per batch is a fixed number of kernels, whatev
 tests/test_render_tensor.py compares it with the PIL render on the same parameters (CPU tensors; CUDA
 under the `gpu` marker).
 
-Measured before this formulation, on an H200: the image-by-image path rendered ~360 train views/s at
-224 px, limited by the host (dense per-view resample matrices built in numpy, ~1 ms per view) and by
-thousands of small kernels, so `--render auto` keeps the CPU workers. The batched path has not been timed
-on a GPU yet (`python -m tools.bench pipeline --json --skip render,writer,build,stream` reports it as
-`render_gpu`); `auto` should pick it once that figure beats the CPU workers a host can spare.
+Measured on an H200 (docs/benchmarks.md): the batched path renders 2,260 train views/s at 224 px (the
+image-by-image path before it: ~360), for ~0.45 host-CPU ms a view; but that host work runs in the main
+thread, and a ViT-L/14 build ran slower with it (669 views/s) than with 8 PIL workers (1,220), so
+`--render auto` keeps the CPU workers.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kt.errors import UserError
 from kt.render import FILL, Affine, as_params, compose, crop_box, joined_run, normalize, out_size, plan
 from kt.views import JITTER_ORDERS
 
@@ -396,3 +397,22 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
         if mean is None or std is None:
             return x.to(torch.uint8)
         return normalize(x, mean, std)
+
+
+def render_device_for(choice: str, device: torch.device | str | None = None) -> torch.device | None:
+    """`--render` of `kt-cache build` and `kt-student train`: the device that renders views in the main process,
+    the model's (None: the DataLoader workers render with PIL). `device` is this process's device; by default
+    the first CUDA device when there is one."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--render must be auto, cpu or cuda, got {choice!r}")
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    # `auto` keeps the PIL workers. Measured on an H200 (docs/benchmarks.md, "The build on a GPU host"): the
+    # batched tensor render makes 1,500-2,300 train views/s at 224 px for ~0.5 host-CPU ms a view, but that host
+    # work runs in the main thread, which bounds the build: a ViT-L/14 build ran 669 views/s with it against
+    # 1,220 with 8 PIL workers. The student stream has the same shape (workers decode, the main thread
+    # renders). `cuda` stays one flag away.
+    if choice in ("cpu", "auto"):
+        return None
+    if device.type != "cuda":
+        raise UserError("--render cuda: this process has no CUDA device (use --render auto or cpu)")
+    return device

@@ -38,8 +38,9 @@ from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import ViewSet, load_view_spec
 from kt.student.losses import DistillObjective, create_objective, objective_class
+from kt.render_tensor import render_device_for
 from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, batch_sizes, plan_epoch,
-                               steps_per_epoch, stream_loader)
+                               render_sources, steps_per_epoch, stream_loader)
 from kt.student.loop import (CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit,
                              locks_run_folder)
 
@@ -73,6 +74,10 @@ class DistillConfig(OptimConfig):
     image_size: int = field(64, "student input size; views are re-rendered at it", min=8)
     batch_size: int = field(64, "images per process per step", min=1)
     workers: int = field(2, "DataLoader workers rendering views", min=0)
+    render: str = field("auto", "where views are rendered: auto (today the DataLoader workers: a GPU build "
+                                "ran slower with the GPU path, docs/benchmarks.md) | cpu | cuda (the workers "
+                                "only decode; the student's GPU renders, within 1/255 of the CPU render)",
+                        choices=("auto", "cpu", "cuda"))
     shuffle_shards: int = field(8, "shards each DataLoader worker reads at once and mixes into its batches "
                                    "(memory: about this many shards' images and targets per worker)", min=1)
     out: str = field("", "run folder")
@@ -239,6 +244,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         raise UserError("--task segmentation needs --batch-size >= 2: BatchNorm in the DeepLabV3 head's ASPP "
                         "pooling branch sees one value per channel in a batch of one")
     check_precision(cfg.teacher_precision)
+    render_device_for(cfg.render)  # --render cuda without CUDA fails before the run folder is touched
     if cfg.view_policy not in VIEW_POLICIES:
         raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
     out = Path(cfg.out)
@@ -248,6 +254,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     needs = objective_cls.needs
     accelerator = create_accelerator(cfg, out)
     rank, world = accelerator.process_index, accelerator.num_processes
+    render_device = render_device_for(cfg.render, accelerator.device)
     expected_classes = load_expected_classes(cfg.expect_classes)
 
     teacher = None
@@ -329,11 +336,16 @@ def run_distill(cfg: DistillConfig) -> dict:
             spec, epoch, skip, source, view_set, cfg.view_policy, cfg.image_size,
             student.mean, student.std, teacher_size=teacher.image_size if teacher is not None else 0,
             teacher_norm=(teacher.mean, teacher.std) if teacher is not None else None,
-            valid=segmentation and cfg.objective == "task"), pin_memory=place.pin_memory)
+            valid=segmentation and cfg.objective == "task", device_render=render_device is not None),
+            pin_memory=place.pin_memory)
 
     place = placement(accelerator.device)
 
     def loss_fn(modules, batch):
+        if render_device is not None:
+            batch = render_sources(batch, render_device, cfg.image_size, student.mean, student.std,
+                                   teacher.image_size if teacher is not None else 0,
+                                   (teacher.mean, teacher.std) if teacher is not None else None)
         return modules(place.to(batch))
 
     result = fit(cfg, model, make_loader, per_epoch, loss_fn, out, accelerator=accelerator,

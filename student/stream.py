@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kt.errors import UserError
 from kt.shards import BadSamples, decode_image, image_ext, iter_samples, split_urls
 from kt.render import render_valid
+from kt.render_tensor import images_to_tensors, render_batch
 from kt.views import ViewSet, render, to_tensor
 
 VIEW_POLICIES = ("cycle", "random")
@@ -172,16 +173,19 @@ class ReplayStream(IterableDataset):
     `source(url)` returns a `ShardData` for an input shard. `teacher_size`, when set, adds the teacher's
     rendering of the same view as "teacher_x"; `valid` adds the views' validity masks at the student's size
     as "valid" (B, H, W) bool (`kt.render.render_valid`: per-pixel targets leave the fill out).
+    With `device_render` the workers only decode: a batch has the decoded images as "sources" (uint8
+    (3, H, W) each) instead of "x"/"teacher_x", and `render_sources` renders them where the model is.
     """
 
     def __init__(self, spec: StreamSpec, epoch: int, skip: int, source: Callable[[str], ShardData],
                  view_set: ViewSet, policy: str, image_size: int, mean, std,
-                 teacher_size: int = 0, teacher_norm: tuple | None = None, valid: bool = False):
+                 teacher_size: int = 0, teacher_norm: tuple | None = None, valid: bool = False,
+                 device_render: bool = False):
         self.spec, self.epoch, self.skip, self.source = spec, epoch, skip, source
         self.view_set, self.policy = view_set, policy
         self.image_size, self.mean, self.std = image_size, mean, std
         self.teacher_size, self.teacher_norm = teacher_size, teacher_norm
-        self.valid = valid
+        self.valid, self.device_render = valid, device_render
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -267,21 +271,40 @@ class ReplayStream(IterableDataset):
 
     def _collate(self, buf: list[_Item]) -> dict:
         images = [decode_image(item.data) for item in buf]
-        batch = {"x": torch.stack([to_tensor(render(img, item.params, self.image_size), self.mean, self.std)
-                                   for img, item in zip(images, buf)]),
-                 "keys": [item.key for item in buf],
+        batch = {"keys": [item.key for item in buf],
                  "views": torch.tensor([item.view for item in buf]),
                  "params": torch.from_numpy(np.stack([item.params for item in buf]))}
-        if self.teacher_size:
-            mean, std = self.teacher_norm
-            batch["teacher_x"] = torch.stack([to_tensor(render(img, item.params, self.teacher_size), mean, std)
-                                              for img, item in zip(images, buf)])
+        if self.device_render:
+            batch["sources"] = images_to_tensors(images, "cpu")
+        else:
+            batch["x"] = torch.stack([to_tensor(render(img, item.params, self.image_size), self.mean, self.std)
+                                      for img, item in zip(images, buf)])
+            if self.teacher_size:
+                mean, std = self.teacher_norm
+                batch["teacher_x"] = torch.stack([to_tensor(render(img, item.params, self.teacher_size), mean, std)
+                                                  for img, item in zip(images, buf)])
         if self.valid:
             batch["valid"] = torch.from_numpy(np.stack([render_valid(item.params, self.image_size) for item in buf]))
         targets = _batch_targets(buf)
         if targets is not None:
             batch["targets"] = targets
         return batch
+
+
+def render_sources(batch: dict, device, image_size: int, mean, std, teacher_size: int = 0,
+                   teacher_norm: tuple | None = None) -> dict:
+    """A `device_render` batch as a worker-rendered one: its "sources" rendered on `device` from the batch's
+    params (`kt.render_tensor.render_batch`, within 1/255 of the PIL render), "x" at `image_size` and, for an
+    online teacher, "teacher_x" at `teacher_size`. Other batches are returned as they are."""
+    if "sources" not in batch:
+        return batch
+    batch = dict(batch)
+    sources = [s.to(device, non_blocking=True) for s in batch.pop("sources")]
+    params = batch["params"].numpy()
+    batch["x"] = render_batch(sources, params, image_size, mean, std)
+    if teacher_size:
+        batch["teacher_x"] = render_batch(sources, params, teacher_size, *teacher_norm)
+    return batch
 
 
 def _batch_targets(buf: list[_Item]) -> dict[str, torch.Tensor] | None:

@@ -45,7 +45,7 @@ from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, decode_image, expand_shards, iter_samples, load_classes, split_urls
 from kt.render import decode_for_views, normalize, render, to_tensor, to_uint8
-from kt.render_tensor import images_to_tensors, render_batch
+from kt.render_tensor import images_to_tensors, render_batch, render_device_for
 from kt.views import ViewSet, ViewSpec, load_view_spec
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
 from kt.teacher_cache.lock import StoreLock
@@ -702,20 +702,3 @@ def check_bad_fraction(store: CacheStore, urls: Sequence[str], max_fraction: flo
         first = next(b for m in done for b in m["bad"])
         raise UserError(f"{bad} of {read} samples are bad ({bad / read:.1%} > --max-bad-fraction "
                         f"{max_fraction:.1%}), e.g. {first['key']}: {first['reason']}; see kt-cache info")
-
-
-def render_device_for(choice: str, device: torch.device | str | None = None) -> torch.device | None:
-    """The device that renders views in the main process, the teacher's (None: the DataLoader workers render
-    with PIL). `device` is this process's device; by default the first CUDA device when there is one."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--render must be auto, cpu or cuda, got {choice!r}")
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    # `auto` keeps the PIL workers. Measured on an H200 (docs/benchmarks.md, "The build on a GPU host"): the
-    # batched tensor render makes 1,500-2,300 train views/s at 224 px for ~0.5 host-CPU ms a view, but that host
-    # work runs in the main thread, which bounds the build: a ViT-L/14 build ran 669 views/s with it against
-    # 1,220 with 8 PIL workers. `cuda` stays one flag away.
-    if choice in ("cpu", "auto"):
-        return None
-    if device.type != "cuda":
-        raise UserError("--render cuda: this process has no CUDA device (use --render auto or cpu)")
-    return device

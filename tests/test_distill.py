@@ -272,3 +272,62 @@ def test_two_process_grad_accum_resume_equals_uninterrupted(fmnist, cache, tmp_p
     b = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_render_in_the_main_process_gives_the_workers_views_and_losses(fmnist, cache, teacher, tmp_path,
+                                                                       monkeypatch):
+    """`--render cuda` makes the workers only decode and renders each batch where the student is
+    (`render_sources`, the batched `kt.render_tensor` path). On the CPU the same path runs on CPU tensors:
+    its views are the PIL views within the render tolerance, and the online run's losses follow."""
+    import kt.student.distill as distill
+    from kt.student.distill import FreshSource, shard_keys
+    from kt.student.stream import ReplayStream, StreamSpec, render_sources
+    from kt.views import VIEW_PRESETS, ViewSet
+
+    urls = fmnist["train"][:1]
+    keys = shard_keys(urls)
+    spec = StreamSpec(tuple(urls), (len(keys[urls[0]]),), 16, seed=0, workers=0)
+    common = dict(view_set=ViewSet(VIEW_PRESETS["train"], 0, 2), policy="cycle", image_size=32,
+                  mean=(0.5,) * 3, std=(0.25,) * 3, teacher_size=40, teacher_norm=((0.4,) * 3, (0.2,) * 3))
+    workers = list(ReplayStream(spec, 0, 0, FreshSource(keys), **common))[:3]
+    main_thread = list(ReplayStream(spec, 0, 0, FreshSource(keys), **common, device_render=True))[:3]
+    for a, b in zip(workers, main_thread):
+        assert "x" not in b and len(b["sources"]) == 16 and b["sources"][0].dtype == torch.uint8
+        assert a["keys"] == b["keys"] and torch.equal(a["params"], b["params"])
+        b = render_sources(b, "cpu", 32, (0.5,) * 3, (0.25,) * 3, 40, ((0.4,) * 3, (0.2,) * 3))
+        for name, std in (("x", 0.25), ("teacher_x", 0.2)):
+            assert b[name].shape == a[name].shape and b[name].dtype == torch.float32
+            mad = float((b[name] - a[name]).abs().mean()) * std * 255  # in 8-bit levels
+            assert mad <= 1.0, (name, mad)
+    assert render_sources(workers[0], "cpu", 32, (0.5,) * 3, (0.25,) * 3) is workers[0]  # rendered already
+
+    # --render cuda on the CPU: the main process renders CPU tensors
+    monkeypatch.setattr(distill, "render_device_for",
+                        lambda choice, device=None: torch.device("cpu") if choice == "cuda" else None)
+    rendered = []
+
+    def counting(batch, *a, **kw):
+        rendered.append("sources" in batch)
+        return render_sources(batch, *a, **kw)
+
+    monkeypatch.setattr(distill, "render_sources", counting)
+    args = ["train", "--model", "test_vit", "--teacher", str(teacher), "--views", "2", "--data", urls[0],
+            "--image-size", "32", "--batch-size", "32", "--epochs", "1", "--workers", "1", "--log-every", "1",
+            "--objective", "task"]
+    assert main(args + ["--out", str(tmp_path / "pil")]) == 0
+    assert rendered == []
+    assert main(args + ["--out", str(tmp_path / "tensor"), "--render", "cuda"]) == 0
+    pil, tensor = losses(tmp_path / "pil"), losses(tmp_path / "tensor")
+    assert rendered == [True] * len(tensor) and len(tensor) == len(pil) > 1  # every batch from its sources
+    print("losses, PIL views:", pil, "tensor views:", tensor)
+    np.testing.assert_allclose(tensor, pil, rtol=0.02)
+
+
+def test_render_cuda_without_cuda_is_one_line(fmnist, cache, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "x"
+    assert train(fmnist, cache, out, "--render", "cuda") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--render cuda: this process has no CUDA device" in err[0]
+    assert not out.exists()

@@ -288,6 +288,17 @@ def test_online_teacher_on_the_device_gives_the_cached_losses(data, teacher, dis
     np.testing.assert_allclose(losses(out), losses(distilled)[:4], rtol=3e-2, atol=2e-3)
 
 
+def test_render_on_the_device_gives_the_workers_losses(data, teacher, distilled, tmp_path):
+    """`--render cuda`: the workers only decode, the student's GPU renders each batch (and the online
+    teacher's views) from the stored params; the views are the PIL views within 1/255, so are the losses."""
+    if DEVICE != "cuda":
+        pytest.skip("--render cuda needs CUDA")
+    out = tmp_path / "rendered"
+    assert student_main("train", *TRAIN, "--render", "cuda", "--teacher", teacher, "--views", 2,
+                        "--data", data["train"], "--epochs", 4, "--stop-after-steps", 4, "--out", out) == 0
+    np.testing.assert_allclose(losses(out), losses(distilled)[:4], rtol=3e-2, atol=2e-3)
+
+
 def test_finetune_init_in_mixed_precision_then_eval(data, distilled, tmp_path, capsys):
     """finetune --init (bf16 mixed precision) evaluates on the device; kt-student eval on the device and on
     the CPU agree."""

@@ -122,7 +122,8 @@ def photo_shard(photos, tmp_path_factory) -> str:
 def test_build_batches_rendered_on_device_match_worker_renders(photo_shard, device):
     """The cache build's GPU path (workers decode, one render_batch in the main process), on CPU tensors
     and, marked gpu, on CUDA: the same views as the DataLoader workers' PIL renders."""
-    from kt.teacher_cache.build import ShardViewBatches, ViewBatch, render_device_for
+    from kt.render_tensor import render_device_for
+    from kt.teacher_cache.build import ShardViewBatches, ViewBatch
 
     if device == "cuda":
         if not torch.cuda.is_available():

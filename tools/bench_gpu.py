@@ -236,7 +236,7 @@ def _teacher_step_times(teacher, device, cfg, steps) -> list[float]:
 def render_rate(device: torch.device, batch: int, size: int, forward_per_s: float) -> dict:
     """The batched GPU render (`kt.render_tensor.render_batch`, train views of 500x375 JPEGs decoded by nvJPEG)
     at the teacher's size, views/s of the device; `render_over_forward` >= 1: it keeps up with the teacher in
-    bf16, the measurement `--render auto` waits for (kt.teacher_cache.build.render_device_for)."""
+    bf16, the measurement `--render auto` waits for (kt.render_tensor.render_device_for)."""
     from tools.bench_pipeline import bench_render_gpu
 
     row = bench_render_gpu(None, batch=batch, device=str(device), formats=("JPEG",), specs=("train",),
