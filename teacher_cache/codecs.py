@@ -545,11 +545,17 @@ def _quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     embeddings of tiny norm, PCA residual coefficients). It costs 2 bytes more per vector (68 instead of 66
     per patch token at d=64). Caches written with a float16 scale decode unchanged (decode casts either).
     """
-    absmax = np.abs(x).max(-1)
-    scale = (absmax / np.float32(127.0)).astype(np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    q = np.abs(x)  # one buffer for every step below (the build encodes in the teacher's thread on a CPU)
+    scale = (q.max(-1) / np.float32(127.0)).astype(np.float32)
     s = scale[..., None]
-    q = np.divide(x, s, out=np.zeros_like(x, dtype=np.float32), where=s > 0)
-    return np.clip(np.rint(q), -127, 127).astype(np.int8), scale
+    np.divide(x, s, out=q, where=s > 0)
+    unscaled = ~(scale > 0)  # all-zero vectors (q is 0 there already) and non-finite ones: 0, as before
+    if unscaled.any():
+        q[unscaled] = 0
+    np.rint(q, out=q)
+    np.clip(q, -127, 127, out=q)
+    return q.astype(np.int8), scale
 
 
 def _matmul_last(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
