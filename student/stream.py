@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
 from kt.shards import BadSamples, decode_image, image_ext, iter_samples, split_urls
-from kt.render import render_valid
+from kt.render import decode_for_views, render_valid
 from kt.render_tensor import images_to_tensors, render_batch
 from kt.views import ViewSet, render, to_tensor
 
@@ -270,7 +270,11 @@ class ReplayStream(IterableDataset):
         return out
 
     def _collate(self, buf: list[_Item]) -> dict:
-        images = [decode_image(item.data) for item in buf]
+        if self.device_render:  # the batched render takes the full image
+            images = [decode_image(item.data) for item in buf]
+        else:  # a JPEG decodes at the reduced scale its view still allows at the larger of the two sizes
+            size = max(self.image_size, self.teacher_size)
+            images = [decode_for_views(item.data, item.params, size) for item in buf]
         batch = {"keys": [item.key for item in buf],
                  "views": torch.tensor([item.view for item in buf]),
                  "params": torch.from_numpy(np.stack([item.params for item in buf]))}

@@ -131,3 +131,39 @@ def test_batches_mix_class_sorted_shards(class_sorted, workers):
         order = rng.permutation(len(everything))
         reference += [[everything[i] for i in order[s:s + 16]] for s in range(0, len(order), 16)]
     assert abs(majority_fraction(got, label) - majority_fraction(reference, label)) <= 0.10
+
+
+def test_stream_decodes_jpegs_at_the_reduced_scale_its_views_allow(tmp_path, monkeypatch):
+    """A 500x375 JPEG rendered at 32 px decodes at 1/2-1/8 scale (`kt.render.decode_for_views`, as the build
+    does): the student's views are those of that decode exactly, and of the full decode within 1/255."""
+    import kt.student.stream as stream
+    from kt.render import decode_for_views, render, to_tensor
+    from kt.shards import decode_image, write_shards
+    from tools.bench_pipeline import encode, photos_500x375
+
+    jpegs = [encode(img, "JPEG") for img in photos_500x375(12, seed=0)]
+    urls = write_shards(({"__key__": f"p{i:03d}", "jpg": b, "cls": b"0"} for i, b in enumerate(jpegs)),
+                        tmp_path, prefix="jpeg", maxcount=12)
+    keys = shard_keys(urls)
+    spec = StreamSpec(tuple(urls), (12,), 12, seed=0, workers=0)
+    sizes = []
+    real = stream.decode_for_views
+
+    def spy(data, params, size):
+        img = real(data, params, size)
+        sizes.append(img.size)
+        return img
+
+    monkeypatch.setattr(stream, "decode_for_views", spy)
+    batch = next(iter(ReplayStream(spec, 0, 0, FreshSource(keys), ViewSet(VIEW_PRESETS["light"], 0, 1), "cycle",
+                                   32, (0.5,) * 3, (0.5,) * 3)))
+    assert len(sizes) == 12 and any(w < 500 for w, _ in sizes)  # some decodes were reduced
+    by_key = dict(zip((f"p{i:03d}" for i in range(12)), jpegs))
+    mads = []
+    for x, key, params in zip(batch["x"], batch["keys"], batch["params"].numpy()):
+        data = by_key[key]
+        reduced = to_tensor(render(decode_for_views(data, params, 32), params, 32), (0.5,) * 3, (0.5,) * 3)
+        assert torch.equal(x, reduced)
+        full = to_tensor(render(decode_image(data), params, 32), (0.5,) * 3, (0.5,) * 3)
+        mads.append(float((x - full).abs().mean()) * 0.5 * 255)
+    assert max(mads) <= 1.0, mads
