@@ -371,9 +371,9 @@ class BuildClock:
     the data path), the teacher (queueing its forward, with the host->device copy and a GPU render or
     normalisation; on a CPU the whole forward), waiting for the teacher's outputs (a GPU still computing),
     and the writer (encoding when it runs in the teacher's thread, a full queue when its thread falls
-    behind, the final flush). `first_batch` is the time until the first
-    batch reached the teacher (worker start, first decodes, on a CPU its forward too); the steady rate leaves
-    it out, so that a short run's start-up does not pass for the pipeline's throughput."""
+    behind, the final flush). `first_batch` is the time until the first batch reached the teacher (worker
+    start, first decodes, on a CPU its forward too); the steady rate leaves it out, so that a short run's
+    start-up does not pass for the pipeline's throughput."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
