@@ -95,3 +95,15 @@ def test_writer_benchmark_reports_small_shards_and_the_fixed_cost_per_shard(tmp_
     for row in out.values():
         assert row["views"] == 1024 and row["views_per_s_per_thread"] > 0
         assert row["views_per_s_per_thread_small_shards"] > 0 and isinstance(row["shard_fixed_ms"], float)
+
+
+def test_zero_teacher_build_benchmark_separates_the_first_build_and_reports_the_loop(tmp_path):
+    import argparse
+
+    from tools.bench_pipeline import bench_build, photo_shards
+
+    urls = photo_shards(tmp_path / "photos", 16)
+    out = bench_build(argparse.Namespace(size=32, build_views=1, workers=0), urls, str(tmp_path / "z.zarr"))
+    assert out["views"] == 16 and out["images"] == 16
+    assert out["over_loader"] > 0 and out["over_loader_first_build"] > 0 and out["loop_views_per_s"] > 0
+    assert set(out["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}

@@ -17,7 +17,9 @@
   1024-d embedding, 16x16x1024 patch grid) with the default codecs (topk:k=10, fp16, pca:d=64,int8).
 - `build_zero_teacher`: `build_cache` on 500x375 JPEG shards with a teacher that costs nothing (constant
   outputs), 224 px, logits + embedding: the pipeline's ceiling in views/s, beside the DataLoader alone
-  (decode + render, no writer) on the same data; `over_loader` is their ratio.
+  (decode + render, no writer) on the same data; `over_loader` is their ratio, on the second build in the
+  process (`over_loader_first_build`: the first, with the process's one-time imports), and `loop_*` /
+  `time_s` are the build loop's own rate and clock.
 - `stream_zero_student`: the distillation stream (`ReplayStream` over that cache: stored parameters
   checked, targets decoded, views rendered at 224 px) consumed by a student that costs nothing.
 
@@ -321,9 +323,11 @@ def zero_teacher(image_size: int):
                              mean=(0.5,) * 3, std=(0.5,) * 3, image_size=image_size, num_classes=1000)
             g = torch.Generator().manual_seed(0)
             # plain attributes, not buffers: the cache fingerprints the state dict, which stays empty
+            # the grid is a broadcast zero (no memory): 512 random 16x16x1024 grids took 0.7 s to draw, which
+            # the benchmark counted as the build's fixed cost
             self.outputs = {"logits": torch.randn(512, 1000, generator=g) * 2,
                             "embedding": torch.randn(512, 1024, generator=g),
-                            "grid": torch.randn(512, 1024, 16, 16, generator=g)}
+                            "grid": torch.zeros(1, 1024, 16, 16).expand(512, -1, -1, -1)}
 
         def forward_features(self, x):
             b = len(x)
@@ -343,6 +347,10 @@ def bench_build(args, urls, cache: str) -> dict:
         cfg = build.BuildConfig(teacher="zero-cost", data="::".join(urls), out=cache, views=args.build_views,
                                 seed=0, targets=targets, image_size=args.size, batch_size=64, workers=args.workers,
                                 overwrite=True)
+        # twice: the first build in a process also pays its one-time imports and first calls (~1.8 s here)
+        cold = time.perf_counter()
+        build.build_cache(cfg)
+        cold = time.perf_counter() - cold
         wall, cpu = time.perf_counter(), _cpu()
         summary = build.build_cache(cfg)
         wall, cpu = time.perf_counter() - wall, _cpu() - cpu
@@ -358,7 +366,11 @@ def bench_build(args, urls, cache: str) -> dict:
     lwall, lcpu = time.perf_counter() - lwall, _cpu() - lcpu
     return {"views_per_s": round(n / wall), "views_per_cpu_s": round(n / cpu),
             "loader_views_per_s": round(ln / lwall), "loader_views_per_cpu_s": round(ln / lcpu),
-            "over_loader": round(wall / lwall, 3), "views": n, "images": summary["samples"],
+            "over_loader": round(wall / lwall, 3), "over_loader_first_build": round(cold / lwall, 3),
+            "views": n, "images": summary["samples"],
+            # the build loop alone (no set-up, no final checks), after its first batch, and where its time went
+            "loop_views_per_s": round(summary["views_per_s"]), "steady_views_per_s": round(summary["steady_views_per_s"]),
+            "time_s": summary["time_s"],
             "views_per_image": args.build_views, "image_size": args.size, "workers": args.workers,
             "targets": targets, "input": "500x375 JPEG q95"}
 
