@@ -30,6 +30,7 @@ process takes those outputs from its own stream (`StreamFit`) instead of a secon
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -72,8 +73,9 @@ class BuildConfig:
                         choices=("auto", "cpu", "cuda"))
     writer_threads: int = field(-1, "threads encoding, compressing and writing targets; -1: none when the teacher "
                                     "runs on the CPU (the work is done in its thread: a writer thread would take "
-                                    "cores from the teacher's own), 1 on a GPU; raise it when the writer limits the "
-                                    "build (python -m tools.bench pipeline: views/s per thread)",
+                                    "cores from the teacher's own), on a GPU 1, or 3 with patches or seg_logits "
+                                    "(within a quarter of the cores); raise it when the writer limits the build "
+                                    "(python -m tools.bench pipeline: views/s per thread)",
                                 min=-1)
     codec: list = field([], "TARGET=SPEC overrides of the default codecs, e.g. logits=topk:k=10")
     max_bad_fraction: float = field(0.01, "fail when more than this fraction of samples is corrupt", min=0, max=1)
@@ -657,13 +659,25 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     return summary
 
 
+# targets whose encoding is the writer's heavy work: a PCA projection or int8 of every patch token, the
+# top-k of every pixel. One thread encodes ViT-L/14 patches at 700-1,950 views/s (`python -m tools.bench
+# pipeline`, writer.logits+embedding+patches), under one H200's 2,060 teacher views/s; logits + embedding
+# run at 13,000-16,000.
+HEAVY_TARGETS = ("patches", "seg_logits")
+
+
 def writer_threads(cfg: BuildConfig, device: torch.device) -> int:
-    """`--writer-threads`, with -1 resolved: 0 next to a CPU teacher, 1 next to a GPU one. On the 2-core box
-    (python -m tools.bench cache, docs/benchmarks.md) a writer thread beside a CPU teacher cost more than its
-    own work: OpenMP threads of the teacher wait on the one it preempts."""
+    """`--writer-threads`, with -1 resolved: 0 next to a CPU teacher; next to a GPU one, 1 thread, or 3 when
+    a heavy target is cached (HEAVY_TARGETS; threads encode batches in parallel, the store is the same bit
+    for bit), never more than a quarter of the cores (the DataLoader workers need the rest). On the 2-core
+    box (python -m tools.bench cache, docs/benchmarks.md) a writer thread beside a CPU teacher cost more
+    than its own work: OpenMP threads of the teacher wait on the one it preempts."""
     if cfg.writer_threads >= 0:
         return cfg.writer_threads
-    return 0 if torch.device(device).type == "cpu" else 1
+    if torch.device(device).type == "cpu":
+        return 0
+    heavy = any(t in HEAVY_TARGETS for t in parse_targets(cfg.targets))
+    return max(1, min(3 if heavy else 1, (os.cpu_count() or 1) // 4))
 
 
 def start_writer(store: CacheStore, cfg: BuildConfig, rank: int, device: torch.device) -> Writer:

@@ -68,6 +68,28 @@ def test_default_writer_works_in_the_teachers_thread_on_cpu_and_beside_a_gpu():
     assert writer_threads(BuildConfig(writer_threads=3), torch.device("cpu")) == 3
 
 
+def test_default_writer_has_threads_for_heavy_targets_beside_a_gpu(monkeypatch):
+    """Patch tokens or per-pixel logits: one thread encodes slower than a GPU teacher forwards (docs), so three,
+    within a quarter of the cores; light targets keep one; an explicit count is kept."""
+    import os
+
+    import torch
+
+    from kt.teacher_cache.build import BuildConfig, writer_threads
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert writer_threads(BuildConfig(targets=["logits", "embedding"]), gpu) == 1
+    assert writer_threads(BuildConfig(targets=["logits", "patches"]), gpu) == 3
+    assert writer_threads(BuildConfig(targets="seg_logits"), gpu) == 3
+    assert writer_threads(BuildConfig(targets=["patches"]), torch.device("cpu")) == 0
+    assert writer_threads(BuildConfig(targets=["patches"], writer_threads=1), gpu) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert writer_threads(BuildConfig(targets=["patches"]), gpu) == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert writer_threads(BuildConfig(targets=["patches"]), gpu) == 1
+
+
 def test_codecs_are_fitted_on_the_builds_own_views(tiny_teacher, small_shards, tmp_path, monkeypatch):  # noqa: F811
     """A single-process build fits PCA on the first views of its own stream: no second teacher pass, and the
     basis `fit_codecs` (the separate pass several processes use) gets from the same data. Two workers
