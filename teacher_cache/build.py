@@ -173,7 +173,8 @@ class GraphedTeacher:
 
             warnings.warn(f"kt-cache build: the teacher could not be captured as a CUDA graph ({type(e).__name__}: "
                           f"{e}); it runs op by op", stacklevel=2)
-            torch.cuda.synchronize(place.device)
+            if place.device.type == "cuda" and torch.cuda.is_available():
+                torch.cuda.synchronize(place.device)  # nothing of the failed capture left in flight
             return None
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -107,3 +107,22 @@ def test_zero_teacher_build_benchmark_separates_the_first_build_and_reports_the_
     assert out["views"] == 16 and out["images"] == 16
     assert out["over_loader"] > 0 and out["over_loader_first_build"] > 0 and out["loop_views_per_s"] > 0
     assert set(out["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}
+
+
+def test_a_teacher_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
+    """`GraphedTeacher.capture` never fails a build: a model whose forward cannot be captured (it syncs with
+    the host, say) leaves the eager teacher, with one warning."""
+    import warnings
+
+    from kt.device import placement
+    from kt.teacher_cache.build import GraphedTeacher
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedTeacher, "__init__", refuse)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert GraphedTeacher.capture(object(), ["logits"], placement("cpu"), 8, 32) is None
+    assert len(caught) == 1 and "could not be captured as a CUDA graph" in str(caught[0].message)
+    assert "operation not permitted" in str(caught[0].message)
