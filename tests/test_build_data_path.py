@@ -126,3 +126,18 @@ def test_a_teacher_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypat
         assert GraphedTeacher.capture(object(), ["logits"], placement("cpu"), 8, 32) is None
     assert len(caught) == 1 and "could not be captured as a CUDA graph" in str(caught[0].message)
     assert "operation not permitted" in str(caught[0].message)
+
+
+def test_gil_probe_times_the_teacher_alone_and_beside_busy_threads():
+    """`python -m tools.bench gpu --gil-probe` at toy sizes on the CPU (eager only: graphs need CUDA)."""
+    import sys
+
+    from tools.bench_gpu import build_parser, run
+
+    interval = sys.getswitchinterval()
+    out = run(build_parser().parse_args(["--device", "cpu", "--tiny", "--gil-probe"]))["gil_probe"]
+    assert sys.getswitchinterval() == interval  # restored
+    assert set(out["eager"]) == {"alone", "beside_python_loop_switch_5ms", "beside_python_loop_switch_0.5ms",
+                                 "beside_numpy_small_switch_5ms", "beside_numpy_small_switch_0.5ms"}
+    assert all(r["images_per_s"] > 0 and r["launch_ms_per_batch"] > 0 for r in out["eager"].values())
+    assert "graph" not in out

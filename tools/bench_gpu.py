@@ -31,6 +31,8 @@ scikit-learn, written as shards in a temporary folder. Parts:
   pinned and copied asynchronously) on the same stream from the cache and with the teacher online (bf16),
   data loading included; `online_over_cached_ideal` = 1 + teacher forward / cached step is what the cache
   saves when the data path keeps up.
+- `gil_probe` (`--gil-probe`, alone): the teacher's forward alone and beside a busy Python thread (pure Python
+  at two GIL switch intervals, small numpy work), eager and as the build's CUDA graph.
 - `seg`: `seg_teacher` (ViT-L/14, random weights) at output stride 8 with a DeepLabV3 head at `seg_size` (512)
   px: forward images/s in bf16, and `kt-cache build --targets seg_logits` views/s (`--no-seg` skips it,
   `--seg-only` runs only it: about 30 s of GPU time).
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-seg", action="store_true", help="skip the segmentation part (seg_teacher at stride 8)")
     p.add_argument("--seg-only", action="store_true", help="only the segmentation part")
     p.add_argument("--build-only", action="store_true", help="only the teacher's forward rate and the build part")
+    p.add_argument("--gil-probe", action="store_true",
+                   help="only the GIL probe: the teacher's forward alone and beside a busy Python thread")
     p.add_argument("--build-variants", default=DEFAULT_BUILD_VARIANTS,
                    help="comma-separated names of tools.bench_gpu.BUILD_VARIANTS, in order")
     for name, default in PRESETS["full"].items():
@@ -258,6 +262,8 @@ def run(args) -> dict:
         print(f"bench gpu: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     started = time.perf_counter()
+    if args.gil_probe:
+        return {"gil_probe": gil_probe(cfg, device), "seconds": time.perf_counter() - started}
     with tempfile.TemporaryDirectory() as tmp:
         out = {} if args.seg_only else _run(cfg, device, args.workers, Path(tmp), args.build_only,
                                                   args.build_variants)
@@ -318,6 +324,72 @@ def _run(cfg: dict, device: torch.device, workers: int, tmp: Path, build_only: b
     if not build_only:
         result["distill"] = distill_steps(cfg, tmp / "build" / "pil_uint8.zarr", urls, teacher, device, workers)
     return result
+
+
+def gil_probe(cfg: dict, device: torch.device, batches: int = 12) -> dict:
+    """The teacher's forward (images/s, synchronised per batch as the build does, and host ms to launch it)
+    alone and beside a busy Python thread: a pure-Python loop at the default 5 ms GIL switch interval and at
+    0.5 ms, and small numpy work (which releases the GIL); eagerly and, on CUDA, as the build's CUDA graph
+    (`GraphedTeacher`). What made the build's eager teacher run at half its rate (docs/benchmarks.md)."""
+    import threading
+
+    import numpy as np
+
+    from kt.device import placement
+    from kt.models import create_model
+    from kt.teacher_cache.build import GraphedTeacher, teacher_targets
+
+    size, batch = cfg["teacher_size"], cfg["batch_size"]
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = create_model(cfg["teacher"], num_classes=NUM_CLASSES, image_size=size).eval()
+    place = placement(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    runs = {"eager": lambda: teacher_targets(model, x, ["logits", "embedding"])}
+    if device.type == "cuda":
+        graphed = GraphedTeacher(model, ["logits", "embedding"], place, batch, size)
+        runs["graph"] = lambda: graphed(x)
+
+    def rate(fn) -> dict:
+        with torch.inference_mode(), place.teacher_autocast():
+            for _ in range(2):
+                fn()
+            _sync(device)
+            start, launch = time.perf_counter(), 0.0
+            for _ in range(batches):
+                t = time.perf_counter()
+                out = fn()
+                launch += time.perf_counter() - t
+                out["logits"].float().cpu()  # the build waits for each batch's outputs
+            elapsed = time.perf_counter() - start
+        return {"images_per_s": round(batch * batches / elapsed, 1), "launch_ms_per_batch": round(1000 * launch / batches, 2)}
+
+    loads = {"python_loop": lambda: sum(range(2000)),
+             "numpy_small": lambda: np.random.rand(64, 100).argsort(1)}
+    out = {"teacher": cfg["teacher"], "batch_size": batch, "image_size": size}
+    switch = sys.getswitchinterval()
+    try:
+        for mode, fn in runs.items():
+            out[mode] = {"alone": rate(fn)}
+            for load, work in loads.items():
+                for interval in (0.005, 0.0005):
+                    sys.setswitchinterval(interval)
+                    stop = threading.Event()
+
+                    def busy(work=work, stop=stop):
+                        while not stop.is_set():
+                            work()
+
+                    thread = threading.Thread(target=busy, daemon=True)
+                    thread.start()
+                    try:
+                        out[mode][f"beside_{load}_switch_{interval * 1000:g}ms"] = rate(fn)
+                    finally:
+                        stop.set()
+                        thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    return out
 
 
 def jpeg_shards(out: Path, n: int, shard_size: int, distinct: int = 256) -> list[str]:
