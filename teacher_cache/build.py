@@ -617,6 +617,13 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
         # one batch in flight: batch i's forward is queued on the GPU before batch i-1's outputs are waited
         # for, so that the host's work between batches overlaps the teacher's instead of idling the GPU
         pending: tuple[ViewBatch, TeacherRun] | None = None
+
+        def finish_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                finish(*pending)
+                pending = None
+
         try:
             loader = iter(view_loader(mine, view_set, image_size, model.mean, model.std, cfg.batch_size,
                                       cfg.workers, pin_memory=place.pin_memory,
@@ -633,18 +640,13 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
                     n_views += len(item.rows)
                     bar.update(len(item.rows))
                     clock.lap("teacher", len(item.rows))
-                    if pending is not None:
-                        finish(*pending)
+                    finish_pending()
                     pending = (item, run)
                 else:
-                    if pending is not None:
-                        finish(*pending)
-                        pending = None
+                    finish_pending()
                     emit(item)
                     clock.lap("writer")
-            if pending is not None:
-                finish(*pending)
-                pending = None
+            finish_pending()
         finally:
             bar.close()
             if writer is not None:
