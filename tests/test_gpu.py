@@ -129,24 +129,32 @@ def cache(data, teacher, tmp_path_factory):
     return out
 
 
+def same_shards(cache_a, cache_b, urls):
+    """(shard of a, shard of b) per input shard of two caches of the same data: same keys, same view params."""
+    from kt.teacher_cache.reader import CacheReader
+
+    targets = ["logits", "embedding", "patches"]
+    a, b = CacheReader(str(cache_a)), CacheReader(str(cache_b))
+    for url in urls:
+        sa, sb = a.shard(url, targets), b.shard(url, targets)
+        assert list(sa.keys) == list(sb.keys)
+        np.testing.assert_array_equal(sa.params, sb.params)
+        yield sa, sb
+
+
 def test_uint8_views_normalised_on_the_device_give_the_float_views_cache(data, teacher, cache, tmp_path,
                                                                          monkeypatch):
     """The default (workers send uint8 views, normalised on the teacher's GPU) against float views made in
     the workers: the teacher's inputs are the same bits (tests/test_build_data_path.py), so are its outputs."""
     import kt.teacher_cache.build as build
-    from kt.teacher_cache.reader import CacheReader
 
     monkeypatch.setattr(build, "UINT8_VIEWS_TO_GPU", False)
     out = tmp_path / "f32.zarr"
     build.build_cache(build.BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(out), views=2,
                                         targets=["logits", "embedding", "patches"], batch_size=64, workers=2,
                                         codec=["logits=fp16", "embedding=fp16", "patches=fp16"]))
-    a, b = CacheReader(str(cache)), CacheReader(str(out))
     worst = 0.0
-    for url in data["train_urls"]:
-        sa, sb = a.shard(url, ["logits", "embedding", "patches"]), b.shard(url, ["logits", "embedding", "patches"])
-        assert list(sa.keys) == list(sb.keys)
-        np.testing.assert_array_equal(sa.params, sb.params)
+    for sa, sb in same_shards(cache, out, data["train_urls"]):
         for t in sa.targets:
             worst = max(worst, float(np.abs(sa.targets[t] - sb.targets[t]).max()))
     print("uint8 vs float views, largest stored difference:", worst)
@@ -156,7 +164,6 @@ def test_uint8_views_normalised_on_the_device_give_the_float_views_cache(data, t
 def test_teacher_graph_gives_the_eager_teachers_cache(data, teacher, cache, tmp_path):
     """The default build replays the teacher as a CUDA graph; `--no-teacher-graph` runs it op by op."""
     from kt.teacher_cache.build import BuildConfig, build_cache
-    from kt.teacher_cache.reader import CacheReader
 
     if DEVICE != "cuda":
         pytest.skip("CUDA graphs need CUDA")
@@ -165,11 +172,8 @@ def test_teacher_graph_gives_the_eager_teachers_cache(data, teacher, cache, tmp_
                                       targets=["logits", "embedding", "patches"], batch_size=64, workers=2,
                                       codec=["logits=fp16", "embedding=fp16", "patches=fp16"], teacher_graph=False))
     assert summary["teacher_graph"] is False
-    a, b = CacheReader(str(cache)), CacheReader(str(out))
     worst = 0.0
-    for url in data["train_urls"]:
-        sa, sb = a.shard(url, ["logits", "embedding", "patches"]), b.shard(url, ["logits", "embedding", "patches"])
-        assert list(sa.keys) == list(sb.keys)
+    for sa, sb in same_shards(cache, out, data["train_urls"]):
         for t in sa.targets:
             np.testing.assert_allclose(sa.targets[t], sb.targets[t], rtol=1e-2, atol=1e-2)
             worst = max(worst, float(np.abs(sa.targets[t] - sb.targets[t]).max()))
