@@ -114,3 +114,34 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     if isinstance(obj, (list, tuple)) and any(torch.is_tensor(v) or isinstance(v, (dict, list, tuple)) for v in obj):
         return type(obj)(to_device(v, device, non_blocking) for v in obj)
     return obj
+
+
+# glibc's malloc gives a freed block back to the OS at once when it was mmapped (above the mmap threshold, which
+# grows to at most 32 MiB) or when the heap's free top exceeds the trim threshold. A CPU forward frees its
+# activations and allocates them again every batch, so each batch faulted every page of them in afresh: 1.2-2.3M
+# minor page faults in the 4,000-view Lite2 build benchmark, 40-90K with the settings below
+# (docs/benchmarks.md). PyTorch's tuning guide swaps the allocator instead (jemalloc or tcmalloc by LD_PRELOAD),
+# which a running process cannot do and which is not a Python package; mallopt is glibc's own switch for it.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # <malloc.h>
+_MALLOC_SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
+_malloc_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of unmapping it (no mmapped blocks; the heap's top kept up
+    to 1 GiB): the process's footprint stays at its peak, and repeated large allocations stop page-faulting.
+    Process-wide, so only long-running stages call it (`kt-cache build`); DataLoader workers forked later
+    inherit it. True where applied; False off glibc (macOS, musl), where nothing changes."""
+    global _malloc_kept
+    if _malloc_kept:
+        return True
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _malloc_kept = all(mallopt(option, value) == 1 for option, value in _MALLOC_SETTINGS)
+    return _malloc_kept

@@ -141,3 +141,20 @@ def test_gil_probe_times_the_teacher_alone_and_beside_busy_threads():
                                  "beside_numpy_small_switch_5ms", "beside_numpy_small_switch_0.5ms"}
     assert all(r["images_per_s"] > 0 and r["launch_ms_per_batch"] > 0 for r in out["eager"].values())
     assert "graph" not in out
+
+
+def test_teacher_outputs_reach_the_writer_contiguous():
+    """A CNN's patch grid is a channels-last view of its NCHW features; the writer's codecs get it contiguous
+    (they reduce along the last axis, ~10x slower strided), with the same values."""
+    from kt.models import create_model, teacher_targets
+    from kt.teacher_cache.build import teacher_outputs
+
+    model = create_model("test_efficientnet", num_classes=3, image_size=64).eval()  # a 2x2 grid
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fresh = teacher_targets(model, x, ["patches", "embedding", "logits"])
+    assert not fresh["patches"].is_contiguous()  # what made this test worth writing
+    out = teacher_outputs(model, x, ["patches", "embedding", "logits"])
+    for name, array in out.items():
+        assert array.flags["C_CONTIGUOUS"], name
+        np.testing.assert_array_equal(array, fresh[name].numpy())

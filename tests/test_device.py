@@ -128,3 +128,46 @@ def test_build_summary_names_the_device_and_precision(fmnist, tmp_path):
         build_cache(BuildConfig(teacher="test_vit", data=fmnist["test"][0], out=str(tmp_path / "d.zarr"),
                                 targets=["embedding"], teacher_precision="half"))
     json.dumps(summary)
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from kt.device import keep_freed_memory
+if sys.argv[1] == "keep" and not keep_freed_memory():
+    print("unsupported"); sys.exit()
+def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(8 << 20)  # 64 MiB: above glibc's largest mmap threshold; the first allocation faults in either case
+start = faults()
+for _ in range(8):
+    np.ones(8 << 20)  # allocated, filled, freed: a forward's activations, batch after batch
+print(faults() - start)
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "keep"])
+def test_kept_freed_memory_stops_page_faults_of_repeated_allocations(mode):
+    """`keep_freed_memory` (glibc's mallopt): 8 fresh 64 MiB allocations fault their pages in each time by
+    default (16K 4 KiB pages each, or 32 huge ones at least) and almost none once freed memory is kept. In a
+    subprocess: the setting is process-wide."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True).stdout
+    if out.strip() == "unsupported":
+        pytest.skip("not glibc: keep_freed_memory does nothing here")
+    huge_pages = 8 * (64 << 20) // (2 << 20)  # a fault per 2 MiB at least, where transparent huge pages are on
+    if mode == "default":
+        assert int(out) >= huge_pages
+    else:
+        assert int(out) < huge_pages // 16
+
+
+def test_build_keeps_freed_memory(fmnist, tmp_path, monkeypatch):
+    import kt.teacher_cache.build as build
+
+    calls = []
+    monkeypatch.setattr(build, "keep_freed_memory", lambda: calls.append(1) or True)
+    build.build_cache(build.BuildConfig(teacher="test_vit", data=fmnist["test"][0], out=str(tmp_path / "c.zarr"),
+                                        views=1, targets=["embedding"], image_size=32, batch_size=50, workers=0))
+    assert calls == [1]

@@ -68,6 +68,10 @@ def run(args=None) -> dict:
     if args.quick:
         args.views, args.images, args.writer_views = 24, 32, 512
     torch.set_num_threads(1)  # per-core figures; DataLoader workers run one thread each as well
+    from kt.device import keep_freed_memory
+
+    # the build sets it for its process; set here first, so that both sides of every ratio run with it
+    keep_freed_memory()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     result: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_start": list(os.getloadavg())}}
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
