@@ -116,13 +116,20 @@ class ShardAssembler:
             raise RuntimeError(f"shard assembled {len(rows)} views, expected {n} x {self.views}")
         order = np.lexsort((views, rows))  # batches arrive in order already; this makes it a checked fact
         keep = np.array([r not in self.nonfinite for r in range(n)], dtype=bool)
-        params = np.concatenate([b.params for b in self.batches])[order].reshape(n, self.views, -1)[keep]
-        targets = {}
-        for t in self.codecs:
-            targets[t] = {}
-            for part in self.batches[0].parts[t]:
-                stacked = np.concatenate([b.parts[t][part] for b in self.batches])[order]
-                targets[t][part] = stacked.reshape(n, self.views, *stacked.shape[1:])[keep]
+
+        def assemble(parts: list[np.ndarray]) -> np.ndarray:
+            # (N, V, ...) in sample order, bad samples dropped; no copies beyond the concatenation where the
+            # order is already right and every sample is good (the usual case: one copy, not three, of a shard)
+            stacked = np.concatenate(parts)
+            if not in_order:
+                stacked = stacked[order]
+            stacked = stacked.reshape(n, self.views, *stacked.shape[1:])
+            return stacked if all_good else stacked[keep]
+
+        in_order, all_good = bool((order == np.arange(len(order))).all()), bool(keep.all())
+        params = assemble([b.params for b in self.batches])
+        targets = {t: {part: assemble([b.parts[t][part] for b in self.batches]) for part in self.batches[0].parts[t]}
+                   for t in self.codecs}
         bad = list(end.bad) + [{"shard": end.url, "key": end.keys[r],
                                 "reason": f"non-finite teacher output ({', '.join(sorted(ts))})"}
                                for r, ts in sorted(self.nonfinite.items())]

@@ -154,3 +154,36 @@ def test_build_benchmark_times_two_sizes(fmnist, tmp_path):
     assert len(build["forward_s"]) == len(build["build_s"]) == len(build["large_build_s"]) == 1
     assert all(t > 0 for key in ("forward_s", "build_s", "large_forward_s", "large_build_s") for t in build[key])
     assert {"marginal_build_over_forward", "build_fixed_s", "forward_fixed_s"} <= set(build)
+
+
+@pytest.mark.parametrize("shuffled,bad_row", [(False, None), (True, None), (False, 2), (True, 2)])
+def test_assembler_orders_rows_and_drops_bad_samples(shuffled, bad_row):
+    """A shard's (N, V, ...) arrays come out in (sample, view) order with non-finite samples dropped, whether
+    batches arrive in order (the copy-free path) or not (threads), with or without a bad sample."""
+    from kt.teacher_cache.codecs import Fp16Codec
+    from kt.teacher_cache.writer import ShardAssembler, ShardEnd, TeacherBatch
+    from kt.views import PARAM_DIM
+
+    n, views = 5, 2
+    codec = Fp16Codec("embedding")
+    codec.item_shape = (3,)
+    rows, vs = np.repeat(np.arange(n), views), np.tile(np.arange(views), n)
+    raw = (rows * 10 + vs)[:, None] + np.arange(3)[None, :] / 4  # every view's values name their (row, view)
+    raw = raw.astype(np.float32)
+    params = np.repeat((rows * 10 + vs)[:, None], PARAM_DIM, 1).astype(np.float32)
+    if bad_row is not None:
+        raw[rows == bad_row] = np.nan
+    assembler = ShardAssembler(views, {"embedding": codec})
+    batches = [slice(0, 4), slice(4, 7), slice(7, 10)]
+    for b in (batches[::-1] if shuffled else batches):
+        x = raw[b]
+        assembler.add(TeacherBatch("u", rows[b], vs[b], params[b], {"embedding": x}, np.isfinite(x).all(1)))
+    keys = [f"k{i}" for i in range(n)]
+    shard = assembler.finish(ShardEnd("u", keys, np.arange(n, dtype=np.uint64), [], n))
+    good = [i for i in range(n) if i != bad_row]
+    assert shard.keys == [keys[i] for i in good]
+    np.testing.assert_array_equal(shard.digests, np.array(good, dtype=np.uint64))
+    expected = raw.reshape(n, views, 3)[good].astype(np.float16)
+    np.testing.assert_array_equal(shard.targets["embedding"]["values"], expected)
+    np.testing.assert_array_equal(shard.params[..., 0], params[:, 0].reshape(n, views)[good])
+    assert [b["key"] for b in shard.bad] == ([] if bad_row is None else [keys[bad_row]])
