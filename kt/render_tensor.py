@@ -34,6 +34,7 @@ thread, and a ViT-L/14 build ran slower with it (669 views/s) than with 8 PIL wo
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import numpy as np
@@ -361,7 +362,10 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
         j = joined_run(steps, crop)
         if j is not None:
             joined[i] = (staged[i][1][j], compose(crop, steps[j][1][0]))
-    with torch.no_grad():
+    device_type = sources[0].device.type
+    # the render emulates PIL's 8-bit arithmetic in float32: never under a caller's mixed-precision autocast
+    no_autocast = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext()
+    with torch.no_grad(), no_autocast:
         src = _sources(sources)
         x = crop_resize(src, sources, ps, (w, h))
         rows = {i: r for r, i in enumerate(sorted(joined))}

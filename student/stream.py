@@ -305,11 +305,9 @@ def render_sources(batch: dict, device, image_size: int, mean, std, teacher_size
     batch = dict(batch)
     sources = [s.to(device, non_blocking=True) for s in batch.pop("sources")]
     params = batch["params"].numpy()
-    # the render emulates PIL's 8-bit arithmetic in float32: never under a caller's mixed-precision autocast
-    with torch.autocast(torch.device(device).type, enabled=False):
-        batch["x"] = render_batch(sources, params, image_size, mean, std)
-        if teacher_size:
-            batch["teacher_x"] = render_batch(sources, params, teacher_size, *teacher_norm)
+    batch["x"] = render_batch(sources, params, image_size, mean, std)  # never autocast (render_batch sees to it)
+    if teacher_size:
+        batch["teacher_x"] = render_batch(sources, params, teacher_size, *teacher_norm)
     return batch
 
 

@@ -179,3 +179,16 @@ def test_batch_of_mixed_sizes(photos):
     for size in (96, (48, 32)):
         diffs = _compare(batch, images_to_tensors(batch, "cpu"), params, size)
         assert np.mean(diffs) <= 1.0 and max(diffs) <= 3.0, (size, np.round(diffs, 2))
+
+
+def test_render_is_the_same_under_a_callers_autocast(photos):
+    """The render emulates PIL's 8-bit arithmetic in float32; under a student's bf16 autocast (the stream renders
+    inside the training step's context) its matmuls would drop to bf16. render_batch turns autocast off."""
+    img = next(iter(photos.values()))
+    params = sample_params_batch(VIEW_PRESETS["train"], 3, [f"a/{i}" for i in range(6)], 0)
+    sources = images_to_tensors([img] * len(params), "cpu")
+    plain = render_batch(sources, params, 48, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = render_batch(sources, params, 48, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
