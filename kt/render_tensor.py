@@ -16,7 +16,7 @@ The batched formulation: the work per batch is a fixed number of kernels, whatev
 - each view's plan (`kt.render.plan`) is laid out by stage (flip, the three jitter positions, the four
   RandAugment slots), and each (stage, op) runs once for all the views that have it, each with its own
   argument: one `grid_sample` per slot for every geometric run of the batch, colour ops as batched tensor
-  arithmetic over per-view factors, histograms for autocontrast/equalize as one `bincount`.
+  arithmetic over per-view factors, histograms for equalize as one scatter-add.
 - where `kt.render` joins the crop to the first geometric run (`kt.render.joined_run`), so does this
   path: those views are sampled from the source by one `grid_sample` of the composed map up front.
 - PIL's 8-bit arithmetic is emulated rather than approximated with torchvision's float ops, because the
@@ -112,14 +112,22 @@ def _resample_taps(n_in: np.ndarray, n_out: int, lo: np.ndarray, hi: np.ndarray)
     return w.astype(np.float32), np.minimum(j, n_in[:, None, None] - 1)
 
 
+def _on(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host data (numpy, a list) as a tensor on `device`, without waiting for the GPU. A blocking copy to a GPU
+    synchronises its stream first, so each of the render's small uploads stalled the host until the work queued
+    before it (the teacher's forward of the batch in flight) had finished. From pageable memory a non_blocking
+    copy is staged at once: safe, and the stream orders it."""
+    return torch.as_tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
 def _band(w: np.ndarray, j: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Taps (N, n_out, K) as dense matrices (N, n_out, span) over each view's span [first, first + span),
     built on the device by one scatter (zero-weight taps add nothing), and each view's first index."""
     first = j.min(axis=(1, 2))
     span = int((j.max(axis=(1, 2)) - first).max()) + 1
-    rel = torch.from_numpy(j - first[:, None, None]).to(device)
+    rel = _on(j - first[:, None, None], device)
     dense = torch.zeros(w.shape[:2] + (span,), dtype=torch.float32, device=device)
-    return dense.scatter_add_(2, rel, torch.from_numpy(w).to(device)), torch.from_numpy(first).to(device)
+    return dense.scatter_add_(2, rel, _on(w, device)), _on(first, device)
 
 
 def _round8(x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +184,7 @@ def _inside(u: torch.Tensor, v: torch.Tensor, w: int, h: int) -> torch.Tensor:
 
 def _centres(maps: np.ndarray, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pixel centres (xs, ys) and where each of the (n, K, 6) maps sends them, (u, v) of shape (n, K, h, w)."""
-    m = torch.from_numpy(maps).to(device)  # float64: centres far from the origin keep their sub-pixel part
+    m = _on(maps, device)  # float64: centres far from the origin keep their sub-pixel part
     ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64) + 0.5,
                             torch.arange(w, device=device, dtype=torch.float64) + 0.5, indexing="ij")
     coef = m.view(m.shape[0], -1, 6, 1, 1)
@@ -202,7 +210,7 @@ def affine(x: torch.Tensor, maps: np.ndarray, fill: Sequence[float], source: tor
     if source is None:
         grid = torch.stack([2 * u[:, 0] / w - 1, 2 * v[:, 0] / h - 1], -1).to(torch.float32)
     else:
-        a = torch.from_numpy(first).to(x.device).view(n, 6, 1, 1)
+        a = _on(first, x.device).view(n, 6, 1, 1)
         su, sv = a[:, 0] * xs + a[:, 1] * ys + a[:, 2], a[:, 3] * xs + a[:, 4] * ys + a[:, 5]
         H, W = source.shape[2:]
         grid = torch.stack([2 * su / W - 1, 2 * sv / H - 1], -1).to(torch.float32)
@@ -210,12 +218,12 @@ def affine(x: torch.Tensor, maps: np.ndarray, fill: Sequence[float], source: tor
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = out.trunc_().clamp_(0, 255)  # PIL's bilinear transform truncates (measured: rounding misses 45%)
     keep = _inside(u, v, w, h).all(1, keepdim=True)
-    return torch.where(keep, out, torch.tensor(fill, dtype=out.dtype, device=out.device).view(1, -1, 1, 1))
+    return torch.where(keep, out, _on(fill, out.device, out.dtype).view(1, -1, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------- photometric
 def _col(values: Sequence[float], x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=x.device).view(-1, 1, 1, 1)
+    return _on(values, x.device, dtype).view(-1, 1, 1, 1)
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -235,10 +243,12 @@ def _lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 def _histograms(x: torch.Tensor) -> torch.Tensor:
-    """(n, 3, 256) counts of each 8-bit value per view and channel, one bincount for the batch."""
+    """(n, 3, 256) counts of each 8-bit value per view and channel, one scatter-add for the batch."""
     n, c = x.shape[:2]
     idx = x.to(torch.int64).view(n * c, -1) + 256 * torch.arange(n * c, device=x.device)[:, None]
-    return torch.bincount(idx.flatten(), minlength=256 * n * c).view(n, c, 256)
+    # a scatter into a known size: torch.bincount sizes its output from the input's max, a sync on a GPU
+    counts = torch.zeros(256 * n * c, dtype=torch.int64, device=x.device)
+    return counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx).flatten()).view(n, c, 256)
 
 
 def _autocontrast(x: torch.Tensor) -> torch.Tensor:
@@ -370,7 +380,7 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
         x = crop_resize(src, sources, ps, (w, h))
         rows = {i: r for r, i in enumerate(sorted(joined))}
         if joined:
-            jsel = torch.tensor(sorted(joined), device=x.device)
+            jsel = _on(sorted(joined), x.device)
             g = affine(x[jsel], _maps([stages[i][joined[i][0]][1] for i in sorted(joined)]), FILL,
                        source=src[jsel].to(torch.float32), first=np.array([joined[i][1] for i in sorted(joined)]))
         for stage in sorted({s for st in stages for s in st}):
@@ -379,7 +389,7 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
                 if stage in st:
                     groups.setdefault(st[stage][0], []).append(i)
             for name, idx in groups.items():
-                sel = torch.tensor(idx, device=x.device)
+                sel = _on(idx, x.device)
                 args = [stages[i][stage][1] for i in idx]
                 if name == "flip":
                     y = x[sel].flip(-1)
@@ -387,14 +397,14 @@ def render_batch(sources: Sequence[torch.Tensor], params, size: int | tuple[int,
                     y = affine(x[sel], _maps(args), FILL)
                     mine = [k for k, i in enumerate(idx) if i in joined and joined[i][0] == stage]
                     if mine:  # the joined run: the composed sample, refilled where the run's maps clip
-                        at = torch.tensor([rows[idx[k]] for k in mine], device=x.device)
+                        at = _on([rows[idx[k]] for k in mine], x.device)
                         keep = _keep(_maps([args[k] for k in mine]), h, w, x.device)
                         fill = _col(FILL, x).view(1, 3, 1, 1)
-                        y[torch.tensor(mine, device=x.device)] = torch.where(keep, g[at], fill)
+                        y[_on(mine, x.device)] = torch.where(keep, g[at], fill)
                 else:
                     pre = [k for k, i in enumerate(idx) if i in joined and stage < joined[i][0]]
                     if pre:  # before a joined run: the same step on the composed sample, Contrast's mean from the crop
-                        at = torch.tensor([rows[idx[k]] for k in pre], device=x.device)
+                        at = _on([rows[idx[k]] for k in pre], x.device)
                         g[at] = photometric(g[at], name, [args[k] for k in pre], stats=x[sel[pre]])
                     y = photometric(x[sel], name, args)
                 x = x.index_copy(0, sel, y) if len(idx) < len(x) else y

@@ -207,6 +207,38 @@ def test_graphed_teacher_replays_a_short_batch_as_rows_of_a_full_one(teacher):
         g(torch.zeros(17, 3, SIZE, SIZE, device="cuda"))
 
 
+def test_the_render_and_normalisation_never_wait_for_the_gpu():
+    """Neither the batched render nor `normalize` synchronises the stream: blocking uploads of their small host
+    tensors (and a bincount, which sizes its output from the data) did, so the host waited for the teacher's
+    forward of the batch in flight before it could render or queue the next one. torch's sync debug mode
+    makes any synchronising call an error. Every RandAugment op is present, one per view."""
+    from kt.render import normalize
+    from kt.render_tensor import render_batch
+    from kt.views import RANDAUG_OPS, VIEW_PRESETS, sample_params
+
+    if DEVICE != "cuda":
+        pytest.skip("stream synchronisation is a CUDA matter")
+    params = []
+    for i, op in enumerate(RANDAUG_OPS * 2):
+        p = sample_params(VIEW_PRESETS["train"], 0, f"v{i}", 0)
+        p[9:] = -1
+        p[9], p[10] = RANDAUG_OPS.index(op), {"Solarize": 128, "Posterize": 4}.get(op, 0.3 if i % 2 else 1.8)
+        params.append(p)
+    gen = torch.Generator().manual_seed(0)
+    sources = [torch.randint(0, 256, (3, 40 + i % 3, 48), dtype=torch.uint8, generator=gen).cuda()
+               for i in range(len(params))]
+    views = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = render_batch(sources, np.stack(params), SIZE, (0.5,) * 3, (0.25,) * 3)
+        y = normalize(views, (0.5,) * 3, (0.25,) * 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert x.shape == (len(params), 3, SIZE, SIZE) and torch.isfinite(x).all()
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
 def test_build_loader_pins_its_view_batches(data):
     """The DataLoader pins what has a `pin_memory` method: without one a ViewBatch reached the GPU unpinned,
     and `non_blocking` copies from it were synchronous."""
