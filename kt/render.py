@@ -417,6 +417,7 @@ def normalize(x, mean: Sequence[float], std: Sequence[float]):
     # non_blocking: a blocking copy to a GPU synchronises its stream first, so the host would wait here for
     # the teacher's forward queued before (the build keeps one batch in flight); from pageable memory the
     # copy is staged at once and stays safe
-    scale = (1.0 / (255.0 * s)).to(torch.float32).view(3, 1, 1).to(x.device, non_blocking=True)
-    shift = (torch.tensor(mean, dtype=torch.float64) / s).to(torch.float32).view(3, 1, 1).to(x.device, non_blocking=True)
+    scale = (1.0 / (255.0 * s)).to(torch.float32).view(3, 1, 1)
+    shift = (torch.tensor(mean, dtype=torch.float64) / s).to(torch.float32).view(3, 1, 1)
+    scale, shift = scale.to(x.device, non_blocking=True), shift.to(x.device, non_blocking=True)
     return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
