@@ -4,6 +4,7 @@ workers, and the build's clock (where its time goes, the steady rate without sta
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from kt.render import normalize, to_tensor, to_uint8
@@ -81,6 +82,18 @@ def test_gpu_benchmark_runs_its_build_part_on_the_cpu_at_toy_sizes(capsys):
     assert set(row["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}
     assert row["steady_views_per_s"] > 0 and row["views_per_s"] > 0
     assert "distill" not in out and "render" not in out  # --build-only
+
+
+def test_gpu_benchmark_times_training_with_the_device_render_beside_the_pil_workers():
+    """The distill part at toy sizes on the CPU: the cached student's steps with PIL-rendered views and with
+    `--render cuda`'s path (workers decode, `render_sources` renders), the figure `--render auto` waits for."""
+    from tools.bench_gpu import build_parser, run
+
+    out = run(build_parser().parse_args(["--device", "cpu", "--tiny", "--no-seg"]))["distill"]
+    assert out["timed_steps_per_mode"] == 3
+    for key in ("cached_steps_per_s", "cached_render_steps_per_s", "online_steps_per_s"):
+        assert out[key] > 0, key
+    assert out["device_render_speedup"] == pytest.approx(out["cached_render_steps_per_s"] / out["cached_steps_per_s"])
 
 
 def test_writer_benchmark_reports_small_shards_and_the_fixed_cost_per_shard(tmp_path):

@@ -159,12 +159,15 @@ def fidelity(model, urls, spec, size: int, n_views: int, batch: int, device) -> 
 
 
 def distill_steps(cfg: dict, cache: Path, urls, teacher, device, workers: int) -> dict:
-    """Median step time of the student from the cache and with the teacher online, in alternating rounds."""
+    """Median step time of the student from the cache (views rendered by the PIL workers, and by
+    `--render cuda`: the workers only decode, `render_sources` renders each batch on the device: what
+    `kt-student train --render auto` should pick is the faster) and with the teacher online, in alternating
+    rounds."""
     from kt.device import placement
     from kt.models import create_model
     from kt.student.distill import CacheSource, Distiller, FreshSource
     from kt.student.losses import create_objective
-    from kt.student.stream import ReplayStream, StreamSpec, stream_loader
+    from kt.student.stream import ReplayStream, StreamSpec, render_sources, stream_loader
     from kt.teacher_cache.reader import CacheReader
 
     place, place_teacher = placement(device), placement(device, "bf16")
@@ -181,8 +184,9 @@ def distill_steps(cfg: dict, cache: Path, urls, teacher, device, workers: int) -
 
     def loader(mode: str):
         common = dict(view_set=reader.view_set, policy="cycle", image_size=cfg["student_size"], mean=student.mean, std=student.std)
-        if mode == "cached":
-            stream = ReplayStream(spec, 0, 0, CacheSource(reader, ["logits"]), **common)
+        if mode in ("cached", "cached_render"):
+            stream = ReplayStream(spec, 0, 0, CacheSource(reader, ["logits"]), device_render=mode == "cached_render",
+                                  **common)
         else:
             stream = ReplayStream(spec, 0, 0, FreshSource(keys), teacher_size=teacher.image_size,
                                   teacher_norm=(teacher.mean, teacher.std), **common)
@@ -192,7 +196,10 @@ def distill_steps(cfg: dict, cache: Path, urls, teacher, device, workers: int) -
         times, it = [], iter(loader(mode))
         for i in range(cfg["steps"] + 2):
             start = time.perf_counter()
-            batch = place.to(next(it))
+            batch = next(it)
+            if mode == "cached_render":
+                batch = render_sources(batch, device, cfg["student_size"], student.mean, student.std)
+            batch = place.to(batch)
             with torch.autocast(device.type, dtype=torch.bfloat16):  # what --mixed-precision bf16 does
                 loss, _ = model(batch)
             loss.backward()
@@ -208,13 +215,16 @@ def distill_steps(cfg: dict, cache: Path, urls, teacher, device, workers: int) -
     if available < steps_needed:
         raise SystemExit(f"bench gpu: {available} batches in the data, {steps_needed} needed; raise --images")
     student.train()
-    c, o = [], []
+    c, o, r = [], [], []
     for _ in range(cfg["rounds"]):
         c += timed("cached", cached)
+        r += timed("cached_render", cached)
         o += timed("online", online)
     fwd = statistics.median(_teacher_step_times(teacher, device, cfg, 5))
-    cm, om = statistics.median(c), statistics.median(o)
+    cm, om, rm = statistics.median(c), statistics.median(o), statistics.median(r)
     return {"cached_steps_per_s": 1 / cm, "online_steps_per_s": 1 / om, "cached_speedup": om / cm,
+            # > 1: rendering on the device trains faster than the PIL workers (`--render auto` should pick it)
+            "cached_render_steps_per_s": 1 / rm, "device_render_speedup": cm / rm,
             "online_over_cached_ideal": 1 + fwd / cm, "teacher_forward_s_per_batch": fwd,
             "batch_size": cfg["batch_size"], "student_precision": "bf16 autocast",
             "teacher_precision": str(place_teacher.teacher_dtype or torch.float32).removeprefix("torch."),
