@@ -11,7 +11,9 @@ Pipeline, per process:
 - The main thread only runs the teacher (one backbone pass gives logits, embedding and grid). On a GPU the
   workers send uint8 views, normalised there; the teacher is replayed as one captured CUDA graph per batch
   (`GraphedTeacher`: Python threads beside an op-by-op forward slow its ~400 launches, see its docstring);
-  and one batch is in flight, so that the host's work between batches overlaps the teacher's.
+  and one batch is in flight, so that the host's work between batches overlaps the teacher's. Patch grids
+  are encoded there too, before the copy back (`kt.teacher_cache.device_encode`, `--device-encode`): the
+  host's PCA projection of ViT-L tokens was the build's heaviest CPU work.
 - The writer (`kt.teacher_cache.writer`) encodes each batch as it comes and, at a shard's end, writes the
   shard and its completion marker (`kt.teacher_cache.store`). Beside a GPU teacher it is a thread, so
   neither encoding nor I/O stalls the teacher (a bounded queue keeps the teacher from running away from a
@@ -33,6 +35,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -49,6 +52,7 @@ from kt.render import decode_for_views, normalize, render, to_tensor, to_uint8
 from kt.render_tensor import images_to_tensors, render_batch, render_device_for
 from kt.views import ViewSet, ViewSpec, load_view_spec
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
+from kt.teacher_cache.device_encode import HEAVY as DEVICE_ENCODED, encode_outputs, encoders as device_encoders
 from kt.teacher_cache.lock import StoreLock
 from kt.teacher_cache.store import CacheStore, shard_id_for
 from kt.teacher_cache.writer import ShardEnd, TeacherBatch, Writer, finite_rows
@@ -73,7 +77,7 @@ class BuildConfig:
                         choices=("auto", "cpu", "cuda"))
     writer_threads: int = field(-1, "threads encoding, compressing and writing targets; -1: none when the teacher "
                                     "runs on the CPU (the work is done in its thread: a writer thread would take "
-                                    "cores from the teacher's own), on a GPU 1, or 3 with patches or seg_logits "
+                                    "cores from the teacher's own), on a GPU 1, or 3 with seg_logits or host-encoded patches "
                                     "(within a quarter of the cores); raise it when the writer limits the build "
                                     "(python -m tools.bench pipeline: views/s per thread)",
                                 min=-1)
@@ -85,6 +89,10 @@ class BuildConfig:
                                       "forward is ~400 kernel launches, and Python threads beside it (the "
                                       "DataLoader's, the writer's) slow launching enough to halve the build "
                                       "(docs/benchmarks.md); --no-teacher-graph runs it op by op")
+    device_encode: str = field("auto", "encode patches where the teacher runs, before the copy back (int8, pca and "
+                                       "fp16 codecs): auto (on CUDA; the host's PCA projection of ViT-L tokens "
+                                       "needs a core per ~700-1,900 views/s) | on | off",
+                               choices=("auto", "on", "off"))
     teacher_precision: str = field("bf16", "teacher forwards on CUDA: bf16 autocast (about 2x the throughput; "
                                            "fidelity in docs/benchmarks.md) | fp32; on CPU always fp32")
     overwrite: bool = field(False, "replace a cache of another teacher/view spec at --out")
@@ -102,37 +110,60 @@ def teacher_outputs(model: TaskModel, x: torch.Tensor, targets: Sequence[str],
 @dataclass
 class TeacherRun:
     """One batch's teacher outputs on their way to the host: on CUDA the copies are queued behind the forward
-    (into pinned memory) and `result` waits for them; on a CPU they are done already."""
+    (into pinned memory) and `result` waits for them; on a CPU they are done already. With device encoders
+    (`kt.teacher_cache.device_encode`) some targets come back encoded (`encoded`), with their rows' finite
+    flags, instead of raw."""
 
     host: dict[str, torch.Tensor]
     done: "torch.cuda.Event | None"
+    encoded: dict[str, dict[str, torch.Tensor]] = dc_field(default_factory=dict)
+    finite: dict[str, torch.Tensor] = dc_field(default_factory=dict)
 
     def result(self) -> dict[str, np.ndarray]:
+        """The raw targets (those not encoded on the device)."""
         if self.done is not None:
             self.done.synchronize()
         return {t: v.numpy() for t, v in self.host.items()}
 
+    def encoded_parts(self) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """(target -> part -> (b, ...), target -> (b,) finite) of the targets encoded on the device; after `result`."""
+        return ({t: {p: v.numpy() for p, v in parts.items()} for t, parts in self.encoded.items()},
+                {t: v.numpy() for t, v in self.finite.items()})
 
-def launch_teacher(model, x: torch.Tensor, targets: Sequence[str], place: Placement | None = None) -> TeacherRun:
+
+def launch_teacher(model, x: torch.Tensor, targets: Sequence[str], place: Placement | None = None,
+                   encoders: dict | None = None) -> TeacherRun:
     """`teacher_outputs` without waiting for a GPU: the forward and the copies back are queued, and the caller
     can do host work (fetch and copy the next batch, encode the last one) while the GPU computes. `model`
-    may be a `GraphedTeacher`."""
+    may be a `GraphedTeacher`. `encoders` (`device_encode.encoders`) encode their targets where the forward
+    ran, before the copy back."""
     place = place or placement(model_device(model), "fp32")
     if isinstance(model, GraphedTeacher):
         out = model(place.to(x))
     else:
         with torch.inference_mode(), place.teacher_autocast():
             out = teacher_targets(model, place.to(x), targets)
+    encoded, finite = {}, {}
+    if encoders:
+        with torch.inference_mode():
+            out, encoded, finite = encode_outputs(out, encoders)
     cuda = place.device.type == "cuda"
-    # non_blocking device->host copies land in pinned memory (torch allocates it so), hence the event.
-    # Contiguous: a CNN's patch grid is a channels-last view of NCHW features, and the codecs reduce and quantise
-    # along its last axis, 10x slower strided (int8 of Lite2's 2x2x1280 grid: 3.3 vs 0.35 ms a batch of 64)
-    host = {t: v.float().contiguous().to("cpu", non_blocking=cuda) for t, v in out.items()}
+
+    def back(v: torch.Tensor) -> torch.Tensor:
+        # non_blocking device->host copies land in pinned memory (torch allocates it so), hence the event.
+        # Contiguous: a CNN's patch grid is a channels-last view of NCHW features, and the codecs reduce and
+        # quantise along its last axis, 10x slower strided (int8 of Lite2's 2x2x1280 grid: 3.3 vs 0.35 ms a
+        # batch of 64)
+        return v.contiguous().to("cpu", non_blocking=cuda)
+
+    host = {t: back(v.float()) for t, v in out.items()}
+    encoded = {t: {p: back(v) for p, v in parts.items()} for t, parts in encoded.items()}
+    finite = {t: back(v) for t, v in finite.items()}
     done = None
     if cuda:
         done = torch.cuda.Event()
         done.record()
-    return TeacherRun(host, done)
+    return TeacherRun(host, done, encoded, finite)
 
 
 class GraphedTeacher:
@@ -597,13 +628,18 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
         clock = BuildClock()
         n_views = 0
 
+        encode_on_device = cfg.device_encode == "on" or (cfg.device_encode == "auto" and place.device.type == "cuda")
+        # target -> device encoder, once the codecs are fitted (a fit on the stream's first views needs them raw)
+        encs = device_encoders(writer.codecs, targets, place.device) if writer is not None and encode_on_device else {}
+
         def emit(item: TeacherBatch | ShardEnd) -> None:
-            nonlocal writer
+            nonlocal writer, encs
             if writer is None:  # the codecs are fitted on the stream's first views, then they go on
                 if not stream_fit.add(item):
                     return
                 write_codec_states(store, codecs, shapes)
                 writer = start_writer(store, cfg, state.process_index, place.device)
+                encs = device_encoders(writer.codecs, targets, place.device) if encode_on_device else {}
                 for held in stream_fit.release():
                     writer.put(held)
             else:
@@ -613,8 +649,12 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
 
         def finish(batch: ViewBatch, run: TeacherRun) -> None:
             raw = run.result()
+            encoded, encoded_finite = run.encoded_parts()
             clock.lap("teacher_wait")
-            emit(TeacherBatch(batch.url, batch.rows, batch.views, batch.params, raw, finite_rows(raw)))
+            finite = np.ones(len(batch.rows), dtype=bool)
+            for ok in [finite_rows(raw)] * bool(raw) + list(encoded_finite.values()):
+                finite &= ok
+            emit(TeacherBatch(batch.url, batch.rows, batch.views, batch.params, raw, finite, encoded, encoded_finite))
             clock.lap("writer")
 
         # one batch in flight: batch i's forward is queued on the GPU before batch i-1's outputs are waited
@@ -638,7 +678,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
                                               item.params, image_size, model.mean, model.std)
                     elif uint8:
                         item.x = normalize(place.to(item.x), model.mean, model.std)
-                    run = launch_teacher(teacher, item.x, targets, place)
+                    run = launch_teacher(teacher, item.x, targets, place, encs)
                     item.x = None  # the input is the GPU's now: let the host memory go
                     n_views += len(item.rows)
                     bar.update(len(item.rows))
@@ -668,7 +708,8 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
 # targets whose encoding is the writer's heavy work: a PCA projection or int8 of every patch token, the
 # top-k of every pixel. One thread encodes ViT-L/14 patches at 700-1,950 views/s (`python -m tools.bench
 # pipeline`, writer.logits+embedding+patches), under one H200's 2,060 teacher views/s; logits + embedding
-# run at 13,000-16,000.
+# run at 13,000-16,000. Beside a GPU, patches are encoded there (`--device-encode`, device_encode.HEAVY) unless
+# that is turned off.
 HEAVY_TARGETS = ("patches", "seg_logits")
 
 
@@ -682,7 +723,8 @@ def writer_threads(cfg: BuildConfig, device: torch.device) -> int:
         return cfg.writer_threads
     if torch.device(device).type == "cpu":
         return 0
-    heavy = any(t in HEAVY_TARGETS for t in parse_targets(cfg.targets))
+    on_device = DEVICE_ENCODED if cfg.device_encode != "off" else ()
+    heavy = any(t in HEAVY_TARGETS and t not in on_device for t in parse_targets(cfg.targets))
     return max(1, min(3 if heavy else 1, (os.cpu_count() or 1) // 4))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,7 +39,9 @@ class ShardEnd:
 
 @dataclass
 class TeacherBatch:
-    """What the writer gets for a `ViewBatch`: the teacher's raw outputs and which rows are finite."""
+    """What the writer gets for a `ViewBatch`: the teacher's raw outputs and which rows are finite; targets
+    encoded on the teacher's device (`kt.teacher_cache.device_encode`) come as parts instead, each with its
+    rows' finite flags (their non-finite rows were encoded as zeros)."""
 
     url: str
     rows: np.ndarray
@@ -47,6 +49,8 @@ class TeacherBatch:
     params: np.ndarray
     raw: dict[str, np.ndarray]  # target -> (b, ...) float32
     finite: np.ndarray  # (b,) bool: every target of that view is finite
+    encoded: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # target -> part -> (b, ...)
+    encoded_finite: dict[str, np.ndarray] = field(default_factory=dict)  # target -> (b,) bool
 
 
 def finite_rows(raw: dict[str, np.ndarray]) -> np.ndarray:
@@ -91,12 +95,13 @@ class ShardAssembler:
         if not batch.finite.all():
             for i in np.flatnonzero(~batch.finite):
                 nonfinite.setdefault(int(batch.rows[i]), set()).update(
-                    t for t, a in raw.items() if not np.isfinite(a[i]).all())
+                    [t for t, a in raw.items() if not np.isfinite(a[i]).all()]
+                    + [t for t, ok in batch.encoded_finite.items() if not ok[i]])
             # encode zeros in their place (the rows are dropped at the end): codecs never see NaN
             raw = {t: np.where(batch.finite.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0).astype(a.dtype)
                    for t, a in raw.items()}
-        return _Encoded(batch.rows, batch.views, batch.params,
-                        {t: self.codecs[t].encode(raw[t]) for t in self.codecs}), nonfinite
+        parts = {t: batch.encoded[t] if t in batch.encoded else self.codecs[t].encode(raw[t]) for t in self.codecs}
+        return _Encoded(batch.rows, batch.views, batch.params, parts), nonfinite
 
     def add_encoded(self, encoded: _Encoded, nonfinite: dict[int, set[str]]) -> None:
         self.batches.append(encoded)

@@ -76,7 +76,9 @@ def test_gpu_benchmark_runs_its_build_part_on_the_cpu_at_toy_sizes(capsys):
 
     out = run(build_parser().parse_args(["--device", "cpu", "--tiny", "--build-only"]))
     build = out["build"]
-    assert build["input"] == "500x375 JPEG q95" and set(build) >= {"pil_uint8"} and "pil_float" not in build
+    assert build["input"] == "500x375 JPEG q95" and set(build) >= {"pil_uint8", "patches_pca_host"}
+    assert "pil_float" not in build and "patches_pca" not in build  # they need CUDA
+    assert build["patches_pca_host"]["targets"] == ["logits", "embedding", "patches"]
     row = build["pil_uint8"]
     assert row["views"] == 128 * 2 and row["teacher_dtype"] == "float32"
     assert set(row["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}

@@ -69,8 +69,9 @@ def test_default_writer_works_in_the_teachers_thread_on_cpu_and_beside_a_gpu():
 
 
 def test_default_writer_has_threads_for_heavy_targets_beside_a_gpu(monkeypatch):
-    """Patch tokens or per-pixel logits: one thread encodes slower than a GPU teacher forwards (docs), so three,
-    within a quarter of the cores; light targets keep one; an explicit count is kept."""
+    """Patch tokens (when not encoded on the GPU) or per-pixel logits: one thread encodes slower than a GPU
+    teacher forwards (docs), so three, within a quarter of the cores; light targets keep one; an explicit count
+    is kept."""
     import os
 
     import torch
@@ -80,14 +81,16 @@ def test_default_writer_has_threads_for_heavy_targets_beside_a_gpu(monkeypatch):
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert writer_threads(BuildConfig(targets=["logits", "embedding"]), gpu) == 1
-    assert writer_threads(BuildConfig(targets=["logits", "patches"]), gpu) == 3
+    assert writer_threads(BuildConfig(targets=["logits", "patches"]), gpu) == 1  # encoded on the GPU
+    assert writer_threads(BuildConfig(targets=["logits", "patches"], device_encode="off"), gpu) == 3
     assert writer_threads(BuildConfig(targets="seg_logits"), gpu) == 3
     assert writer_threads(BuildConfig(targets=["patches"]), torch.device("cpu")) == 0
     assert writer_threads(BuildConfig(targets=["patches"], writer_threads=1), gpu) == 1
+    host = dict(device_encode="off")
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert writer_threads(BuildConfig(targets=["patches"]), gpu) == 2
+    assert writer_threads(BuildConfig(targets=["patches"], **host), gpu) == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert writer_threads(BuildConfig(targets=["patches"]), gpu) == 1
+    assert writer_threads(BuildConfig(targets=["patches"], **host), gpu) == 1
 
 
 def test_codecs_are_fitted_on_the_builds_own_views(tiny_teacher, small_shards, tmp_path, monkeypatch):  # noqa: F811
@@ -102,9 +105,9 @@ def test_codecs_are_fitted_on_the_builds_own_views(tiny_teacher, small_shards, t
     forwarded = []
     real = build.launch_teacher  # every teacher forward of the build goes through it
 
-    def counting(model, x, targets, place=None):
+    def counting(model, x, targets, place=None, encoders=None):
         forwarded.append(len(x))
-        return real(model, x, targets, place)
+        return real(model, x, targets, place, encoders)
 
     monkeypatch.setattr(build, "launch_teacher", counting)
     out = tmp_path / "c.zarr"
@@ -187,3 +190,58 @@ def test_assembler_orders_rows_and_drops_bad_samples(shuffled, bad_row):
     np.testing.assert_array_equal(shard.targets["embedding"]["values"], expected)
     np.testing.assert_array_equal(shard.params[..., 0], params[:, 0].reshape(n, views)[good])
     assert [b["key"] for b in shard.bad] == ([] if bad_row is None else [keys[bad_row]])
+
+
+# ------------------------------------------------------------------------------- encoding on the device
+@pytest.mark.parametrize("codec", ["int8", "fp16", "pca:d=16,int8"])
+def test_patches_encoded_where_the_teacher_runs_give_the_host_encoded_store(tiny_teacher, fmnist, tmp_path, codec,  # noqa: F811
+                                                                          monkeypatch):
+    """`--device-encode on` (the default on CUDA; here the "device" is the CPU, the same torch code): the store
+    equals the host-encoded one: int8 and fp16 byte for byte, a PCA projection within one int8 step (a float32
+    matmul in another summation order), its scales to float32 precision. With PCA the first views are held
+    raw for the fit and encoded on the host, the rest on the device."""
+    from kt.teacher_cache import build
+    from tests.test_cache_cli import arrays
+
+    encoded = []  # the patch views each build encoded where the teacher ran
+    real = build.encode_outputs
+    monkeypatch.setattr(build, "encode_outputs", lambda out, encs: encoded.append(len(out["patches"])) or real(out, encs))
+    stores, counts = {}, {}
+    for mode in ("off", "on"):
+        out = tmp_path / f"{mode}.zarr"
+        args = build_args(tiny_teacher, fmnist["train"][:1], out, "--codec", f"patches={codec}", "--device-encode", mode,
+                          views=1)
+        encoded.clear()
+        assert main(args) == 0
+        stores[mode], counts[mode] = arrays(out), sum(encoded)
+    views = len(stores["off"][next(p for p in stores["off"] if p.endswith("/keys"))])
+    # all views on the device, but those held raw for the PCA fit (64) and the batch in flight when it ended
+    assert counts == {"off": 0, "on": views - (64 + 16 if codec.startswith("pca") else 0)}
+    host, device = stores["off"], stores["on"]
+    assert sorted(host) == sorted(device)
+    for path in host:
+        a, b = host[path], device[path]
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        if "patches/coeffs" in path:
+            assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1, path
+            assert (a != b).mean() < 0.01, path
+        elif "patches/scale" in path and codec.startswith("pca"):
+            np.testing.assert_allclose(a, b, rtol=1e-5)
+        elif not path.endswith("/checksums") or not codec.startswith("pca"):
+            assert np.array_equal(a, b), path
+
+
+def test_device_encoders_cover_the_heavy_targets_whose_codec_has_a_torch_twin():
+    import torch
+
+    from kt.teacher_cache.codecs import parse_codec
+    from kt.teacher_cache.device_encode import encoders
+
+    codecs = {"logits": parse_codec("topk:k=3", "logits"), "embedding": parse_codec("fp16", "embedding"),
+              "patches": parse_codec("int8", "patches")}
+    assert set(encoders(codecs, ["logits", "embedding", "patches"], torch.device("cpu"))) == {"patches"}
+    unfitted = {"patches": parse_codec("pca:d=4,int8", "patches")}  # no basis yet: the host encodes
+    assert encoders(unfitted, ["patches"], torch.device("cpu")) == {}
+    auto = parse_codec("auto", "patches")
+    auto.fit(np.random.default_rng(0).standard_normal((8, 2, 2, 16)).astype(np.float32))
+    assert set(encoders({"patches": auto}, ["patches"], torch.device("cpu"))) == {"patches"}

@@ -180,6 +180,31 @@ def test_teacher_graph_gives_the_eager_teachers_cache(data, teacher, cache, tmp_
     print("graph vs eager teacher, largest stored difference:", worst)
 
 
+def test_patches_encoded_on_the_gpu_match_the_hosts_encoding(data, teacher, tmp_path):
+    """`--device-encode` (auto: on with CUDA) encodes the patch grid on the GPU before its copy back; against the
+    host's numpy encoding of the same outputs: int8 coefficients within one step (a float32 matmul summed in
+    another order, TF32 off), everything else the same."""
+    from kt.teacher_cache.build import BuildConfig, build_cache
+    from tests.test_cache_cli import arrays
+
+    stores = {}
+    for mode in ("on", "off"):
+        out = tmp_path / f"{mode}.zarr"
+        build_cache(BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(out), views=2,
+                                targets=["logits", "embedding", "patches"], batch_size=64, workers=2,
+                                codec=["patches=pca:d=16,int8"], device_encode=mode, fit_views=64))
+        stores[mode] = arrays(out)
+    on, off = stores["on"], stores["off"]
+    assert sorted(on) == sorted(off)
+    for path in on:
+        if "patches/coeffs" in path:
+            assert np.abs(on[path].astype(np.int16) - off[path].astype(np.int16)).max() <= 1, path
+        elif "patches/scale" in path:
+            np.testing.assert_allclose(on[path], off[path], rtol=1e-4)
+        elif not path.endswith("/checksums"):
+            np.testing.assert_array_equal(on[path], off[path], err_msg=path)
+
+
 def test_graphed_teacher_replays_a_short_batch_as_rows_of_a_full_one(teacher):
     from kt.checkpoints import load_checkpoint
     from kt.device import placement

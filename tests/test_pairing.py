@@ -257,3 +257,36 @@ def test_imagefolder_maker_shuffles_by_seed(tmp_path):
     assert default == again != other and default != kept
     first_shard = {k.split("/")[0] for k in default[:10]}
     assert len(first_shard) > 1  # shards are not single-class
+
+
+def test_non_finite_outputs_of_a_target_encoded_on_the_device_are_bad_samples(tiny_teacher, with_black_images,  # noqa: F811
+                                                                              tmp_path, capsys, monkeypatch):
+    """Patches encoded where the teacher runs (`--device-encode on`): a NaN patch grid still makes its sample
+    bad, named by the target at fault, and the encoded rows that are kept are the good ones."""
+    real = build.teacher_targets
+
+    def nan_patches_on_constant_images(model, x, names):
+        out = dict(real(model, x, names))
+        constant = (x.flatten(2).std(2).amax(1) == 0).view(-1, 1, 1, 1)
+        out["patches"] = torch.where(constant, torch.full_like(out["patches"], float("nan")), out["patches"])
+        return out
+
+    monkeypatch.setattr(build, "teacher_targets", nan_patches_on_constant_images)
+    out = tmp_path / "c.zarr"
+    args = build_args(tiny_teacher, with_black_images, out, "--codec", "patches=int8", "--view-spec", "eval",
+                      "--device-encode", "on", "--max-bad-fraction", "0.2", views=2)
+    assert cache_main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 10 and summary["bad"] == 2
+    marker = CacheStore.open(str(out)).completed()[shard_id_for(with_black_images[0])]
+    assert {b["key"]: b["reason"] for b in marker["bad"]} == {
+        "s-00003": "non-finite teacher output (patches)", "s-00008": "non-finite teacher output (patches)"}
+    shard = CacheReader(str(out)).shard(with_black_images[0])
+    assert "s-00008" not in shard.keys and len(shard) == 10 and np.isfinite(shard.targets["patches"]).all()
+    host = tmp_path / "host.zarr"  # the same build encoded on the host keeps the same rows and bytes
+    assert cache_main([host.as_posix() if a == str(out) else a for a in args[:-4]] + ["--device-encode", "off",
+                                                                                   "--max-bad-fraction", "0.2"]) == 0
+    capsys.readouterr()
+    from tests.test_cache_cli import assert_same_store
+
+    assert_same_store(out, host)

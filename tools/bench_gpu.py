@@ -63,14 +63,19 @@ PRESETS = {
                  seg_teacher="test_vit", seg_size=64, seg_images=16, seg_batch_size=4),
 }
 
+PATCH_TARGETS = ["logits", "embedding", "patches"]
 BUILD_VARIANTS = {  # name: (BuildConfig overrides, uint8 views to the GPU, images: all or the first `images`)
     "pil_uint8": ({}, True, "build_images"), "pil_float": ({}, False, "build_images"),
     "pil_uint8_eager": ({"teacher_graph": False}, True, "build_images"),
     "cuda_render": ({"render": "cuda"}, True, "build_images"), "pil_uint8_short": ({}, True, "images"),
+    # + ViT-L patch tokens as pca:d=64,int8: encoded on the GPU (the default) and by the host's writer threads
+    "patches_pca": ({"targets": PATCH_TARGETS, "codec": ["patches=pca:d=64,int8"]}, True, "build_images"),
+    "patches_pca_host": ({"targets": PATCH_TARGETS, "codec": ["patches=pca:d=64,int8"], "device_encode": "off"},
+                         True, "build_images"),
     # not run by default (--build-variants): the writer in the teacher's thread, twice the workers
     "pil_uint8_writer_inline": ({"writer_threads": 0}, True, "build_images"),
     "pil_uint8_2x_workers": ({"workers": "2x"}, True, "build_images")}
-DEFAULT_BUILD_VARIANTS = "pil_uint8,pil_uint8_eager,pil_float,cuda_render,pil_uint8_short"
+DEFAULT_BUILD_VARIANTS = "pil_uint8,pil_uint8_eager,pil_float,cuda_render,pil_uint8_short,patches_pca,patches_pca_host"
 
 SEG_CLASSES = 150  # ADE20K's
 NUM_CLASSES = 100
@@ -416,22 +421,23 @@ def jpeg_shards(out: Path, n: int, shard_size: int, distinct: int = 256) -> list
 def build_variants(cfg: dict, ckpt, urls: list[str], tmp: Path, workers: int, forward_per_s: float,
                    variants: str = DEFAULT_BUILD_VARIANTS) -> dict:
     """`kt-cache build` of the JPEG transfer set (shards of `build_shard_images`) in each of BUILD_VARIANTS
-    (only `pil_uint8` without CUDA)."""
+    (without CUDA only `pil_uint8` and `patches_pca_host`)."""
     import kt.teacher_cache.build as build
 
     out = {"input": "500x375 JPEG q95", "views_per_image": cfg["views"], "targets": ["logits", "embedding"],
-           "workers": workers}
-    names = variants.split(",") if torch.cuda.is_available() else ["pil_uint8"]
+           "workers": workers}  # targets: unless a variant says otherwise
+    # without CUDA (a dry run at toy sizes): the default and the host-encoded patches, the variants a CPU can run
+    names = [n for n in variants.split(",") if torch.cuda.is_available() or n in ("pil_uint8", "patches_pca_host")]
     for name in names:
         overrides, uint8, images = BUILD_VARIANTS[name]
         mine = urls[:max(1, cfg[images] // cfg["build_shard_images"])]
-        kw = {"workers": workers} | overrides
+        kw = {"workers": workers, "targets": ["logits", "embedding"]} | overrides
         kw["workers"] = 2 * workers if kw["workers"] == "2x" else kw["workers"]
         build.UINT8_VIEWS_TO_GPU = uint8
         try:
             summary = build.build_cache(build.BuildConfig(
                 teacher=str(ckpt), data="::".join(mine), out=str(tmp / "build" / f"{name}.zarr"), views=cfg["views"],
-                targets=["logits", "embedding"], batch_size=cfg["batch_size"], **kw))
+                batch_size=cfg["batch_size"], **kw))
         finally:
             build.UINT8_VIEWS_TO_GPU = True
         out[name] = {"views": summary["samples"] * cfg["views"], "views_per_s": summary["views_per_s"],
@@ -439,7 +445,7 @@ def build_variants(cfg: dict, ckpt, urls: list[str], tmp: Path, workers: int, fo
                      "build_over_forward": summary["views_per_s"] / forward_per_s,
                      "steady_over_forward": summary["steady_views_per_s"] / forward_per_s,
                      "workers": kw["workers"], "writer_threads": summary["writer_threads"],
-                     "teacher_graph": summary["teacher_graph"],
+                     "teacher_graph": summary["teacher_graph"], "targets": kw["targets"],
                      "steady_views_per_s_per_worker": summary["steady_views_per_s"] / max(kw["workers"], 1),
                      "device": summary["device"], "teacher_dtype": summary["teacher_dtype"]}
     return out
