@@ -651,9 +651,10 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
             raw = run.result()
             encoded, encoded_finite = run.encoded_parts()
             clock.lap("teacher_wait")
-            finite = np.ones(len(batch.rows), dtype=bool)
-            for ok in [finite_rows(raw)] * bool(raw) + list(encoded_finite.values()):
-                finite &= ok
+            # every target of the view finite: the raw ones checked here, the encoded ones on the device
+            finite = finite_rows(raw) if raw else np.ones(len(batch.rows), dtype=bool)
+            for ok in encoded_finite.values():
+                finite = finite & ok
             emit(TeacherBatch(batch.url, batch.rows, batch.views, batch.params, raw, finite, encoded, encoded_finite))
             clock.lap("writer")
 

@@ -121,6 +121,7 @@ class ShardAssembler:
             raise RuntimeError(f"shard assembled {len(rows)} views, expected {n} x {self.views}")
         order = np.lexsort((views, rows))  # batches arrive in order already; this makes it a checked fact
         keep = np.array([r not in self.nonfinite for r in range(n)], dtype=bool)
+        in_order, all_good = bool((order == np.arange(len(order))).all()), bool(keep.all())
 
         def assemble(parts: list[np.ndarray]) -> np.ndarray:
             # (N, V, ...) in sample order, bad samples dropped; no copies beyond the concatenation where the
@@ -131,7 +132,6 @@ class ShardAssembler:
             stacked = stacked.reshape(n, self.views, *stacked.shape[1:])
             return stacked if all_good else stacked[keep]
 
-        in_order, all_good = bool((order == np.arange(len(order))).all()), bool(keep.all())
         params = assemble([b.params for b in self.batches])
         targets = {t: {part: assemble([b.parts[t][part] for b in self.batches]) for part in self.batches[0].parts[t]}
                    for t in self.codecs}

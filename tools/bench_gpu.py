@@ -24,8 +24,10 @@ scikit-learn, written as shards in a temporary folder. Parts:
   build's clock (`time_s`: waiting on the loader, the teacher, the writer) says which part bounds it.
   Variants: `pil_uint8` (the default: workers render with PIL, send uint8, normalised on the GPU, the
   teacher replayed as a CUDA graph), `pil_uint8_eager` (`--no-teacher-graph`), `pil_float` (workers send
-  normalised float32, 4x the bytes), `cuda_render` (`--render cuda`: workers only decode), and
-  `pil_uint8_short` (the first `images` images only: the short run earlier rounds measured).
+  normalised float32, 4x the bytes), `cuda_render` (`--render cuda`: workers only decode),
+  `pil_uint8_short` (the first `images` images only: the short run earlier rounds measured), and
+  `patches_pca` / `patches_pca_host` (+ patch tokens as `pca:d=64,int8`, encoded on the GPU by default /
+  by the host's writer threads with `--device-encode off`).
   `build_over_forward` < 1 means the data path or the writer, not the teacher, bounds the build.
 - `distill`: student training steps/s (AdamW, bf16 autocast as `--mixed-precision bf16` gives, batches
   pinned and copied asynchronously) on the same stream from the cache and with the teacher online (bf16),
