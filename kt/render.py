@@ -22,22 +22,27 @@ the output rather than the input:
   box-reduces first beyond 3x), then each run of geometric ops is one `transform` at the output size. One
   bilinear resample of a strongly shrunk source aliases: MAD 2.3/255 against the reference at 64 px, even
   after a `reduce()` (measured), and PIL's generic `transform` does not antialias when it shrinks.
+- An RGB bilinear `transform` of at least 96x96 output pixels runs through OpenCV (`cv2.warpAffine` on
+  float32, truncated, PIL's edge and fill rules: `_warp_bilinear`): PIL's result to ~1 pixel in 10,000, at
+  1.3-3.2x its speed; PIL keeps smaller ones, warps that read more than 3x their pixels, and every warp
+  where OpenCV is not installed.
 - Colour at the output size: brightness, contrast, solarize and posterize as 256-entry tables through the
   core's `point` (PIL's blend arithmetic, bit for bit, ~3x cheaper than a blend); Color, Sharpness,
   AutoContrast and Equalize through PIL.
 
-Where the time goes now (see docs/benchmarks.md, "Data path"): at 224 px one PIL resample (~1.1 ms: the
-separable bicubic resize or the bilinear transform, neither vectorised in PIL), the JPEG decode (~0.8
-ms), colour jitter (~0.4 ms): a per-view PIL render does not reach 1,000 views/s per core; the batched
-tensor path (`kt.render_tensor`) is the route there.
+Where the time goes now (see docs/benchmarks.md, "Data path"): at 224 px the JPEG decode (~0.8 ms), PIL's
+antialiased bicubic resize (~0.7-1.3 ms, not vectorised; nothing else computes it with a fractional box:
+torch's uint8 kernel is PIL's algorithm but takes no offset), or the OpenCV warp (~0.45 ms), colour jitter
+(~0.4 ms): a per-view CPU render does not reach 1,000 views/s per core; the batched tensor path
+(`kt.render_tensor`) is the route there.
 
 Renders differ from the first implementation (view format version 1, kept as `kt.render_v1`) where the
-crop joins a run (one resample instead of two), where a JPEG is decoded at reduced scale and where PIL
-box-reduces first. Over the test set of views (tests/test_render_equivalence.py: train/light/eval specs,
+crop joins a run (one resample instead of two), where a JPEG is decoded at reduced scale, where PIL
+box-reduces first, and in ~1 pixel in 10,000 of a geometric op's warp (OpenCV's float32 arithmetic). Over the test set of views (tests/test_render_equivalence.py: train/light/eval specs,
 224/64/48x32 px, JPEG and PNG photos) the mean absolute difference per group is <= 0.69/255 (0.21/255 on
 average at 224 px), inside the 1/255 budget; single views differ by up to ~7.5/255 where a threshold op
-(solarize, posterize) turns a one-level difference into a large one. Elsewhere renders are bit for bit
-the same (also tested).
+(solarize, posterize) turns a one-level difference into a large one. Views without a geometric op are
+bit for bit the same where nothing was reduced (also tested).
 
 The view format version stays 1. The stored parameters, their meaning and `sample_params` are unchanged
 (bit-identical; also tested), and a pixel difference of that size is far inside what `kt-cache verify`
@@ -51,6 +56,7 @@ so the claim can be re-checked against the first renders at any time.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from typing import Sequence
@@ -63,6 +69,11 @@ from kt.views import GEOMETRIC_OPS, JITTER_ORDERS, MAX_OPS, PARAM_DIM, RANDAUG_O
 FILL = (128, 128, 128)  # grey for pixels that rotate/shear/translate bring in from outside the image
 COMPOSE_MAX_SHRINK = 1.7  # `joined_run`; worst group MAD 0.69/255 (2.3: 0.82, 64 px views alias more)
 REDUCING_GAP = 3.0  # PIL box-reduces a crop shrunk > 3x first: its resize 5-50% cheaper, MAD <= 0.18/255 (2.0: 0.35)
+# OpenCV warps an RGB bilinear transform (`transform`) from this output size up, while the source region it
+# reads is at most WARP_MAX_SOURCE times the output: below, PIL's per-output-pixel transform is as cheap
+# (measured: 1.3-2.3x faster from 96 px at shrinks <= 1.7, even at 48 px, slower at 2.5x shrink)
+WARP_MIN_PIXELS = 96 * 96
+WARP_MAX_SOURCE = 3.0
 PROXY_SIZE = 64  # side of the nearest-neighbour crop a composed view takes Contrast's mean from
 DRAFT_MARGIN = 2.0  # source px per output px a reduced JPEG decode keeps: MAD <= 0.4/255 measured (1.5: 1.5/255)
 _LOGICAL = "kt_logical_size"  # Image.info key: the decoded image's extent in its own pixels (draft box)
@@ -191,9 +202,91 @@ def keep_mask(maps: Sequence[Affine], w: int, h: int) -> Image.Image | None:
     return keep
 
 
+def transform(img: Image.Image, size: tuple[int, int], matrix: Affine, resample: int, fill) -> Image.Image:
+    """PIL's affine `transform`: output pixel centre (x, y) + 0.5 -> input (ax+by+c, dx+ey+f), `fill` where that
+    falls outside the frame. An RGB bilinear one runs through OpenCV instead (`_warp_bilinear`): the same
+    pixels, ~3x faster."""
+    if resample == Image.Resampling.BILINEAR and img.mode == "RGB" and size[0] * size[1] >= WARP_MIN_PIXELS:
+        out = _warp_bilinear(img, size, matrix, fill, max_source=WARP_MAX_SOURCE)
+        if out is not None:
+            return out
+    return img.transform(size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
+
+
+_CV2: list = []  # [module or None] once looked up
+
+
+def _cv2():
+    """OpenCV, imported on first use (0.1 s) and held to one thread (a render is one small image, run in a
+    DataLoader worker that is itself one of many; cv2's own pool would oversubscribe the cores), or None
+    where it does not import: a declared dependency, but only a speed-up, so a machine without it (a lent
+    GPU box whose wheels are carried in) renders the same views through PIL."""
+    if not _CV2:
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)
+        except ImportError:
+            cv2 = None
+        _CV2.append(cv2)
+    return _CV2[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _solid(w: int, h: int, colour: tuple[int, int, int]) -> np.ndarray:
+    """A read-only h x w RGB image of one colour (np.full with a tuple broadcasts slowly: 0.19 ms at 224 px)."""
+    out = np.empty((h, w, 3), np.uint8)
+    out[...] = np.asarray(colour, np.uint8)
+    out.flags.writeable = False
+    return out
+
+
+def _warp_bilinear(img: Image.Image, size: tuple[int, int], matrix: Affine, fill,
+                   max_source: float = math.inf) -> Image.Image | None:
+    """PIL's bilinear affine `transform` of an RGB image, reproduced with `cv2.warpAffine`: ~0.6 instead of
+    ~1.1 ms at 224 px (PIL's generic transform is not vectorised). Against PIL on photos, ~1 pixel in 10,000
+    differs, by one level (tests/test_render_equivalence.py).
+
+    Why not cv2's uint8 warp alone: it rounds in fixed point where PIL interpolates in floating point and
+    truncates, +0.3/255 on average, so the source goes through as float32 and the result is truncated. PIL
+    clamps a sample's neighbours at the frame's edge (BORDER_REPLICATE) and fills a pixel whose centre maps
+    outside the frame: a nearest warp of the frame, the same rule (cv2 rounds the centre, PIL floors the
+    edge coordinate), taken only when a corner of the output maps outside (the frame is convex, so four
+    corners inside mean every pixel is).
+
+    None, for PIL to do it, when the source pixels the output reads outnumber its own by more than
+    `max_source` (PIL's cost follows the output's pixels, OpenCV's the source region's too), or when
+    OpenCV is not installed."""
+    w, h = size
+    W, H = img.size
+    a, b, c, d, e, f = matrix
+    # cv2 maps pixel centres to pixel centres (src = M (x, y), centres at integers); PIL maps the output's
+    # centre (x + 0.5, y + 0.5) to edge coordinates
+    m = np.array([[a, b, c + 0.5 * (a + b) - 0.5], [d, e, f + 0.5 * (d + e) - 0.5]])
+    cx = [m[0, 0] * x + m[0, 1] * y + m[0, 2] for x in (0, w - 1) for y in (0, h - 1)]
+    cy = [m[1, 0] * x + m[1, 1] * y + m[1, 2] for x in (0, w - 1) for y in (0, h - 1)]
+    # only the source pixels the samples can touch go to float32 (2 px of margin for the neighbours)
+    x0 = min(max(math.floor(min(cx)) - 2, 0), W - 1)
+    y0 = min(max(math.floor(min(cy)) - 2, 0), H - 1)
+    x1 = max(min(math.ceil(max(cx)) + 3, W), x0 + 1)
+    y1 = max(min(math.ceil(max(cy)) + 3, H), y0 + 1)
+    cv2 = _cv2() if (x1 - x0) * (y1 - y0) <= max_source * w * h else None
+    if cv2 is None:
+        return None
+    src = np.asarray(img.crop((x0, y0, x1, y1)) if (x0, y0, x1, y1) != (0, 0, W, H) else img, dtype=np.float32)
+    shifted = m - np.array([[0, 0, x0], [0, 0, y0]])
+    out = cv2.warpAffine(src, shifted, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REPLICATE).astype(np.uint8)  # truncates, as PIL does
+    if not (min(cx) >= -0.5 and max(cx) < W - 0.5 and min(cy) >= -0.5 and max(cy) < H - 0.5):
+        outside = cv2.warpAffine(np.zeros((H, W), np.uint8), m, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=255)
+        cv2.copyTo(_solid(w, h, tuple(fill)), outside, out)
+    return Image.fromarray(out, "RGB")
+
+
 def apply_affine(img: Image.Image, matrix: Affine, clips: Sequence[Affine], resample: int, fill) -> Image.Image:
     """One resample for a run of geometric ops, with the reference's fill wherever any op of it clipped."""
-    out = img.transform(img.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
+    out = transform(img, img.size, matrix, resample, fill)
     keep = keep_mask(clips, *img.size)
     if keep is None:
         return out
@@ -278,7 +371,7 @@ def _geometry(img: Image.Image, p: np.ndarray, size: tuple[int, int], crop_resam
     if first is None:
         return _crop(img, p, size, crop_resample), steps, 0, None, None
     matrix, clips = steps[first][1]
-    out = img.transform(size, Image.Transform.AFFINE, compose(crop, matrix), resample=resample, fillcolor=fill)
+    out = transform(img, size, compose(crop, matrix), resample, fill)
     keep = keep_mask([matrix, *clips], *size)
     proxy = None
     if colour and any(kind == "jitter" and arg == 1 or kind == "photo" and arg[0] == "Contrast"  # type: ignore[index]
@@ -402,7 +495,8 @@ def to_uint8(image: Image.Image):
     (as timm's PrefetchLoader does)."""
     import torch
 
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    # numpy's transposing copy: 0.04 ms at 224 px, against 0.15 ms for torch's permute().contiguous() on uint8
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def normalize(x, mean: Sequence[float], std: Sequence[float]):

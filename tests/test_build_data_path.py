@@ -3,6 +3,8 @@ workers, and the build's clock (where its time goes, the steady rate without sta
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,34 @@ def test_writer_benchmark_reports_small_shards_and_the_fixed_cost_per_shard(tmp_
     for row in out.values():
         assert row["views"] == 1024 and row["views_per_s_per_thread"] > 0
         assert row["views_per_s_per_thread_small_shards"] > 0 and isinstance(row["shard_fixed_ms"], float)
+
+
+def test_render_benchmark_times_an_earlier_revision_of_the_render():
+    """`bench pipeline --render-before REV` times kt/render.py as it was at REV against today's, in one run:
+    the module really is that revision's file, and renders the same views."""
+    import subprocess
+
+    from kt.render import decode_for_views, render
+    from kt.views import VIEW_PRESETS, sample_params
+    from tools.bench_pipeline import encode, photos_500x375, render_at_revision, run
+
+    root = Path(__file__).resolve().parent.parent
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    earlier = render_at_revision("HEAD")
+    expect = subprocess.run(["git", "show", "HEAD:kt/render.py"], cwd=root, check=True, capture_output=True,
+                            text=True).stdout
+    assert Path(earlier.__file__).read_text() == expect
+    data = encode(photos_500x375(1)[0], "JPEG")
+    for i in range(8):
+        p = sample_params(VIEW_PRESETS["train"], 0, f"k{i}", 0)
+        a = np.asarray(earlier.render(earlier.decode_for_views(data, p, 64), p, 64), dtype=float)
+        b = np.asarray(render(decode_for_views(data, p, 64), p, 64), dtype=float)
+        assert np.abs(a - b).mean() < 1.0
+    out = run(["--quick", "--views", "4", "--skip", "render_gpu,writer,build,stream", "--render-before", "HEAD"])
+    assert out["render"]["train_224px_jpeg"]["after_over_before"] > 0
+    with pytest.raises(SystemExit, match="no kt/render.py at that revision"):
+        render_at_revision("no-such-revision")
 
 
 def test_zero_teacher_build_benchmark_separates_the_first_build_and_reports_the_loop(tmp_path):

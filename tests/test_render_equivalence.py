@@ -166,11 +166,17 @@ def test_crop_joins_the_geometric_run(sources, monkeypatch):
     from kt.render import COMPOSE_MAX_SHRINK
 
     full = decode_image(sources[next(iter(sources))]["PNG"])
+    import kt.render
+
     calls: list[tuple[str, str, int]] = []
-    for name in ("resize", "transform"):
-        real = getattr(Image.Image, name)
-        monkeypatch.setattr(Image.Image, name, lambda self, *a, _n=name, _r=real, **k: (
-            calls.append((_n, self.mode, k.get("resample"))) if self.size == full.size else None) or _r(self, *a, **k))
+    real_resize, real_transform = Image.Image.resize, kt.render.transform
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: (
+        calls.append(("resize", self.mode, k.get("resample"))) if self.size == full.size else None)
+        or real_resize(self, *a, **k))
+    # every affine resample of the render goes through kt.render.transform (PIL's, or OpenCV's twin of it)
+    monkeypatch.setattr(kt.render, "transform", lambda img, size, matrix, resample, fill: (
+        calls.append(("transform", img.mode, resample)) if img.size == full.size else None)
+        or real_transform(img, size, matrix, resample, fill))
     p = _forced([("Rotate", 20.0), ("ShearX", 0.2)], flip=1)
     assert max(crop_map(full, p, (224, 224))[::4]) <= COMPOSE_MAX_SHRINK
     render(full, p, 224)
@@ -180,3 +186,68 @@ def test_crop_joins_the_geometric_run(sources, monkeypatch):
     calls.clear()
     render_mask(full.convert("P"), p, 224)
     assert calls == [("transform", "P", Image.Resampling.NEAREST)], calls
+
+
+def test_opencv_warp_is_pils_bilinear_transform(sources):
+    """`kt.render.transform` runs an RGB bilinear transform through OpenCV: against PIL's own `transform` on
+    photos and maps that zoom, rotate, shear and leave the frame (fill), nearly every pixel is the same
+    (PIL's floating-point interpolation and truncation reproduced; cv2's uint8 warp alone is 0.3/255 off)."""
+    from kt.render import FILL, _warp_bilinear
+
+    pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    images = [decode_image(encoded["JPEG"]).convert("RGB") for encoded in sources.values()]
+    images.append(images[0].resize((61, 47)))  # small and odd-sized: the edge and fill rules dominate
+    differ, total, filled = 0, 0, 0
+    for img in images:
+        W, H = img.size
+        for size in ((224, 224), (64, 64), (48, 32)):
+            for _ in range(6):
+                angle, zoom = np.radians(rng.uniform(-35, 35)), rng.uniform(0.3, 2.5) * max(W, H) / max(size)
+                c, s = np.cos(angle) * zoom, np.sin(angle) * zoom
+                m = (c, s + rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.8) * W, -s, c, rng.uniform(-0.3, 0.8) * H)
+                expect = np.asarray(img.transform(size, Image.Transform.AFFINE, m, resample=Image.Resampling.BILINEAR,
+                                                  fillcolor=FILL)).astype(int)
+                got = np.asarray(_warp_bilinear(img, size, m, FILL)).astype(int)
+                diff = np.abs(got - expect)
+                assert diff.mean() < 0.02, (img.size, size, m, diff.mean())
+                differ += int((diff > 0).sum())
+                total += diff.size
+                filled += int((expect == FILL[0]).all(-1).sum())
+    assert differ / total < 1e-3, differ / total
+    assert filled > total // 30  # the maps did leave the frame: the fill rule was tested
+
+
+def test_small_outputs_and_large_sources_keep_pils_transform(sources, monkeypatch):
+    """OpenCV only where it is the cheaper one: outputs of at least WARP_MIN_PIXELS that read at most
+    WARP_MAX_SOURCE times their own pixels from the source; PIL's transform elsewhere."""
+    import kt.render
+    from kt.render import FILL, transform
+
+    def no_opencv():
+        raise AssertionError("OpenCV used")
+
+    img = decode_image(sources[next(iter(sources))]["JPEG"]).convert("RGB")
+    monkeypatch.setattr(kt.render, "_cv2", no_opencv)
+    bilinear = Image.Resampling.BILINEAR
+    zoom = (1.2, 0.1, 10.0, -0.1, 1.2, 10.0)  # a mild zoom: the source region ~1.5x the output
+    transform(img, (64, 64), zoom, bilinear, FILL)  # small output: PIL
+    transform(img, (224, 224), zoom, Image.Resampling.NEAREST, FILL)  # not bilinear: PIL
+    transform(img.convert("L"), (224, 224), zoom, bilinear, 0)  # not RGB: PIL
+    shrink = (3.0, 0.0, 0.0, 0.0, 3.0, 0.0)  # reads 9x the output's pixels: PIL
+    transform(img, (128, 128), shrink, bilinear, FILL)
+    with pytest.raises(AssertionError, match="OpenCV used"):
+        transform(img, (224, 224), zoom, bilinear, FILL)
+
+
+def test_without_opencv_the_render_is_pils(sources, monkeypatch):
+    """OpenCV is a speed-up only: where it does not import, `transform` is PIL's, pixel for pixel."""
+    import kt.render
+    from kt.render import FILL, transform
+
+    img = decode_image(sources[next(iter(sources))]["JPEG"]).convert("RGB")
+    monkeypatch.setattr(kt.render, "_CV2", [None])
+    m = (1.2, 0.3, -20.0, -0.3, 1.2, 40.0)
+    got = transform(img, (224, 224), m, Image.Resampling.BILINEAR, FILL)
+    expect = img.transform((224, 224), Image.Transform.AFFINE, m, resample=Image.Resampling.BILINEAR, fillcolor=FILL)
+    assert got.tobytes() == expect.tobytes()

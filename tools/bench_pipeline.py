@@ -6,8 +6,9 @@
 - `render`: views/s per core of decode + render + to_tensor for one view (CPU seconds of this process,
   one torch thread), for the `train` and `light` specs at 224 and 64 px, from typical 500x375 photos
   (the photographs bundled with scikit-image/scikit-learn, seeded 4:3 crops resized to 500x375) stored
-  as JPEG (quality 95, ~44 KB) and PNG; `before` (the first implementation, `kt.render_v1`, full decode)
-  and `after` (`kt.render`) timed view by view in turn, and their ratio. `amortised_v4` decodes once for
+  as JPEG (quality 95, ~44 KB) and PNG; `before` (the first implementation, `kt.render_v1`, full decode;
+  or, with `--render-before REV`, `kt/render.py` at that git revision) and `after` (`kt.render`) timed
+  view by view in turn, and their ratio. `amortised_v4` decodes once for
   4 views, as a cache build with `--views 4` does.
 - `render_gpu` (where CUDA is present): the GPU path, `kt.render_tensor` (nvJPEG decode of 256 images, one
   batched render of their 256 views), views/s of the device, best of 3 after a warm-up round, and the
@@ -47,6 +48,9 @@ from kt.views import ViewSet
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.bench pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--views", type=int, default=200, help="views timed per render configuration")
+    p.add_argument("--render-before", default="v1", metavar="v1|REV",
+                   help="the render timed as `before`: the first implementation (kt.render_v1, the default) or "
+                        "kt/render.py at a git revision of this checkout (e.g. HEAD~1), for a change's own ratio")
     p.add_argument("--images", type=int, default=256, help="500x375 JPEGs in the build/stream transfer set")
     p.add_argument("--build-views", type=int, default=2, help="views per image in the zero-teacher build")
     p.add_argument("--writer-views", type=int, default=4096, help="views written per writer target set")
@@ -143,10 +147,16 @@ def bench_render(args) -> dict:
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     out: dict = {}
 
-    def before(data: bytes, p, size):
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img, render_v1.render
+    if args.render_before == "v1":
+        def before(data: bytes, p, size):
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            return img, render_v1.render
+    else:
+        earlier = render_at_revision(args.render_before)
+
+        def before(data: bytes, p, size):
+            return earlier.decode_for_views(data, p, size), earlier.render
 
     def after(data: bytes, p, size):
         return decode_for_views(data, p, size), render
@@ -180,6 +190,28 @@ def bench_render(args) -> dict:
                 row["render_after_over_before"] = round(t["before"][1] / t["after"][1], 3)
                 out[f"{spec_name}_{size}px_{fmt.lower()}"] = row
     return out
+
+
+def render_at_revision(rev: str):
+    """`kt.render` as it was at git revision `rev` of this checkout, imported as a module of its own (it
+    imports the current `kt.views`, whose parameters are unchanged since the view format's version 1)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:kt/render.py"], cwd=root, check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"--render-before {rev}: no kt/render.py at that revision ({e})")
+    path = Path(tempfile.mkdtemp()) / "kt_render_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("kt_render_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench_render_gpu(args, batch: int = 256, device: str = "cuda", formats=("JPEG", "PNG"),

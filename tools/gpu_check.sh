@@ -44,6 +44,11 @@ if not torch.cuda.is_available():
     bad.append("torch.cuda.is_available() is False")
 import kt.student.cli, kt.teacher_cache.cli, kt.retrieval.cli  # noqa: E401,F401 -- the package imports too
 print("torch", torch.__version__, "cuda", torch.version.cuda)
+try:  # optional: kt.render's warps fall back to PIL without it (its wheel is too large to carry in .whl/)
+    import cv2
+    print("cv2", cv2.__version__)
+except ImportError:
+    print("cv2: not installed; kt.render warps with PIL")
 if bad:
     print("MISSING:\n  " + "\n  ".join(bad))
     sys.exit(1)
