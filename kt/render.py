@@ -38,8 +38,9 @@ torch's uint8 kernel is PIL's algorithm but takes no offset), or the OpenCV warp
 
 Renders differ from the first implementation (view format version 1, kept as `kt.render_v1`) where the
 crop joins a run (one resample instead of two), where a JPEG is decoded at reduced scale, where PIL
-box-reduces first, and in ~1 pixel in 10,000 of a geometric op's warp (OpenCV's float32 arithmetic). Over the test set of views (tests/test_render_equivalence.py: train/light/eval specs,
-224/64/48x32 px, JPEG and PNG photos) the mean absolute difference per group is <= 0.69/255 (0.21/255 on
+box-reduces first, and in ~1 pixel in 10,000 of a geometric op's warp (OpenCV's float32 arithmetic). Over
+the test set of views (tests/test_render_equivalence.py: train/light/eval specs, 224/64/48x32 px, JPEG and
+PNG photos) the mean absolute difference per group is <= 0.69/255 (0.21/255 on
 average at 224 px), inside the 1/255 budget; single views differ by up to ~7.5/255 where a threshold op
 (solarize, posterize) turns a one-level difference into a large one. Views without a geometric op are
 bit for bit the same where nothing was reduced (also tested).
