@@ -530,6 +530,25 @@ class StreamFit:
         return held
 
 
+def encode_held(item: TeacherBatch | ShardEnd, encs: dict, device: torch.device) -> TeacherBatch | ShardEnd:
+    """A batch held raw for the codec fit (`StreamFit`, and the one in flight when the fit was made), encoded
+    where the teacher runs, as every later batch is. Host and device encoders agree only to the last bits (a float32 matmul in another order: one int8
+    step in ~1e-5 of PCA coefficients), so a fresh single-process build that encoded its first views on the
+    host would not write what a resumed or a multi-process build writes (both encode every view on the
+    device). The raw float32 copies are the teacher's outputs exactly, so the encoders see the same values."""
+    if not isinstance(item, TeacherBatch) or not any(t in item.raw for t in encs):
+        return item
+    todo = {t: e for t, e in encs.items() if t in item.raw}
+    with torch.inference_mode():
+        # every target goes in, so that a row non-finite in any of them is zeroed as launch_teacher does
+        _, parts, finite = encode_outputs({t: torch.from_numpy(v).to(device) for t, v in item.raw.items()}, todo)
+        encoded = {t: {p: v.cpu().numpy() for p, v in ps.items()} for t, ps in parts.items()}
+        flags = {t: v.cpu().numpy() for t, v in finite.items()}
+    return TeacherBatch(item.url, item.rows, item.views, item.params,
+                        {t: v for t, v in item.raw.items() if t not in todo}, item.finite,
+                        {**item.encoded, **encoded}, {**item.encoded_finite, **flags})
+
+
 def write_codec_states(store: CacheStore, codecs: dict[str, Codec], shapes: dict[str, tuple]) -> None:
     for t, codec in codecs.items():
         codec.item_shape = shapes[t]
@@ -641,9 +660,9 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
                 writer = start_writer(store, cfg, state.process_index, place.device)
                 encs = device_encoders(writer.codecs, targets, place.device) if encode_on_device else {}
                 for held in stream_fit.release():
-                    writer.put(held)
-            else:
-                writer.put(item)
+                    writer.put(encode_held(held, encs, place.device) if encs else held)
+            else:  # the batch in flight when the fit ended came back raw too
+                writer.put(encode_held(item, encs, place.device) if encs else item)
             if isinstance(item, ShardEnd):
                 bar.set_postfix(shards=f"{len(writer.written)}/{len(mine)}")
 

@@ -213,9 +213,12 @@ def test_overwrite_replaces_a_cache_of_another_view_spec(tiny_teacher, small_sha
 
 
 # ------------------------------------------------------------------------------------ resume, ranks
-def test_killed_build_resumes_to_the_same_arrays(tiny_teacher, small_shards, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("device_encode", ["off", "on"])
+def test_killed_build_resumes_to_the_same_arrays(tiny_teacher, small_shards, tmp_path, device_encode):  # noqa: F811
+    """Also with the patches encoded where the teacher runs (`--device-encode on`, the default on CUDA; the
+    "device" is the CPU here): a resumed build writes what an uninterrupted one does, byte for byte."""
     argv = build_args(tiny_teacher, small_shards, tmp_path / "ref.zarr", "--batch-size", "4",
-                      "--codec", "patches=pca:d=16,int8", views=3)
+                      "--codec", "patches=pca:d=16,int8", "--device-encode", device_encode, views=3)
     single_thread_build(argv)
     out = tmp_path / "killed.zarr"
     argv[argv.index("--out") + 1] = str(out)
@@ -240,9 +243,10 @@ def test_killed_build_resumes_to_the_same_arrays(tiny_teacher, small_shards, tmp
     assert_same_store(tmp_path / "ref.zarr", out)
 
 
-def test_two_processes_build_the_same_store(tiny_teacher, small_shards, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("device_encode", ["off", "on"])
+def test_two_processes_build_the_same_store(tiny_teacher, small_shards, tmp_path, device_encode):  # noqa: F811
     argv = build_args(tiny_teacher, small_shards, tmp_path / "one.zarr", "--batch-size", "4",
-                      "--codec", "patches=pca:d=16,int8", views=2)
+                      "--codec", "patches=pca:d=16,int8", "--device-encode", device_encode, views=2)
     single_thread_build(argv)
     argv[argv.index("--out") + 1] = str(tmp_path / "two.zarr")
     # torchrun with gloo: `accelerate launch --num_processes 2 --cpu` starts one process without an MPI hostfile

@@ -205,6 +205,30 @@ def test_patches_encoded_on_the_gpu_match_the_hosts_encoding(data, teacher, tmp_
             np.testing.assert_array_equal(on[path], off[path], err_msg=path)
 
 
+def test_a_fresh_gpu_build_writes_what_a_resumed_one_does(data, teacher, tmp_path):
+    """With patches encoded on the GPU, the views a fresh build holds raw for its PCA fit are encoded there
+    too: the store equals, byte for byte, the one a build resumed after the fit writes (every view encoded on
+    the GPU), though GPU and host encoders differ in the last bits."""
+    from kt.teacher_cache.build import BuildConfig, build_cache
+    from tests.test_cache_cli import arrays
+
+    if DEVICE != "cuda":
+        pytest.skip("device encoding is the CUDA default")
+    out = tmp_path / "fresh.zarr"
+    cfg = BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(out), views=2,
+                      targets=["logits", "embedding", "patches"], batch_size=64, workers=2,
+                      codec=["patches=pca:d=16,int8"], fit_views=64)
+    build_cache(cfg)
+    fresh = arrays(out)
+    for marker in (out / "complete").glob("*.json"):  # resumed after the fit: codec states kept, shards redone
+        marker.unlink()
+    build_cache(cfg)
+    resumed = arrays(out)
+    assert sorted(fresh) == sorted(resumed)
+    for path in fresh:
+        np.testing.assert_array_equal(fresh[path], resumed[path], err_msg=path)
+
+
 def test_graphed_teacher_replays_a_short_batch_as_rows_of_a_full_one(teacher):
     from kt.checkpoints import load_checkpoint
     from kt.device import placement
