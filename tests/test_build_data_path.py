@@ -154,6 +154,23 @@ def test_zero_teacher_build_benchmark_separates_the_first_build_and_reports_the_
     assert set(out["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}
 
 
+def test_replay_benchmark_builds_the_store_the_real_data_path_builds(tmp_path):
+    """`bench pipeline`'s build_replay replays views rendered beforehand: the store it writes is the one the
+    real loader's build writes (the same teacher), so the loop it times is the build's own."""
+    import argparse
+
+    from tests.test_cache_cli import assert_same_store
+    from tools.bench_pipeline import bench_build, bench_build_replay, photo_shards
+
+    urls = photo_shards(tmp_path / "photos", 16)
+    args = argparse.Namespace(size=32, build_views=2, workers=0)
+    out = bench_build_replay(args, urls, str(tmp_path / "replay.zarr"))
+    assert out["views"] == 32 and out["views_per_s"] > 0 and out["cpu_ms_per_view"] > 0
+    assert set(out["time_s"]) == {"loader_wait", "teacher", "teacher_wait", "writer", "first_batch"}
+    bench_build(args, urls, str(tmp_path / "real.zarr"))
+    assert_same_store(tmp_path / "real.zarr", tmp_path / "replay.zarr")
+
+
 def test_a_teacher_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
     """`GraphedTeacher.capture` never fails a build: a model whose forward cannot be captured (it syncs with
     the host, say) leaves the eager teacher, with one warning."""

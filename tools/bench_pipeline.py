@@ -21,6 +21,8 @@
   (decode + render, no writer) on the same data; `over_loader` is their ratio, on the second build in the
   process (`over_loader_first_build`: the first, with the process's one-time imports), and `loop_*` /
   `time_s` are the build loop's own rate and clock.
+- `build_replay`: the same build with the views rendered beforehand and replayed from memory: the build's
+  own loop and writer alone (views/s, and the process's CPU ms per view), the ceiling they put on a build.
 - `stream_zero_student`: the distillation stream (`ReplayStream` over that cache: stored parameters
   checked, targets decoded, views rendered at 224 px) consumed by a student that costs nothing.
 
@@ -89,6 +91,8 @@ def run(args=None) -> dict:
             urls = photo_shards(Path(work) / "photos", args.images)
             cache = str(Path(work) / "zero.zarr")
             result["build_zero_teacher"] = bench_build(args, urls, cache)
+            if "build" not in skip:
+                result["build_replay"] = bench_build_replay(args, urls, str(Path(work) / "replay.zarr"))
             if "stream" not in skip:
                 result["stream_zero_student"] = bench_stream(args, urls, cache)
     result["goals"] = goals(result)
@@ -367,7 +371,7 @@ def zero_teacher(image_size: int):
 
         def forward_features(self, x):
             b = len(x)
-            return {name: value[:b] for name, value in self.outputs.items()}
+            return {name: value[:b].to(x.device) for name, value in self.outputs.items()}
 
     return ZeroTeacher().eval()
 
@@ -409,6 +413,49 @@ def bench_build(args, urls, cache: str) -> dict:
             "time_s": summary["time_s"],
             "views_per_image": args.build_views, "image_size": args.size, "workers": args.workers,
             "targets": targets, "input": "500x375 JPEG q95"}
+
+
+def bench_build_replay(args, urls, cache: str) -> dict:
+    """`build_cache` with its data path and its teacher removed: the views rendered once beforehand and
+    replayed from memory, a zero-cost teacher. What is left is the build's own loop (hand-off, the teacher's
+    launch and copy back, finite checks, the writer's encoding and shard writes): its views/s, and the
+    process's CPU ms per view (main thread and writer threads together), is the ceiling that the loop puts
+    on a build whatever the GPU and the DataLoader workers deliver."""
+    import dataclasses
+
+    import torch
+
+    import kt.teacher_cache.build as build
+    from kt.views import VIEW_PRESETS
+
+    model = zero_teacher(args.size)
+    uint8 = torch.cuda.is_available() and build.UINT8_VIEWS_TO_GPU  # what the build's workers would send
+    items = list(build.view_loader(urls, ViewSet(VIEW_PRESETS["train"], 0, args.build_views), args.size,
+                                   model.mean, model.std, 64, 0, uint8=uint8))
+    original_loader, original_model = build.view_loader, build.load_model
+    # fresh ViewBatch objects each build (the loop drops a batch's input once its forward is queued)
+    build.view_loader = lambda *a, **k: iter([dataclasses.replace(i) if isinstance(i, build.ViewBatch) else i
+                                              for i in items])
+    build.load_model = lambda *a, **k: zero_teacher(args.size)
+    try:
+        cfg = build.BuildConfig(teacher="zero-cost", data="::".join(urls), out=cache, views=args.build_views,
+                                seed=0, targets=["logits", "embedding"], image_size=args.size, batch_size=64,
+                                workers=0, overwrite=True)
+        build.build_cache(cfg)  # the first build in the process pays the one-time imports
+        wall, cpu = time.perf_counter(), _cpu_self()
+        summary = build.build_cache(cfg)
+        wall, cpu = time.perf_counter() - wall, _cpu_self() - cpu
+    finally:
+        build.view_loader, build.load_model = original_loader, original_model
+    n = summary["samples"] * args.build_views
+    return {"views_per_s": round(n / wall), "cpu_ms_per_view": round(1e3 * cpu / n, 4),
+            "loop_views_per_s": round(summary["views_per_s"]), "time_s": summary["time_s"], "views": n,
+            "uint8_views": uint8, "image_size": args.size, "targets": ["logits", "embedding"]}
+
+
+def _cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 # --------------------------------------------------------------------------------------------- stream
