@@ -69,4 +69,12 @@ rc=$?
 tail -n 5 "$OUT_DIR/bench_gpu.log" | tr '\r' '\n' | tail -n 5 >&2
 cat "$OUT_DIR/bench_gpu.json"
 [ $rc -eq 0 ] || { echo "gpu_check: benchmark failed (exit $rc), see bench_gpu.log" >&2; status=1; }
+# PIPELINE_ARGS, when set: also the data-path benchmark on this host, e.g. PIPELINE_ARGS="--skip render,writer,stream
+# --workers 8 --images 1024" (build_zero_teacher: the build with 8 PIL workers and a zero-cost teacher on the GPU;
+# build_replay: the build's loop and writer alone, the ceiling they put on a GPU build)
+if [ -n "${PIPELINE_ARGS:-}" ]; then
+    "$PY" -m tools.bench pipeline --json $PIPELINE_ARGS >"$OUT_DIR/bench_pipeline.json" 2>"$OUT_DIR/bench_pipeline.log" ||
+        { echo "gpu_check: pipeline benchmark failed, see bench_pipeline.log" >&2; status=1; }
+    cat "$OUT_DIR/bench_pipeline.json"
+fi
 exit $status
