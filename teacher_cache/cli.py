@@ -113,6 +113,12 @@ def _plan_table(plan: dict) -> str:
     lines.append(f"predicted size {'at most ' if plan.get('at_most') else ''}{_human(plan['total_bytes'])} "
                  f"({plan['total_bytes']:,} bytes, before zstd; "
                  f"codec state {_human(plan['codec_state_bytes'])})")
+    d = plan.get("data_path")
+    if d:
+        lines.append(f"data path ({d['views']} {d['view_spec']} views at {d['image_size']} px of {d['median_source']} "
+                     f"sources, {d['views_per_image']} per image, one core): {d['cpu_ms_per_view']} CPU ms a view, "
+                     f"{d['views_per_s_per_core']:,} views/s per core; DataLoader cores per 1,000 teacher views/s: "
+                     f"{d['cores_per_1000_views_per_s']}")
     return "\n".join(lines)
 
 

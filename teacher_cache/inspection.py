@@ -39,6 +39,9 @@ class PlanConfig:
     num_samples: int | None = field(None, "transfer-set size (or give --data)", min=0)
     data: str = field("", "transfer-set shards, counted and their keys measured (or give --num-samples)")
     key_bytes: int = field(_KEY_BYTES, "bytes per key without --data", min=0)
+    view_spec: str = field("train", "view preset name, JSON or file (for --measure)")
+    measure: int = field(0, "views of --data's first images decoded and rendered as a build's DataLoader workers "
+                            "do, to measure their CPU cost per view on these images (0: none)", min=0)
     json: bool = field(False, "print JSON instead of a table")
 
 
@@ -117,7 +120,76 @@ def plan_cache(cfg: PlanConfig) -> dict:
     shapes = item_shapes(model, names, image_size)
     codecs = fit_default_codecs(codecs, shapes, cfg.codec)
     plan = predict_size({t: (codecs[t].spec, shapes[t]) for t in names}, cfg.views, num_samples, key_bytes)
-    return {"teacher": model.arch, "image_size": image_size, **plan}
+    out = {"teacher": model.arch, "image_size": image_size, **plan}
+    if cfg.measure:
+        if not cfg.data:
+            raise UserError("--measure needs --data: it renders views of the transfer set's own images")
+        from kt.views import load_view_spec
+
+        out["data_path"] = {"view_spec": cfg.view_spec,
+                            **measure_data_path(cfg.data, load_view_spec(cfg.view_spec), cfg.views, image_size,
+                                                cfg.measure, model.mean, model.std)}
+    return out
+
+
+def measure_data_path(data: str, spec, views: int, image_size: int, n_views: int, mean, std) -> dict:
+    """The CPU cost per view of a build's data path on these images: `ShardViewBatches` itself (what each
+    DataLoader worker runs: read, digest, decode once per image at the scale its views allow, render every
+    view, uint8 tensors for a GPU teacher) over the first `n_views` views of the data, on one thread. From
+    it, the worker cores a build needs per 1,000 views/s of teacher (a ViT-L/14 in bf16 forwards ~2,000 a
+    second on an H100/H200, docs/capacity.md). Images unlike the 500x375 photos the benchmarks use (a
+    factory camera's 5 MP frames, 28 px scans) change this by 10x either way; hence measured, not quoted."""
+    import io
+    import time
+
+    import torch
+    from PIL import Image
+
+    from kt.shards import BadSamples, expand_shards, image_ext, iter_samples
+    from kt.teacher_cache.build import ShardViewBatches, ViewBatch
+    from kt.views import ViewSet
+
+    urls = expand_shards(data)
+    sizes = []  # the first images' pixel sizes, from their headers
+    for sample in iter_samples(urls, bad=BadSamples(max_fraction=1.0), decode=False, keep_raw=True):
+        ext = image_ext(sample.raw)
+        if ext is not None:
+            try:
+                sizes.append(Image.open(io.BytesIO(sample.raw[ext])).size)
+            except Exception:  # noqa: BLE001 -- a corrupt image is skipped by the build too
+                pass
+        if len(sizes) * views >= n_views:
+            break
+    warm = 8  # views rendered before the clock starts: first calls and lazy imports (OpenCV: 0.1 s)
+    dataset = ShardViewBatches(urls, ViewSet(spec, 0, views), image_size, mean, std, batch_size=warm, uint8=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core, as each DataLoader worker runs
+    done, seen, cpu = 0, 0, 0.0
+    try:
+        for url in urls:
+            start = time.process_time()
+            for item in dataset.shard_batches(url):
+                if not isinstance(item, ViewBatch):
+                    continue
+                seen += len(item.rows)
+                if seen <= warm:  # the first batch: not timed
+                    start = time.process_time()
+                    continue
+                done += len(item.rows)
+                if done >= n_views:
+                    break
+            cpu += time.process_time() - start
+            if done >= n_views:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    if not done:
+        raise UserError(f"--measure: no view could be rendered from {data}")
+    ms = 1e3 * cpu / done
+    w, h = (np.median([s[i] for s in sizes]) if sizes else 0 for i in (0, 1))
+    return {"views": done, "views_per_image": views, "image_size": image_size,
+            "median_source": f"{int(w)}x{int(h)}", "cpu_ms_per_view": round(ms, 3),
+            "views_per_s_per_core": round(1e3 / ms), "cores_per_1000_views_per_s": round(ms, 2)}
 
 
 def _count_samples(data: str) -> tuple[int, float]:
