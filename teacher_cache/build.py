@@ -33,6 +33,7 @@ process takes those outputs from its own stream (`StreamFit`) instead of a secon
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -440,6 +441,34 @@ class BuildClock:
                 "steady_views_per_s": rest / max(self.elapsed - first, 1e-9) if rest > 0 else 0.0}
 
 
+BOUND_SHARE = 0.25  # a part of the loop that takes more than this share of it is named as the build's limit
+BOUND_MIN_S = 20.0  # loops shorter than this are too short to say (start-up dominates them)
+
+
+def bottleneck(time_s: dict, elapsed: float, cfg: "BuildConfig", device: torch.device,
+               device_render: bool) -> tuple[str, str | None]:
+    """What bounded the build's loop after its first batch: "data" (the teacher waited on the DataLoader),
+    "writer" (encoding and writing, in the teacher's thread or a full queue) or "teacher", and for the first
+    two one line saying which knob to turn (None for a short loop or a teacher-bound one). The wait for the
+    first batch (worker start-up) is left out of the data path's share."""
+    loop = elapsed - time_s.get("first_batch", 0.0)
+    data = max(time_s["loader_wait"] - time_s.get("first_batch", 0.0), 0.0) / max(loop, 1e-9)
+    writer = time_s["writer"] / max(loop, 1e-9)
+    bound = "data" if data > max(writer, BOUND_SHARE) else "writer" if writer > BOUND_SHARE else "teacher"
+    if bound == "teacher" or loop < BOUND_MIN_S:
+        return bound, None
+    if bound == "data":
+        more = ["more --workers (now {}, {} cores here)".format(cfg.workers, os.cpu_count())]
+        if device.type == "cuda" and not device_render:
+            more.append("--render cuda (the workers then only decode)")
+        return bound, (f"the teacher waited on the DataLoader for {data:.0%} of the build: decoding and rendering "
+                       f"limit it (`kt-cache plan --measure` times them on these images); try "
+                       + " or ".join(more))
+    return bound, (f"the writer took {writer:.0%} of the build: encoding and writing targets limit it; "
+                   f"try more --writer-threads (now {writer_threads(cfg, device)})"
+                   + ("" if cfg.device_encode != "off" or device.type != "cuda" else " or --device-encode on"))
+
+
 def fit_codecs(model: TaskModel, codecs: dict[str, Codec], urls: Sequence[str], view_set: ViewSet,
                image_size: int, batch_size: int, n_views: int, place: Placement | None = None) -> None:
     """Fit codecs that learn from data (PCA) on the teacher's outputs for the first views of the data."""
@@ -718,6 +747,10 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
         summary.update(shards_written=len(writer.written), samples=sum(w["samples"] for w in writer.written),
                        bad=sum(w["bad"] for w in writer.written), views_per_s=n_views / max(clock.elapsed, 1e-9),
                        **clock.summary(n_views))
+        summary["bound_by"], hint = bottleneck(summary["time_s"], clock.elapsed, cfg, place.device,
+                                               render_device is not None)
+        if hint and state.is_local_main_process:
+            print(f"kt-cache build (rank {state.process_index}): {hint}", file=sys.stderr)
     summary["codecs"] = {t: c.spec for t, c in store.load_codecs().items()}  # what `auto` chose, among others
     state.wait_for_everyone()
     check_unique_keys(store, urls)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kt.render import normalize, to_tensor, to_uint8
+from tests.test_reader import tiny_teacher  # noqa: F401 -- the fixture, shared
 from kt.teacher_cache.build import BuildClock, ShardViewBatches, ViewBatch
 from kt.views import ViewSet, load_view_spec
 from tests.test_cache_cli import small_shards  # noqa: F401 -- the fixture, shared
@@ -220,3 +221,44 @@ def test_teacher_outputs_reach_the_writer_contiguous():
     for name, array in out.items():
         assert array.flags["C_CONTIGUOUS"], name
         np.testing.assert_array_equal(array, fresh[name].numpy())
+
+
+def test_the_build_names_what_bounded_it():
+    """`bottleneck`: the share of the loop (after the first batch) spent waiting on the DataLoader or in the writer
+    names the limit and the knob to turn; a teacher-bound or a short loop says nothing."""
+    from kt.teacher_cache.build import BuildConfig, bottleneck, writer_threads
+
+    cfg = BuildConfig(workers=2)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    data_bound = {"loader_wait": 45.0, "teacher": 40.0, "teacher_wait": 5.0, "writer": 5.0, "first_batch": 5.0}
+    bound, hint = bottleneck(data_bound, 100.0, cfg, cuda, device_render=False)
+    assert bound == "data" and "--workers (now 2" in hint and "--render cuda" in hint and "plan --measure" in hint
+    assert "--render cuda" not in bottleneck(data_bound, 100.0, cfg, cuda, device_render=True)[1]
+    assert "--render cuda" not in bottleneck(data_bound, 100.0, cfg, cpu, device_render=False)[1]
+    writer_bound = {"loader_wait": 6.0, "teacher": 50.0, "teacher_wait": 5.0, "writer": 40.0, "first_batch": 5.0}
+    bound, hint = bottleneck(writer_bound, 100.0, cfg, cuda, device_render=False)
+    assert bound == "writer" and "--writer-threads (now 1)" in hint
+    off = BuildConfig(workers=2, device_encode="off", targets=["logits", "patches"])
+    now = writer_threads(off, cuda)  # 3 for host-encoded patches beside a GPU, within a quarter of the cores
+    assert f"--writer-threads (now {now}) or --device-encode on" in bottleneck(writer_bound, 100.0, off, cuda, False)[1]
+    teacher_bound = {"loader_wait": 6.0, "teacher": 85.0, "teacher_wait": 5.0, "writer": 5.0, "first_batch": 5.0}
+    assert bottleneck(teacher_bound, 100.0, cfg, cuda, False) == ("teacher", None)
+    assert bottleneck(data_bound, 15.0, cfg, cuda, False)[1] is None  # too short to say
+
+
+def test_a_data_bound_build_says_so(tiny_teacher, fmnist, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A build whose DataLoader is its limit (no workers: decoding and rendering in the loop, a tiny teacher)
+    reports bound_by "data" and prints the one line with the knobs."""
+    import json
+
+    from kt.teacher_cache import build
+    from kt.teacher_cache.cli import main
+    from tests.test_reader import build_args
+
+    monkeypatch.setattr(build, "BOUND_MIN_S", 0.0)
+    args = build_args(tiny_teacher, fmnist["train"][:1], tmp_path / "c.zarr", "--targets", "logits", views=2)
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["bound_by"] == "data", summary["time_s"]
+    assert "waited on the DataLoader" in err and "--workers (now 0" in err
