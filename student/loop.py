@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,43 @@ def _with_last(batches: Iterable) -> Iterator[tuple[Any, bool]]:
     yield prev, True
 
 
+class LoaderClock:
+    """How long the training loop waited for its batches, the first of each epoch left out (worker start-up):
+    a step that waits on the DataLoader for a large share of the run is data-bound, whatever the model does."""
+
+    SHARE = 0.25  # above this share of the run, the data path is named as its limit
+    MIN_S = 20.0  # runs shorter than this are too short to say
+
+    def __init__(self):
+        self.start, self.waited, self.startup = time.perf_counter(), 0.0, 0.0
+
+    def batches(self, batches: Iterable) -> Iterator:
+        it, first = iter(batches), True
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            spent = time.perf_counter() - t
+            if first:
+                self.startup += spent
+            else:
+                self.waited += spent
+            first = False
+            yield item
+
+    def hint(self, desc: str) -> str | None:
+        """One line naming the data path as the run's limit, or None."""
+        run = time.perf_counter() - self.start - self.startup
+        share = self.waited / max(run, 1e-9)
+        if run < self.MIN_S or share <= self.SHARE:
+            return None
+        render = " or --render cuda (the workers then only decode)" if torch.cuda.is_available() else ""
+        return (f"{desc}: the steps waited on the DataLoader for {share:.0%} of the run: decoding and rendering "
+                f"views limit it; try more --workers ({os.cpu_count()} cores here){render}")
+
+
 def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterable],
         steps_per_epoch: int | Sequence[int] | None,
         loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], out_dir: str | Path,
@@ -254,6 +292,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
 
     raw_loader = prepared = None
     saved_at = (start_epoch, skip)
+    clock = LoaderClock()
     for epoch in range(start_epoch, cfg.epochs):
         if loader_skips:
             batches = make_loader(epoch, skip)
@@ -269,7 +308,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
         skip = 0
         window = 0  # batches accumulated since the last optimizer step
         modules.train()
-        for batch, epoch_end in _with_last(batches):
+        for batch, epoch_end in _with_last(clock.batches(batches)):
             window += 1
             batch_index += 1
             sync = epoch_end or window == cfg.grad_accum
@@ -315,6 +354,9 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
     if saved_at != (cfg.epochs, 0):  # the end is always saved: a rerun of a finished run trains nothing
         save(cfg.epochs, 0)
     bar.close()
+    hint = clock.hint(desc)
+    if hint and accelerator.is_local_main_process:
+        print(hint, file=sys.stderr)
     accelerator.end_training()
     return FitResult(True, global_step, cfg.epochs, last, accelerator.is_main_process)
 

@@ -102,3 +102,37 @@ def test_a_folder_holding_only_a_lock_file_is_a_fresh_run_folder(tmp_path):
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="holds no kt run"):
         check_out_dir(tmp_path / "run", Cfg())
+
+
+@pytest.mark.parametrize("slow", ["loader", "step"])
+def test_a_run_waiting_on_its_dataloader_says_so(tmp_path, monkeypatch, capsys, slow):
+    """`fit` times how long its steps wait for batches (the first of each epoch left out): a data-bound run
+    ends with one line naming the DataLoader and the knobs; a run bound by its steps says nothing."""
+    import time
+
+    import torch
+
+    from kt.student.loop import LoaderClock, OptimConfig, fit
+
+    monkeypatch.setattr(LoaderClock, "MIN_S", 0.0)
+    model = torch.nn.Linear(4, 1)
+
+    def loader(epoch):
+        for i in range(6):
+            if slow == "loader":
+                time.sleep(0.05)
+            yield torch.full((2, 4), float(i))
+
+    def loss_fn(modules, batch):
+        if slow == "step":
+            time.sleep(0.05)
+        return modules(batch).pow(2).mean(), {}
+
+    fit(OptimConfig(epochs=2, lr=1e-3, save_minutes=0), model, loader, 6, loss_fn, tmp_path / "run",
+        desc="kt-student train", prepare_loader=False)
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "waited on the DataLoader" in line]
+    if slow == "loader":
+        assert len(said) == 1 and said[0].startswith("kt-student train: ") and "--workers" in said[0], err
+    else:
+        assert not said, err
