@@ -349,7 +349,8 @@ def run_distill(cfg: DistillConfig) -> dict:
         return modules(place.to(batch))
 
     result = fit(cfg, model, make_loader, per_epoch, loss_fn, out, accelerator=accelerator,
-                 desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True)
+                 desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True,
+                 render_flag=True)
     summary = {"out": str(out), "model": cfg.model, "objective": cfg.objective, "completed": result.completed,
                "processes": world, "steps": result.global_step, "steps_per_epoch": steps,
                "last": result.last_metrics}

@@ -188,13 +188,14 @@ class LoaderClock:
             first = False
             yield item
 
-    def hint(self, desc: str) -> str | None:
-        """One line naming the data path as the run's limit, or None."""
+    def hint(self, desc: str, render_flag: bool = False) -> str | None:
+        """One line naming the data path as the run's limit, or None; `render_flag`: the command has
+        `--render cuda` to suggest."""
         run = time.perf_counter() - self.start - self.startup
         share = self.waited / max(run, 1e-9)
         if run < self.MIN_S or share <= self.SHARE:
             return None
-        render = " or --render cuda (the workers then only decode)" if torch.cuda.is_available() else ""
+        render = " or --render cuda (the workers then only decode)" if render_flag and torch.cuda.is_available() else ""
         return (f"{desc}: the steps waited on the DataLoader for {share:.0%} of the run: decoding and rendering "
                 f"views limit it; try more --workers ({os.cpu_count()} cores here){render}")
 
@@ -203,7 +204,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
         steps_per_epoch: int | Sequence[int] | None,
         loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], out_dir: str | Path,
         accelerator=None, desc: str = "train", prepare_loader: bool = True,
-        loader_skips: bool = False) -> FitResult:
+        loader_skips: bool = False, render_flag: bool = False) -> FitResult:
     """Train `modules` to minimise `loss_fn`; resumable from `out_dir/state`.
 
     Args:
@@ -217,6 +218,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
             the batches across processes). False for streams that already split shards per rank.
         loader_skips: `make_loader(epoch, skip)` starts the epoch at batch `skip` itself (a stream that can
             seek); otherwise accelerate skips the first batches by reading them.
+        render_flag: the command has `--render cuda`, which a data-bound run's closing line then suggests.
 
     `make_loader` may return the same loader object for every epoch (persistent workers): it is prepared once
     and told the epoch by its `set_epoch`, which must make its batches those of that epoch.
@@ -354,7 +356,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
     if saved_at != (cfg.epochs, 0):  # the end is always saved: a rerun of a finished run trains nothing
         save(cfg.epochs, 0)
     bar.close()
-    hint = clock.hint(desc)
+    hint = clock.hint(desc, render_flag)
     if hint and accelerator.is_local_main_process:
         print(hint, file=sys.stderr)
     accelerator.end_training()

@@ -136,3 +136,19 @@ def test_a_run_waiting_on_its_dataloader_says_so(tmp_path, monkeypatch, capsys, 
         assert len(said) == 1 and said[0].startswith("kt-student train: ") and "--workers" in said[0], err
     else:
         assert not said, err
+
+
+def test_the_data_bound_line_suggests_the_gpu_render_only_where_a_command_has_it(monkeypatch):
+    import torch
+
+    from kt.student.loop import LoaderClock
+
+    clock = LoaderClock()
+    clock.start -= 100.0  # a 100 s run ...
+    clock.waited = 60.0  # ... that waited 60 s for batches
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "--render cuda" in clock.hint("distill", render_flag=True)
+    assert "--render cuda" not in clock.hint("finetune", render_flag=False)
+    assert "60%" in clock.hint("finetune")
+    clock.waited = 10.0
+    assert clock.hint("distill", render_flag=True) is None
