@@ -164,7 +164,7 @@ def measure_data_path(data: str, spec, views: int, image_size: int, n_views: int
     dataset = ShardViewBatches(urls, ViewSet(spec, 0, views), image_size, mean, std, batch_size=warm, uint8=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core, as each DataLoader worker runs
-    done, seen, cpu = 0, 0, 0.0
+    done, seen, cpu, first_cpu = 0, 0, 0.0, 0.0
     try:
         for url in urls:
             start = time.process_time()
@@ -172,7 +172,8 @@ def measure_data_path(data: str, spec, views: int, image_size: int, n_views: int
                 if not isinstance(item, ViewBatch):
                     continue
                 seen += len(item.rows)
-                if seen <= warm:  # the first batch: not timed
+                if seen <= warm:  # the first batch: not timed, unless it is all there is
+                    first_cpu += time.process_time() - start
                     start = time.process_time()
                     continue
                 done += len(item.rows)
@@ -183,8 +184,10 @@ def measure_data_path(data: str, spec, views: int, image_size: int, n_views: int
                 break
     finally:
         torch.set_num_threads(threads)
-    if not done:
+    if not seen:
         raise UserError(f"--measure: no view could be rendered from {data}")
+    if not done:  # a tiny transfer set: its first views, start-up included, are all there is to time
+        done, cpu = seen, first_cpu
     ms = 1e3 * cpu / done
     w, h = (np.median([s[i] for s in sizes]) if sizes else 0 for i in (0, 1))
     return {"views": done, "views_per_image": views, "image_size": image_size,
