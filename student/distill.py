@@ -39,8 +39,9 @@ from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import ViewSet, load_view_spec
 from kt.student.losses import DistillObjective, create_objective, objective_class
 from kt.render_tensor import render_device_for
-from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, batch_sizes, plan_epoch,
-                               render_sources, steps_per_epoch, stream_loader)
+from kt.student import stream as stream_module
+from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, batch_sizes, normalize_views,
+                               plan_epoch, render_sources, steps_per_epoch, stream_loader)
 from kt.student.loop import (CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit,
                              locks_run_folder)
 
@@ -336,17 +337,23 @@ def run_distill(cfg: DistillConfig) -> dict:
             spec, epoch, skip, source, view_set, cfg.view_policy, cfg.image_size,
             student.mean, student.std, teacher_size=teacher.image_size if teacher is not None else 0,
             teacher_norm=(teacher.mean, teacher.std) if teacher is not None else None,
-            valid=segmentation and cfg.objective == "task", device_render=render_device is not None),
+            valid=segmentation and cfg.objective == "task", device_render=render_device is not None, uint8=uint8),
             pin_memory=place.pin_memory)
 
     place = placement(accelerator.device)
+    # uint8 views to a GPU, normalised there (the module switch is read at run time: a test forces it)
+    uint8 = render_device is None and (stream_module.UINT8_VIEWS == "always"
+                                       or stream_module.UINT8_VIEWS == "cuda" and place.device.type == "cuda")
 
     def loss_fn(modules, batch):
+        teacher_norm = (teacher.mean, teacher.std) if teacher is not None else None
         if render_device is not None:
             batch = render_sources(batch, render_device, cfg.image_size, student.mean, student.std,
-                                   teacher.image_size if teacher is not None else 0,
-                                   (teacher.mean, teacher.std) if teacher is not None else None)
-        return modules(place.to(batch))
+                                   teacher.image_size if teacher is not None else 0, teacher_norm)
+        batch = place.to(batch)
+        if uint8:
+            batch = normalize_views(batch, student.mean, student.std, teacher_norm)
+        return modules(batch)
 
     result = fit(cfg, model, make_loader, per_epoch, loss_fn, out, accelerator=accelerator,
                  desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True,

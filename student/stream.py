@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
 from kt.shards import BadSamples, decode_image, image_ext, iter_samples, split_urls
-from kt.render import decode_for_views, render_valid
+from kt.render import decode_for_views, normalize, render_valid, to_uint8
 from kt.render_tensor import images_to_tensors, render_batch
 from kt.views import ViewSet, render, to_tensor
 
@@ -174,18 +174,20 @@ class ReplayStream(IterableDataset):
     rendering of the same view as "teacher_x"; `valid` adds the views' validity masks at the student's size
     as "valid" (B, H, W) bool (`kt.render.render_valid`: per-pixel targets leave the fill out).
     With `device_render` the workers only decode: a batch has the decoded images as "sources" (uint8
-    (3, H, W) each) instead of "x"/"teacher_x", and `render_sources` renders them where the model is.
+    (3, H, W) each) instead of "x"/"teacher_x", and `render_sources` renders them where the model is. With
+    `uint8` "x" and "teacher_x" are the rendered views' uint8 values, for the consumer to `normalize` on its
+    device (a quarter of the bytes through shared and pinned memory, as the build sends them to a GPU).
     """
 
     def __init__(self, spec: StreamSpec, epoch: int, skip: int, source: Callable[[str], ShardData],
                  view_set: ViewSet, policy: str, image_size: int, mean, std,
                  teacher_size: int = 0, teacher_norm: tuple | None = None, valid: bool = False,
-                 device_render: bool = False):
+                 device_render: bool = False, uint8: bool = False):
         self.spec, self.epoch, self.skip, self.source = spec, epoch, skip, source
         self.view_set, self.policy = view_set, policy
         self.image_size, self.mean, self.std = image_size, mean, std
         self.teacher_size, self.teacher_norm = teacher_size, teacher_norm
-        self.valid, self.device_render = valid, device_render
+        self.valid, self.device_render, self.uint8 = valid, device_render, uint8
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -281,18 +283,34 @@ class ReplayStream(IterableDataset):
         if self.device_render:
             batch["sources"] = images_to_tensors(images, "cpu")
         else:
-            batch["x"] = torch.stack([to_tensor(render(img, item.params, self.image_size), self.mean, self.std)
-                                      for img, item in zip(images, buf)])
+            def views(size: int, mean, std) -> torch.Tensor:
+                return torch.stack([to_uint8(render(img, item.params, size)) if self.uint8
+                                    else to_tensor(render(img, item.params, size), mean, std)
+                                    for img, item in zip(images, buf)])
+
+            batch["x"] = views(self.image_size, self.mean, self.std)
             if self.teacher_size:
-                mean, std = self.teacher_norm
-                batch["teacher_x"] = torch.stack([to_tensor(render(img, item.params, self.teacher_size), mean, std)
-                                                  for img, item in zip(images, buf)])
+                batch["teacher_x"] = views(self.teacher_size, *self.teacher_norm)
         if self.valid:
             batch["valid"] = torch.from_numpy(np.stack([render_valid(item.params, self.image_size) for item in buf]))
         targets = _batch_targets(buf)
         if targets is not None:
             batch["targets"] = targets
         return batch
+
+
+# where the workers send uint8 views, normalised by the consumer: "cuda" (to a CUDA student, as the build sends
+# them to a CUDA teacher; on a CPU the float views stay in the workers), "always" or "never". Either way the
+# model sees the same input bit for bit: normalize(to_uint8(view)) is to_tensor(view)
+UINT8_VIEWS = "cuda"
+
+
+def normalize_views(batch: dict, mean, std, teacher_norm: tuple | None = None) -> dict:
+    """A `uint8` batch, already on its device, with "x" (and "teacher_x") normalised there."""
+    batch["x"] = normalize(batch["x"], mean, std)
+    if "teacher_x" in batch:
+        batch["teacher_x"] = normalize(batch["teacher_x"], *teacher_norm)
+    return batch
 
 
 def render_sources(batch: dict, device, image_size: int, mean, std, teacher_size: int = 0,

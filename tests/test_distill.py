@@ -331,3 +331,33 @@ def test_render_cuda_without_cuda_is_one_line(fmnist, cache, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--render cuda: this process has no CUDA device" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["cached", "online-teacher"])
+def test_uint8_views_train_the_same_student(fmnist, cache, teacher, tmp_path, monkeypatch, online):
+    """Workers may send uint8 views, normalised where the model runs (the default toward a CUDA student):
+    the run is the same bit for bit as with float views made in the workers, the online teacher's views too."""
+    from kt.student import stream
+
+    def run(out):
+        if not online:
+            return train(fmnist, cache, out, "--objective", "patch-cosine")
+        return main(["train", "--model", "test_vit", "--teacher", str(teacher), "--views", "2",
+                     "--data", str(fmnist["root"] / "train"), "--image-size", "32", "--batch-size", "32",
+                     "--epochs", "1", "--workers", "0", "--log-every", "1", "--objective", "task", "--out", str(out)])
+
+    sent = []
+    real = stream.ReplayStream._collate
+    monkeypatch.setattr(stream.ReplayStream, "_collate", lambda self, buf: (lambda b: sent.append(
+        {k: b[k].dtype for k in ("x", "teacher_x") if k in b}) or b)(real(self, buf)))
+    runs = {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(stream, "UINT8_VIEWS", mode)
+        sent.clear()
+        assert run(tmp_path / mode) == 0
+        want = torch.uint8 if mode == "always" else torch.float32
+        assert sent and all(dt == want for s in sent for dt in s.values()) and all(("teacher_x" in s) == online
+                                                                                 for s in sent)
+        runs[mode] = load_file(str(tmp_path / mode / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(runs["never"][k], runs["always"][k]) for k in runs["never"])
+    assert losses(tmp_path / "never") == losses(tmp_path / "always")

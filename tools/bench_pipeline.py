@@ -23,7 +23,7 @@
   `time_s` are the build loop's own rate and clock.
 - `build_replay`: the same build with the views rendered beforehand and replayed from memory: the build's
   own loop and writer alone (views/s, and the process's CPU ms per view), the ceiling they put on a build.
-- `stream_zero_student`: the distillation stream (`ReplayStream` over that cache: stored parameters
+- `stream_zero_student`: (float views, and `uint8_*`: the uint8 views workers send a CUDA student) the distillation stream (`ReplayStream` over that cache: stored parameters
   checked, targets decoded, views rendered at 224 px) consumed by a student that costs nothing.
 
 CPU seconds include finished DataLoader workers (getrusage children), so views/s per core stays
@@ -467,15 +467,18 @@ def bench_stream(args, urls, cache: str) -> dict:
     reader = CacheReader(cache, targets=["logits", "embedding"])
     sizes = tuple(len(reader.shard(u, []).keys) for u in urls)
     spec = StreamSpec(tuple(urls), sizes, 64, seed=0, workers=args.workers)
-    loader = stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["logits", "embedding"]), reader.view_set,
-                                        "cycle", args.size,
-                                        (0.5,) * 3, (0.5,) * 3))
-    wall, cpu, n = time.perf_counter(), _cpu(), 0
-    for batch in loader:
-        n += len(batch["x"])
-    wall, cpu = time.perf_counter() - wall, _cpu() - cpu
-    return {"views_per_s": round(n / wall), "views_per_cpu_s": round(n / cpu), "views": n,
-            "image_size": args.size, "workers": args.workers, "targets": ["logits", "embedding"]}
+    out: dict = {}
+    # float views (what a CPU student gets), then uint8 views (what the workers send a CUDA student)
+    for name, uint8 in (("", False), ("uint8_", True)):
+        loader = stream_loader(ReplayStream(spec, 0, 0, CacheSource(reader, ["logits", "embedding"]),
+                                            reader.view_set, "cycle", args.size, (0.5,) * 3, (0.5,) * 3,
+                                            uint8=uint8))
+        wall, cpu, n = time.perf_counter(), _cpu(), 0
+        for batch in loader:
+            n += len(batch["x"])
+        wall, cpu = time.perf_counter() - wall, _cpu() - cpu
+        out.update({f"{name}views_per_s": round(n / wall), f"{name}views_per_cpu_s": round(n / cpu)})
+    return {**out, "views": n, "image_size": args.size, "workers": args.workers, "targets": ["logits", "embedding"]}
 
 
 def goals(result: dict) -> dict:
