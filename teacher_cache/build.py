@@ -561,10 +561,11 @@ class StreamFit:
 
 def encode_held(item: TeacherBatch | ShardEnd, encs: dict, device: torch.device) -> TeacherBatch | ShardEnd:
     """A batch held raw for the codec fit (`StreamFit`, and the one in flight when the fit was made), encoded
-    where the teacher runs, as every later batch is. Host and device encoders agree only to the last bits (a float32 matmul in another order: one int8
-    step in ~1e-5 of PCA coefficients), so a fresh single-process build that encoded its first views on the
-    host would not write what a resumed or a multi-process build writes (both encode every view on the
-    device). The raw float32 copies are the teacher's outputs exactly, so the encoders see the same values."""
+    where the teacher runs, as every later batch is. Host and device encoders agree only to the last bits (a
+    float32 matmul in another order: one int8 step in ~1e-5 of PCA coefficients), so a fresh single-process
+    build that encoded its first views on the host would not write what a resumed or a multi-process build
+    writes (both encode every view on the device). The raw float32 copies are the teacher's outputs exactly,
+    so the encoders see the same values."""
     if not isinstance(item, TeacherBatch) or not any(t in item.raw for t in encs):
         return item
     todo = {t: e for t, e in encs.items() if t in item.raw}

@@ -23,8 +23,9 @@
   `time_s` are the build loop's own rate and clock.
 - `build_replay`: the same build with the views rendered beforehand and replayed from memory: the build's
   own loop and writer alone (views/s, and the process's CPU ms per view), the ceiling they put on a build.
-- `stream_zero_student`: (float views, and `uint8_*`: the uint8 views workers send a CUDA student) the distillation stream (`ReplayStream` over that cache: stored parameters
-  checked, targets decoded, views rendered at 224 px) consumed by a student that costs nothing.
+- `stream_zero_student`: the distillation stream (`ReplayStream` over that cache: stored parameters checked,
+  targets decoded, views rendered at 224 px) consumed by a student that costs nothing; float views, and
+  (`uint8_*`) the uint8 views the workers send a CUDA student.
 
 CPU seconds include finished DataLoader workers (getrusage children), so views/s per core stays
 meaningful on a machine shared with other work; wall-clock rates are reported beside them. The load
