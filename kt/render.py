@@ -500,6 +500,21 @@ def to_uint8(image: Image.Image):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
 
 
+# Where DataLoader workers send the rendered views' uint8 values for their consumer to `normalize` on its device
+# (a quarter of the bytes through shared and pinned memory, as timm's PrefetchLoader does): "cuda" (toward a
+# CUDA teacher or student; toward a CPU one the float views stay in the workers), "always" or "never". The one
+# switch for the build and the student stream; benchmarks and tests set it. Either way the model sees the same
+# input bit for bit: normalize(to_uint8(view)) is to_tensor(view).
+UINT8_VIEWS = "cuda"
+
+
+def uint8_views(device) -> bool:
+    """Whether the workers feeding a model on `device` send uint8 views (`UINT8_VIEWS`)."""
+    import torch
+
+    return UINT8_VIEWS == "always" or UINT8_VIEWS == "cuda" and torch.device(device).type == "cuda"
+
+
 def normalize(x, mean: Sequence[float], std: Sequence[float]):
     """uint8 views (..., 3, H, W) as the normalised float32 model input, on their own device.
 

@@ -38,8 +38,8 @@ from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
 from kt.views import ViewSet, load_view_spec
 from kt.student.losses import DistillObjective, create_objective, objective_class
+from kt.render import uint8_views
 from kt.render_tensor import render_device_for
-from kt.student import stream as stream_module
 from kt.student.stream import (VIEW_POLICIES, ReplayStream, ShardData, StreamSpec, batch_sizes, normalize_views,
                                plan_epoch, render_sources, steps_per_epoch, stream_loader)
 from kt.student.loop import (CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, check_out_dir, create_accelerator, fit,
@@ -341,9 +341,7 @@ def run_distill(cfg: DistillConfig) -> dict:
             pin_memory=place.pin_memory)
 
     place = placement(accelerator.device)
-    # uint8 views to a GPU, normalised there (the module switch is read at run time: a test forces it)
-    uint8 = render_device is None and (stream_module.UINT8_VIEWS == "always"
-                                       or stream_module.UINT8_VIEWS == "cuda" and place.device.type == "cuda")
+    uint8 = render_device is None and uint8_views(place.device)  # uint8 views to a GPU, normalised there
 
     def loss_fn(modules, batch):
         teacher_norm = (teacher.mean, teacher.std) if teacher is not None else None

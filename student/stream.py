@@ -299,12 +299,6 @@ class ReplayStream(IterableDataset):
         return batch
 
 
-# where the workers send uint8 views, normalised by the consumer: "cuda" (to a CUDA student, as the build sends
-# them to a CUDA teacher; on a CPU the float views stay in the workers), "always" or "never". Either way the
-# model sees the same input bit for bit: normalize(to_uint8(view)) is to_tensor(view)
-UINT8_VIEWS = "cuda"
-
-
 def normalize_views(batch: dict, mean, std, teacher_norm: tuple | None = None) -> dict:
     """A `uint8` batch, already on its device, with "x" (and "teacher_x") normalised there."""
     batch["x"] = normalize(batch["x"], mean, std)

@@ -49,7 +49,7 @@ from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, decode_image, expand_shards, iter_samples, load_classes, split_urls
-from kt.render import decode_for_views, normalize, render, to_tensor, to_uint8
+from kt.render import decode_for_views, normalize, render, to_tensor, to_uint8, uint8_views
 from kt.render_tensor import images_to_tensors, render_batch, render_device_for
 from kt.views import ViewSet, ViewSpec, load_view_spec
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
@@ -398,9 +398,6 @@ def view_loader(urls, view_set: ViewSet, image_size, mean, std, batch_size, work
 
 
 # ----------------------------------------------------------------------------------------- the build
-# workers send uint8 views to a CUDA teacher, normalised there: a quarter of the bytes through shared and
-# pinned memory (tools/bench_gpu.py's `build` part times it against float views; a module switch for that)
-UINT8_VIEWS_TO_GPU = True
 
 
 class BuildClock:
@@ -669,7 +666,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
         writer = None if stream_fit else start_writer(store, cfg, state.process_index, place.device)
         bar = tqdm(desc=f"kt-cache build (rank {state.process_index})", unit="view", mininterval=1.0,
                    disable=not state.is_local_main_process, dynamic_ncols=True)
-        uint8 = render_device is None and place.device.type == "cuda" and UINT8_VIEWS_TO_GPU
+        uint8 = render_device is None and uint8_views(place.device)  # kt.render.UINT8_VIEWS
         teacher = model
         if cfg.teacher_graph and place.device.type == "cuda":
             teacher = GraphedTeacher.capture(model, targets, place, cfg.batch_size, image_size) or model

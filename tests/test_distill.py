@@ -337,6 +337,7 @@ def test_render_cuda_without_cuda_is_one_line(fmnist, cache, tmp_path, capsys):
 def test_uint8_views_train_the_same_student(fmnist, cache, teacher, tmp_path, monkeypatch, online):
     """Workers may send uint8 views, normalised where the model runs (the default toward a CUDA student):
     the run is the same bit for bit as with float views made in the workers, the online teacher's views too."""
+    import kt.render
     from kt.student import stream
 
     def run(out):
@@ -352,7 +353,7 @@ def test_uint8_views_train_the_same_student(fmnist, cache, teacher, tmp_path, mo
         {k: b[k].dtype for k in ("x", "teacher_x") if k in b}) or b)(real(self, buf)))
     runs = {}
     for mode in ("never", "always"):
-        monkeypatch.setattr(stream, "UINT8_VIEWS", mode)
+        monkeypatch.setattr(kt.render, "UINT8_VIEWS", mode)
         sent.clear()
         assert run(tmp_path / mode) == 0
         want = torch.uint8 if mode == "always" else torch.float32

@@ -146,9 +146,10 @@ def test_uint8_views_normalised_on_the_device_give_the_float_views_cache(data, t
                                                                          monkeypatch):
     """The default (workers send uint8 views, normalised on the teacher's GPU) against float views made in
     the workers: the teacher's inputs are the same bits (tests/test_build_data_path.py), so are its outputs."""
+    import kt.render
     import kt.teacher_cache.build as build
 
-    monkeypatch.setattr(build, "UINT8_VIEWS_TO_GPU", False)
+    monkeypatch.setattr(kt.render, "UINT8_VIEWS", "never")
     out = tmp_path / "f32.zarr"
     build.build_cache(build.BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(out), views=2,
                                         targets=["logits", "embedding", "patches"], batch_size=64, workers=2,

@@ -424,6 +424,7 @@ def build_variants(cfg: dict, ckpt, urls: list[str], tmp: Path, workers: int, fo
                    variants: str = DEFAULT_BUILD_VARIANTS) -> dict:
     """`kt-cache build` of the JPEG transfer set (shards of `build_shard_images`) in each of BUILD_VARIANTS
     (without CUDA only `pil_uint8` and `patches_pca_host`)."""
+    import kt.render as render
     import kt.teacher_cache.build as build
 
     out = {"input": "500x375 JPEG q95", "views_per_image": cfg["views"], "targets": ["logits", "embedding"],
@@ -435,13 +436,13 @@ def build_variants(cfg: dict, ckpt, urls: list[str], tmp: Path, workers: int, fo
         mine = urls[:max(1, cfg[images] // cfg["build_shard_images"])]
         kw = {"workers": workers, "targets": ["logits", "embedding"]} | overrides
         kw["workers"] = 2 * workers if kw["workers"] == "2x" else kw["workers"]
-        build.UINT8_VIEWS_TO_GPU = uint8
+        render.UINT8_VIEWS = "cuda" if uint8 else "never"
         try:
             summary = build.build_cache(build.BuildConfig(
                 teacher=str(ckpt), data="::".join(mine), out=str(tmp / "build" / f"{name}.zarr"), views=cfg["views"],
                 batch_size=cfg["batch_size"], **kw))
         finally:
-            build.UINT8_VIEWS_TO_GPU = True
+            render.UINT8_VIEWS = "cuda"
         out[name] = {"views": summary["samples"] * cfg["views"], "views_per_s": summary["views_per_s"],
                      "steady_views_per_s": summary["steady_views_per_s"], "time_s": summary["time_s"],
                      "build_over_forward": summary["views_per_s"] / forward_per_s,

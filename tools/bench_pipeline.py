@@ -427,10 +427,11 @@ def bench_build_replay(args, urls, cache: str) -> dict:
     import torch
 
     import kt.teacher_cache.build as build
+    from kt.render import uint8_views
     from kt.views import VIEW_PRESETS
 
     model = zero_teacher(args.size)
-    uint8 = torch.cuda.is_available() and build.UINT8_VIEWS_TO_GPU  # what the build's workers would send
+    uint8 = uint8_views("cuda" if torch.cuda.is_available() else "cpu")  # what the build's workers would send
     items = list(build.view_loader(urls, ViewSet(VIEW_PRESETS["train"], 0, args.build_views), args.size,
                                    model.mean, model.std, 64, 0, uint8=uint8))
     original_loader, original_model = build.view_loader, build.load_model
