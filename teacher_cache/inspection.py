@@ -164,30 +164,24 @@ def measure_data_path(data: str, spec, views: int, image_size: int, n_views: int
     dataset = ShardViewBatches(urls, ViewSet(spec, 0, views), image_size, mean, std, batch_size=warm, uint8=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core, as each DataLoader worker runs
-    done, seen, cpu, first_cpu = 0, 0, 0.0, 0.0
+    spent: list[tuple[int, float]] = []  # (views, CPU seconds) of each batch, the warm-up batch first
     try:
         for url in urls:
-            start = time.process_time()
-            for item in dataset.shard_batches(url):
-                if not isinstance(item, ViewBatch):
-                    continue
-                seen += len(item.rows)
-                if seen <= warm:  # the first batch: not timed, unless it is all there is
-                    first_cpu += time.process_time() - start
-                    start = time.process_time()
-                    continue
-                done += len(item.rows)
-                if done >= n_views:
+            batches = dataset.shard_batches(url)
+            while sum(n for n, _ in spent[1:]) < n_views:
+                start = time.process_time()
+                item = next(batches, None)
+                if item is None:
                     break
-            cpu += time.process_time() - start
-            if done >= n_views:
-                break
+                if isinstance(item, ViewBatch):
+                    spent.append((len(item.rows), time.process_time() - start))
     finally:
         torch.set_num_threads(threads)
-    if not seen:
+    if not spent:
         raise UserError(f"--measure: no view could be rendered from {data}")
-    if not done:  # a tiny transfer set: its first views, start-up included, are all there is to time
-        done, cpu = seen, first_cpu
+    # a tiny transfer set: its first views, start-up included, are all there is to time
+    timed = spent[1:] or spent
+    done, cpu = sum(n for n, _ in timed), sum(t for _, t in timed)
     ms = 1e3 * cpu / done
     w, h = (np.median([s[i] for s in sizes]) if sizes else 0 for i in (0, 1))
     return {"views": done, "views_per_image": views, "image_size": image_size,
