@@ -28,6 +28,12 @@ from torch import nn
 
 from kt.errors import UserError
 
+# When a loop's closing line names what limited it (the build's `bottleneck`, training's `LoaderClock`): a part
+# that took more than BOUND_SHARE of the loop after its first batch, in a loop of at least BOUND_MIN_S seconds
+# (shorter ones are mostly start-up)
+BOUND_SHARE = 0.25
+BOUND_MIN_S = 20.0
+
 # teacher precision name -> autocast dtype on CUDA (None: no autocast, full fp32)
 TEACHER_PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}
 

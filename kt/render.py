@@ -502,9 +502,9 @@ def to_uint8(image: Image.Image):
 
 # Where DataLoader workers send the rendered views' uint8 values for their consumer to `normalize` on its device
 # (a quarter of the bytes through shared and pinned memory, as timm's PrefetchLoader does): "cuda" (toward a
-# CUDA teacher or student; toward a CPU one the float views stay in the workers), "always" or "never". The one
-# switch for the build and the student stream; benchmarks and tests set it. Either way the model sees the same
-# input bit for bit: normalize(to_uint8(view)) is to_tensor(view).
+# CUDA model; toward a CPU one the float views stay in the workers), "always" or "never". The one switch for the
+# build, the student stream, finetuning and evaluation; benchmarks and tests set it. Either way the model sees the
+# same input bit for bit: normalize(to_uint8(view)) is to_tensor(view).
 UINT8_VIEWS = "cuda"
 
 
@@ -531,3 +531,11 @@ def normalize(x, mean: Sequence[float], std: Sequence[float]):
     shift = (torch.tensor(mean, dtype=torch.float64) / s).to(torch.float32).view(3, 1, 1)
     scale, shift = scale.to(x.device, non_blocking=True), shift.to(x.device, non_blocking=True)
     return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
+
+
+def model_input(x, mean: Sequence[float], std: Sequence[float]):
+    """A batch of views as the model input: uint8 views (`uint8_views`) normalised on their device, views the
+    workers already normalised as they are."""
+    import torch
+
+    return normalize(x, mean, std) if x.dtype == torch.uint8 else x

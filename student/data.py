@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from kt.shards import BadSamples, Sample, iter_samples, split_urls
+from kt.render import to_uint8
 from kt.views import VIEW_PRESETS, ViewSpec, render, sample_params, to_tensor
 
 
@@ -37,21 +38,23 @@ class EpochOrder(Sampler):
 
 
 class LabeledViews(Dataset):
-    """In-memory labeled images; item `(i, epoch)` is image i's view `epoch`, rendered and normalised."""
+    """In-memory labeled images; item `(i, epoch)` is image i's view `epoch`, rendered and normalised, or with
+    `uint8` its uint8 values, for the consumer to `kt.render.normalize` on its device (`kt.render.uint8_views`)."""
 
     def __init__(self, samples: Sequence[Sample], spec: ViewSpec, seed: int, image_size: int,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], uint8: bool = False):
         self.samples, self.spec, self.seed = list(samples), spec, seed
-        self.image_size, self.mean, self.std = image_size, mean, std
+        self.image_size, self.mean, self.std, self.uint8 = image_size, mean, std, uint8
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def view(self, i: int, epoch: int):
-        """Sample i, its view-`epoch` parameters and the rendered, normalised image."""
+        """Sample i, its view-`epoch` parameters and the rendered image (normalised, or uint8)."""
         s = self.samples[i]
         params = sample_params(self.spec, self.seed, s.key, epoch)
-        return s, params, to_tensor(render(s.image, params, self.image_size), self.mean, self.std)
+        view = render(s.image, params, self.image_size)
+        return s, params, to_uint8(view) if self.uint8 else to_tensor(view, self.mean, self.std)
 
     def __getitem__(self, item: tuple[int, int]):
         s, _, x = self.view(*item)
@@ -75,31 +78,32 @@ def labeled_loader(dataset: LabeledViews, epoch: int, batch_size: int, workers: 
 
 
 class EvalStream(IterableDataset):
-    """Eval views of every sample in a list of shards: `(image tensor, label, key)`.
+    """Eval views of every sample in a list of shards: `(image tensor, label, key)`; the image normalised, or with
+    `uint8` its uint8 values for the consumer to normalise.
 
     Shards are split across DataLoader workers (and, when given, processes), so order within a batch
     varies with the worker count; consumers key results by sample key.
     """
 
     def __init__(self, urls: Sequence[str], image_size: int, mean, std, spec: ViewSpec | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, uint8: bool = False):
         self.urls, self.image_size, self.mean, self.std = list(urls), image_size, mean, std
         self.spec = spec or VIEW_PRESETS["eval"]
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.uint8 = rank, world_size, uint8
 
     def __iter__(self) -> Iterator:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         bad = BadSamples(max_fraction=1.0)
         for s in iter_samples(split_urls(self.urls, self.rank, self.world_size, wid, nw), bad=bad):
-            params = sample_params(self.spec, 0, s.key, 0)
-            x = to_tensor(render(s.image, params, self.image_size), self.mean, self.std)
+            view = render(s.image, sample_params(self.spec, 0, s.key, 0), self.image_size)
+            x = to_uint8(view) if self.uint8 else to_tensor(view, self.mean, self.std)
             yield x, -1 if s.label is None else s.label, s.key
 
 
 def eval_loader(urls: Sequence[str], image_size: int, mean, std, batch_size: int = 256, workers: int = 2,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False, uint8: bool = False) -> DataLoader:
     workers = min(workers, max(1, len(split_urls(urls, rank, world_size))))
-    return DataLoader(EvalStream(urls, image_size, mean, std, rank=rank, world_size=world_size),
+    return DataLoader(EvalStream(urls, image_size, mean, std, rank=rank, world_size=world_size, uint8=uint8),
                       batch_size=batch_size, num_workers=workers, pin_memory=pin_memory)
 

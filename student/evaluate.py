@@ -18,6 +18,7 @@ import torch
 from kt.config import field
 from kt.device import CHANNELS_LAST_HELP, model_device, placement, resolve_device, set_channels_last
 from kt.errors import UserError
+from kt.render import model_input, uint8_views
 from kt.student.data import eval_loader
 
 METRICS_FILE = "eval.json"
@@ -72,9 +73,9 @@ def evaluate(model, urls: Sequence[str], batch_size: int = 256, workers: int = 2
     place = placement(model_device(model))
     confusion = np.zeros((k, k), dtype=np.int64)
     loader = eval_loader(urls, model.image_size, model.mean, model.std, batch_size, workers,
-                         pin_memory=place.pin_memory)
+                         pin_memory=place.pin_memory, uint8=uint8_views(place.device))
     for x, y, _ in tqdm(loader, desc="eval", unit="batch", mininterval=1.0, leave=False):
-        pred = model(place.to(x)).argmax(1).cpu().numpy()
+        pred = model(model_input(place.to(x), model.mean, model.std)).argmax(1).cpu().numpy()
         y = y.numpy()
         if (y < 0).any() or (y >= k).any():
             raise UserError(f"evaluation data has labels outside 0..{k - 1} (or none)")

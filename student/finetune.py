@@ -30,6 +30,7 @@ from kt.segmentation import OUTPUT_STRIDES, check_output_stride
 from kt.errors import UserError
 from kt.checkpoints import load_model, save_checkpoint
 from kt.models import TASKS
+from kt.render import model_input, uint8_views
 from kt.shards import BadSamples, expand_shards, labeled_images, labeled_subset, load_classes
 from kt.views import load_view_spec
 from kt.student.data import LabeledViews, labeled_loader
@@ -110,6 +111,16 @@ def classification_loss(label_smoothing: float):
     return loss_fn
 
 
+def normalized_inputs(loss_fn, mean, std):
+    """`loss_fn` on batches `(views, labels)` whose views may come as uint8 (`kt.render.model_input`)."""
+
+    def wrapped(model, batch):
+        x, y = batch
+        return loss_fn(model, (model_input(x, mean, std), y))
+
+    return wrapped
+
+
 @locks_run_folder
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Finetune, save the checkpoint, evaluate; returns the summary (also printed by the CLI)."""
@@ -159,15 +170,18 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         _check_stride(model, cfg)
     if not resuming:
         write_run_record(out, cfg)
-    if seg:
-        dataset = segm.SegmentationViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std, num_classes)
-        loss_fn = segm.segmentation_loss(segm.ignore_label(num_classes), cfg.label_smoothing)
-    else:
-        dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std)
-        loss_fn = classification_loss(cfg.label_smoothing)
-    batch_size = min(cfg.batch_size, len(dataset))
     accelerator = create_accelerator(cfg, out)
     pin = placement(accelerator.device).pin_memory
+    uint8 = uint8_views(accelerator.device)  # uint8 views to a GPU, normalised there (kt.render.UINT8_VIEWS)
+    if seg:
+        dataset = segm.SegmentationViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std, num_classes,
+                                         uint8=uint8)
+        loss_fn = segm.segmentation_loss(segm.ignore_label(num_classes), cfg.label_smoothing)
+    else:
+        dataset = LabeledViews(samples, spec, cfg.seed, cfg.image_size, model.mean, model.std, uint8=uint8)
+        loss_fn = classification_loss(cfg.label_smoothing)
+    loss_fn = normalized_inputs(loss_fn, model.mean, model.std)
+    batch_size = min(cfg.batch_size, len(dataset))
     # steps per epoch: None lets fit count the batches accelerate gives this process (it deals the
     # batches of the labeled set out to processes), so the schedule has the same shape on any process count
     trained = HeadOnly(model) if cfg.train == "head" else model

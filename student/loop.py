@@ -40,7 +40,7 @@ import yaml
 from torch import nn
 
 from kt.config import accelerate_cpu, config_dict, field
-from kt.device import CHANNELS_LAST_HELP, set_channels_last
+from kt.device import BOUND_MIN_S, BOUND_SHARE, CHANNELS_LAST_HELP, set_channels_last
 from kt.errors import UserError
 # CHECKPOINT_DIR, where a run leaves its model, is defined beside the checkpoint format (kt.checkpoints
 # resolves run folders with it) and re-exported here for the commands that write runs.
@@ -166,8 +166,7 @@ class LoaderClock:
     """How long the training loop waited for its batches, the first of each epoch left out (worker start-up):
     a step that waits on the DataLoader for a large share of the run is data-bound, whatever the model does."""
 
-    SHARE = 0.25  # above this share of the run, the data path is named as its limit
-    MIN_S = 20.0  # runs shorter than this are too short to say
+    SHARE, MIN_S = BOUND_SHARE, BOUND_MIN_S  # kt.device: when the data path is named as the run's limit
 
     def __init__(self):
         self.start, self.waited, self.startup = time.perf_counter(), 0.0, 0.0

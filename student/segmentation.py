@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
-from kt.render import render, render_mask, to_tensor
+from kt.render import model_input, render, render_mask, to_tensor, to_uint8, uint8_views
 from kt.masks import ignore_label
 from kt.shards import BadSamples, Sample, iter_samples, labeled_images, split_urls
 from kt.views import ViewSpec, sample_params
@@ -82,8 +82,8 @@ class SegmentationViews(LabeledViews):
     its mask (int64, the ignore label where the view shows no labeled pixel)."""
 
     def __init__(self, samples: Sequence[Sample], spec: ViewSpec, seed: int, image_size: int,
-                 mean: Sequence[float], std: Sequence[float], num_classes: int):
-        super().__init__(samples, spec, seed, image_size, mean, std)
+                 mean: Sequence[float], std: Sequence[float], num_classes: int, uint8: bool = False):
+        super().__init__(samples, spec, seed, image_size, mean, std, uint8)
         self.ignore = ignore_label(num_classes)
 
     def __getitem__(self, item: tuple[int, int]):
@@ -138,8 +138,9 @@ class SegEvalStream(IterableDataset):
     size), `key`; a bad sample as `{"bad": record}`, a refusal as `{"error": line}`, so the main process counts
     and refuses (an exception raised in a worker would come back as a traceback)."""
 
-    def __init__(self, urls: Sequence[str], image_size: int, mean, std, num_classes: int):
+    def __init__(self, urls: Sequence[str], image_size: int, mean, std, num_classes: int, uint8: bool = False):
         self.urls, self.image_size, self.mean, self.std, self.k = list(urls), image_size, mean, std, num_classes
+        self.uint8 = uint8  # uint8 images, for the consumer to normalise on its device
 
     def __iter__(self):
         info = get_worker_info()
@@ -151,8 +152,8 @@ class SegEvalStream(IterableDataset):
                 for record in bad.bad[reported:]:
                     yield {"bad": record}
                 reported = len(bad.bad)
-                x = to_tensor(render(s.image, sample_params(SEG_EVAL_VIEW, 0, s.key, 0), self.image_size),
-                              self.mean, self.std)
+                view = render(s.image, sample_params(SEG_EVAL_VIEW, 0, s.key, 0), self.image_size)
+                x = to_uint8(view) if self.uint8 else to_tensor(view, self.mean, self.std)
                 yield {"x": x, "mask": np.asarray(s.mask, dtype=np.int64), "key": s.key}
         except UserError as e:
             yield {"error": str(e)}
@@ -183,7 +184,8 @@ def evaluate_segmentation(model, urls: Sequence[str], batch_size: int = 16, work
     confusion = np.zeros((k, k), dtype=np.int64)
     bad = BadSamples(max_bad_fraction)
     workers = min(workers, len(urls))
-    loader = DataLoader(SegEvalStream(urls, model.image_size, model.mean, model.std, k), batch_size=batch_size,
+    uint8 = uint8_views(place.device)  # uint8 images to a GPU, normalised there (kt.render.UINT8_VIEWS)
+    loader = DataLoader(SegEvalStream(urls, model.image_size, model.mean, model.std, k, uint8), batch_size=batch_size,
                         num_workers=workers, collate_fn=_items)
     images = 0
     # disable=None: no bar where stderr is not a terminal (logs, pipes), so a refusal there is its one line
@@ -198,7 +200,8 @@ def evaluate_segmentation(model, urls: Sequence[str], batch_size: int = 16, work
                 good.append(item)
         if not good:
             continue
-        logits = model(place.to(torch.stack([g["x"] for g in good]))).float()
+        x = model_input(place.to(torch.stack([g["x"] for g in good])), model.mean, model.std)
+        logits = model(x).float()
         for i, item in enumerate(good):
             mask = item["mask"]
             up = F.interpolate(logits[i:i + 1], size=mask.shape, mode="bilinear", align_corners=False)

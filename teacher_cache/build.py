@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.config import accelerate_cpu, check_config, config_dict, field, run_record
+from kt.device import BOUND_MIN_S, BOUND_SHARE
 from kt.device import CHANNELS_LAST_HELP, Placement, keep_freed_memory, model_device, placement, set_channels_last
 from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
@@ -436,10 +437,6 @@ class BuildClock:
         rest = n_views - self.first_views
         return {"time_s": {k: round(v, 3) for k, v in self.spent.items()} | {"first_batch": round(first, 3)},
                 "steady_views_per_s": rest / max(self.elapsed - first, 1e-9) if rest > 0 else 0.0}
-
-
-BOUND_SHARE = 0.25  # a part of the loop that takes more than this share of it is named as the build's limit
-BOUND_MIN_S = 20.0  # loops shorter than this are too short to say (start-up dominates them)
 
 
 def bottleneck(time_s: dict, elapsed: float, cfg: "BuildConfig", device: torch.device,

@@ -59,6 +59,38 @@ def test_finetune_eval_and_aggregate(fmnist, tmp_path, capsys):
     assert abs(agg["top1_mean"] - sum(agg["top1"]) / 2) < 1e-12
 
 
+def record_inputs(monkeypatch, *modules):
+    """The dtype of every batch of views that reaches `kt.render.model_input` in `modules`, in order."""
+    seen = []
+    for module in modules:
+        real = module.model_input
+        monkeypatch.setattr(module, "model_input", lambda x, mean, std, real=real: seen.append(x.dtype) or real(
+            x, mean, std))
+    return seen
+
+
+def test_uint8_views_finetune_and_evaluate_the_same(fmnist, tmp_path, monkeypatch, capsys):
+    """Workers may send uint8 views, normalised where the model runs (the default toward a GPU): finetuning and
+    its evaluation are the same bit for bit as with float views made in the workers."""
+    import kt.render
+    from kt.student import evaluate, finetune as ft
+
+    seen = record_inputs(monkeypatch, ft, evaluate)
+    for mode in ("never", "always"):
+        monkeypatch.setattr(kt.render, "UINT8_VIEWS", mode)
+        seen.clear()
+        assert finetune(fmnist, tmp_path / mode, "--val-data", str(fmnist["root"] / "test")) == 0
+        want = torch.uint8 if mode == "always" else torch.float32
+        assert len(seen) == 6 + 1 and set(seen) == {want}  # 6 training steps, one eval batch
+    a, b = weights(tmp_path / "never"), weights(tmp_path / "always")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [[json.loads(x)["loss"] for x in (tmp_path / m / "metrics.jsonl").read_text().splitlines()]
+               for m in ("never", "always")]
+    assert metrics[0] == metrics[1]
+    evals = [json.loads((tmp_path / m / "eval.json").read_text()) for m in ("never", "always")]
+    assert evals[0]["confusion_matrix"] == evals[1]["confusion_matrix"] and evals[0]["n"] == 100
+
+
 def test_corrupt_images_are_skipped(corrupt_shard, tmp_path, capsys):
     code = main(["finetune", "--data", corrupt_shard[0], "--model", "test_efficientnet", "--image-size", "32",
                  "--labels-per-class", "2", "--epochs", "1", "--batch-size", "4", "--workers", "0",

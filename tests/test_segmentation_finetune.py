@@ -148,3 +148,25 @@ def test_segmentation_refusals(seg_data, tmp_path, capsys):
     # eval of a segmentation checkpoint on shards whose masks are missing fails past the bad fraction
     assert_user_error(capsys, ["eval", "--checkpoint", str(seg_run), "--data", cls_data, "--workers", "0"],
                       "samples are bad")
+
+
+def test_uint8_views_finetune_and_evaluate_the_same(seg_data, tmp_path, monkeypatch):
+    """uint8 views normalised where the model runs (the default toward a GPU) finetune and evaluate a
+    segmentation model bit for bit as float views made in the workers do."""
+    import torch
+
+    import kt.render
+    from kt.student import finetune as ft, segmentation
+    from tests.test_finetune import record_inputs
+
+    seen = record_inputs(monkeypatch, ft, segmentation)
+    for mode in ("never", "always"):
+        monkeypatch.setattr(kt.render, "UINT8_VIEWS", mode)
+        seen.clear()
+        assert finetune(seg_data, tmp_path / mode, "--val-data", str(seg_data / "test")) == 0
+        want = torch.uint8 if mode == "always" else torch.float32
+        assert len(seen) == 4 + 1 and set(seen) == {want}  # 4 training steps, one eval batch
+    a, b = (load_file(str(tmp_path / m / "checkpoint" / "model.safetensors")) for m in ("never", "always"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    evals = [json.loads((tmp_path / m / "eval.json").read_text()) for m in ("never", "always")]
+    assert evals[0]["miou"] == evals[1]["miou"] and evals[0]["per_class_iou"] == evals[1]["per_class_iou"]
