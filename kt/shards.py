@@ -176,30 +176,83 @@ def image_ext(sample: dict) -> str | None:
     return None
 
 
-def _raw_members(url: str, bad: BadSamples | None) -> Iterator[dict]:
-    """Raw webdataset samples of one shard; a broken tar is counted as one bad entry."""
+class _TarEnd:
+    """A shard's byte stream that remembers how it ended, so a shard cut short is told from a complete one.
+
+    tarfile reads a stream that stops at a member boundary, or a header it cannot parse past the first, as
+    the archive's end, and webdataset passes that on: a half-copied shard would lose its tail without a word.
+    A complete tar ends in zero blocks (two, padded to a 10 KiB record by tarfile and GNU tar); after the
+    reader stops, the rest of the stream must be such padding, and its last block zeros. A compressed tar
+    (gzip, bzip2, xz: tarfile's "r|*" reads them) is checked by its decompressor, which fails on a cut stream."""
+
+    COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+    def __init__(self, stream):
+        self.stream, self.head, self.tail = stream, b"", b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if len(self.head) < 6:
+            self.head += data[:6 - len(self.head)]
+        self.tail = (self.tail + data[-512:])[-512:]
+        return data
+
+    def damage(self) -> str | None:
+        """After the tar reader stopped: None for a complete archive, else what is wrong with its end."""
+        if self.head.startswith(self.COMPRESSED):
+            return None
+        while chunk := self.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                return "data after the point where its tar stream stops (a damaged header?)"
+        if len(self.tail) < 512 or self.tail.count(0) != 512:
+            return "no end-of-archive blocks (cut short: a partial download or copy?)"
+        return None
+
+
+def _raw_members(url: str) -> Iterator[dict]:
+    """Raw webdataset samples of one shard. A shard whose tar stream breaks, or ends before its end-of-archive
+    blocks, is refused with one line (`UserError`): the samples after the break cannot be read or counted, so
+    skipping them as "bad" would lose an unknown part of the transfer set without a word."""
     import webdataset as wds
+
+    read = [0]  # samples passed on
+
+    def damaged(why: str) -> UserError:
+        return UserError(f"shard {url} is damaged after {read[0]} samples: {why}; the rest of it cannot be read. "
+                         "Restore the shard (or leave it out of --data) and run again")
 
     def handler(exn: Exception) -> bool:
         text = str(exn.args[0]) if exn.args else ""
+        if isinstance(exn, UserError):  # ours, from a member's read, passed on by webdataset with args added
+            raise UserError(text) from None
         if isinstance(exn, ValueError) and "duplicate file name in tar file" in text:
             # two members `k.png` in a row: webdataset stops here; a duplicate key is an error, not damage
             name = text.split(":", 1)[0]
             key = wds.tariterators.base_plus_ext(name)[0] or name
             raise UserError(f"duplicate sample key {key!r} in shard {url}; keys must be unique in a transfer set")
-        if bad is not None:
-            bad.record(url, "<tar>", f"unreadable tar data: {exn}")
-            return False  # stop this shard: the rest of a broken tar stream is unreliable
-        raise exn
+        raise damaged(f"unreadable tar data ({type(exn).__name__}: {text.split(' @ ')[0]})") from None
 
     try:
         stream = open_binary(url)
-    except OSError as e:
+    except (OSError, ImportError, ValueError) as e:  # also an unknown protocol, or its package missing (s3fs)
         raise UserError(f"cannot open shard {url}: {e}") from None
     with stream:
+        end = _TarEnd(stream)
         # at this point we have a byte stream; tar_file_expander yields members, group_by_keys samples
-        members = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-        yield from wds.tariterators.group_by_keys(members, handler=handler)
+        members = wds.tariterators.tar_file_expander([{"url": url, "stream": end}], handler=handler)
+        # each sample is held back until the next one begins (or the stream proves whole): a shard cut between a
+        # sample's members ends in a partial sample, which must not be read as a whole one
+        last = None
+        for sample in wds.tariterators.group_by_keys(members, handler=handler):
+            if last is not None:
+                yield last
+                read[0] += 1
+            last = sample
+        why = end.damage()
+        if why is not None:
+            raise damaged(why)
+        if last is not None:
+            yield last
 
 
 def iter_samples(urls: Sequence[str], bad: BadSamples | None = None,
@@ -215,7 +268,7 @@ def iter_samples(urls: Sequence[str], bad: BadSamples | None = None,
     """
     for url in urls:
         seen: set[str] = set()
-        for raw in _raw_members(url, bad):
+        for raw in _raw_members(url):
             key = raw.get("__key__", "?")
             if key in seen:
                 raise UserError(f"duplicate sample key {key!r} in shard {url}; keys must be unique in a "
@@ -254,8 +307,11 @@ def load_classes(urls: Sequence[str]) -> list[str] | None:
         import fsspec
 
         path = first.rsplit("/", 1)[0] + "/" + CLASSES_FILE
-        fs, p = fsspec.core.url_to_fs(path)
-        return json.loads(fs.cat(p)) if fs.exists(p) else None
+        try:
+            fs, p = fsspec.core.url_to_fs(path)
+            return json.loads(fs.cat(p)) if fs.exists(p) else None
+        except (OSError, ImportError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
     path = Path(_local(first)).parent / CLASSES_FILE
     return json.loads(path.read_text()) if path.exists() else None
 

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Iterator, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -598,6 +599,9 @@ def build_cache(cfg: BuildConfig) -> dict:
     spec = load_view_spec(cfg.view_spec)
     targets = parse_targets(cfg.targets)
     codecs = parse_codecs(cfg.codec, targets)  # bad specs fail before the teacher loads
+    out = urlsplit(cfg.out)
+    if ("://" not in cfg.out or out.scheme == "file") and os.path.isfile(out.path if out.scheme else cfg.out):
+        raise UserError(f"--out {cfg.out} is a file; a cache is a folder (a new path, or an existing cache)")
     # one writer per store, taken before the teacher loads so a second build is refused at once
     lock = StoreLock(cfg.out)
     refused = None

@@ -250,9 +250,11 @@ def cache_info(url: str) -> dict:
 def _mean_key_bytes(store, done: dict) -> float:
     if not done:
         return _KEY_BYTES
-    keys = store.array(next(iter(done)), "keys")[...]
+    try:
+        keys = store.array(next(iter(done)), "keys")[...]
+    except Exception:  # noqa: BLE001 -- a damaged shard: `info` still reports, `verify` names the damage
+        return _KEY_BYTES
     return float(np.mean([len(str(k).encode()) for k in keys])) if len(keys) else _KEY_BYTES
-
 
 
 # ------------------------------------------------------------------------------------------ verify

@@ -51,7 +51,10 @@ class StoreLock:
             path = os.path.abspath(split.path if split.scheme == "file" else self.url)
             self.fs, self.path, self.local = fsspec.filesystem("file"), path + SUFFIX, True
         else:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+            try:
+                self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+            except (ImportError, ValueError) as e:  # an unknown protocol, or its package missing (s3fs, gcsfs)
+                raise UserError(f"cannot write {self.url}: {e}") from None
             self.path, self.local = root + SUFFIX, False
         self.owner = {"host": platform.node(), "pid": os.getpid(), "created": utc_now(),
                       "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
@@ -59,7 +62,12 @@ class StoreLock:
 
     def acquire(self) -> None:
         for _ in range(2):  # a second try after removing a stale lock
-            if self._create():
+            try:
+                created = self._create()
+            except OSError as e:  # a parent that is a file, a read-only or missing location, no permission
+                raise UserError(f"cannot write {self.url}: cannot create its lock file {self.path}: "
+                                f"{e.strerror or e}") from None
+            if created:
                 self.held = True
                 return
             holder = self._read()

@@ -488,6 +488,10 @@ def _existing_group(zstore, url: str) -> zarr.Group | None:
         return None
     except zarr.errors.ContainsArrayError:
         raise UserError(f"{url} holds a Zarr array, not a kt cache") from None
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{url} is a file, not a cache folder") from None
+    except ValueError as e:  # zarr.json that is not JSON (json's error is a ValueError), or not Zarr metadata
+        raise UserError(f"{url} is damaged: its Zarr metadata does not read ({e})") from None
 
 
 def _compressor(dtype: np.dtype | None = None):

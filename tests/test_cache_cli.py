@@ -224,6 +224,50 @@ def test_bad_input_is_one_line_exit_2(built, tiny_teacher, fmnist, tmp_path, cap
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     assert "not a kt cache" in one_line_error(capsys, ["info", str(tmp_path / "plain.zarr")])
     assert not (tmp_path / "a.zarr").exists()
+    # where a cache cannot be written: a file, a path under a file, an unknown or unavailable protocol
+    (tmp_path / "afile").write_text("hi")
+    for out, needle in [(tmp_path / "afile", "is a file; a cache is a folder"),
+                        (tmp_path / "afile" / "x.zarr", "cannot create its lock file"),
+                        ("foo://x.zarr", "Protocol not known"), ("nosuchfs://b/x.zarr", "cannot write")]:
+        assert needle in one_line_error(capsys, build_args(tiny_teacher, data, out)), out
+    for argv in (build_args(tiny_teacher, "foo://b/x.tar", tmp_path / "b.zarr"),
+                 ["plan", "--teacher", tiny_teacher, "--data", "foo://b/x.tar"]):
+        assert "foo://b" in one_line_error(capsys, argv)
+    # damaged metadata: the root's zarr.json cut short
+    shutil.copytree(built, tmp_path / "cut.zarr")
+    meta = tmp_path / "cut.zarr" / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:100])
+    for argv in (["info", str(tmp_path / "cut.zarr")], ["verify", str(tmp_path / "cut.zarr")]):
+        assert "is damaged: its Zarr metadata does not read" in one_line_error(capsys, argv)
+    # a damaged keys chunk: info still reports (keys' size assumed), verify names the damage
+    shutil.copytree(built, tmp_path / "keys.zarr")
+    chunk = next(p for p in (tmp_path / "keys.zarr" / "shards").glob("*/keys/c/**/*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "keys.zarr")]) == 0
+    assert main(["verify", str(tmp_path / "keys.zarr"), "--samples", "0"]) == 1
+    assert "cannot decode" in capsys.readouterr().out
+
+
+def test_a_cut_shard_is_refused_and_the_build_resumes_once_it_is_restored(tiny_teacher, small_shards, tmp_path,
+                                                                          capsys):  # noqa: F811
+    """A shard cut short (a partial copy) stops the build with one line naming it; it is not marked complete,
+    the shards before it are; restored, the rerun completes the store as an uninterrupted build would."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for url in small_shards:
+        shutil.copy(url, data)
+    cut = data / Path(small_shards[2]).name
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    argv = build_args(tiny_teacher, data, tmp_path / "c.zarr", "--fit-views", "16")  # fitted on the first shard
+    line = one_line_error(capsys, argv)
+    assert f"shard {cut} is damaged after" in line, line
+    assert sorted(CacheStore.open(tmp_path / "c.zarr").completed()) == ["small-000000", "small-000001"]
+    cut.write_bytes(whole)
+    assert main(argv) == 0
+    assert main(build_args(tiny_teacher, data, tmp_path / "ref.zarr", "--fit-views", "16")) == 0
+    assert_same_store(tmp_path / "c.zarr", tmp_path / "ref.zarr")
 
 
 def test_overwrite_replaces_a_cache_of_another_view_spec(tiny_teacher, small_shards, tmp_path, capsys):  # noqa: F811

@@ -101,3 +101,62 @@ def test_imagefolder_to_shards(tmp_path):
     samples = list(iter_samples(written))
     assert [s.key for s in samples][:2] == ["cat/img_0", "cat/img_1"] and [s.label for s in samples] == [0] * 3 + [1] * 3
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["cat", "dog"]
+
+
+def member_offsets(path) -> list[tuple[str, int, int]]:
+    """(name, header offset, end of its data blocks) of each member of a tar file."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset, m.offset_data + -(-m.size // 512) * 512) for m in tar.getmembers()]
+
+
+@pytest.mark.parametrize("cut", ["inside-a-member", "between-a-samples-members", "between-samples",
+                                 "before-the-end-blocks"])
+def test_a_shard_cut_short_is_refused_not_read_as_shorter(fmnist, tmp_path, cut):
+    """A partial copy of a shard loses its tail: tarfile reads a stream cut at a member boundary as the archive's
+    end, and a cut inside a member as one unreadable entry, so the missing samples went uncounted (one "bad"
+    entry at most). Every cut point is refused with one line naming the shard and how far it was read."""
+    src = fmnist["train"][0]
+    data = open(src, "rb").read()
+    members = member_offsets(src)
+    names = [name for name, _, _ in members]
+    first, second = (names.index(f"train-00040.{ext}") for ext in ("cls", "png"))
+    assert second == first + 1  # webdataset writes a sample's members in order: cls, then png
+    at = {"inside-a-member": members[second][1] + 700, "between-a-samples-members": members[first][2],
+          "between-samples": members[second][2], "before-the-end-blocks": members[-1][2]}[cut]
+    (tmp_path / "cut").mkdir()
+    shard = tmp_path / "cut" / "train-000000.tar"
+    shard.write_bytes(data[:at])
+    with pytest.raises(UserError) as e:
+        list(iter_samples([str(shard)], bad=BadSamples(max_fraction=1.0)))
+    line = str(e.value)
+    assert "\n" not in line and f"shard {shard} is damaged after" in line, line
+    # the samples passed on: each is held back until the next one begins, so a partial last one never is
+    read = {"inside-a-member": 39, "between-a-samples-members": 40, "between-samples": 40,
+            "before-the-end-blocks": 99}[cut]
+    assert f"after {read} samples" in line, line
+    # the whole shard, and the same shard gzipped (tarfile's "r|*" reads it; the decompressor checks its end)
+    assert len(list(iter_samples([src]))) == 100
+    import gzip
+
+    gz = tmp_path / "train-000000.tar.gz"
+    packed = gzip.compress(data)
+    gz.write_bytes(packed)
+    assert [s.key for s in iter_samples([str(gz)])] == [s.key for s in iter_samples([src])]
+    gz.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(UserError, match="is damaged after"):
+        list(iter_samples([str(gz)]))
+
+
+def test_a_damaged_header_mid_shard_is_refused(fmnist, tmp_path):
+    """tarfile stops at a header it cannot parse (past the first) as if the archive ended there."""
+    src = fmnist["train"][0]
+    data = bytearray(open(src, "rb").read())
+    name, offset, _ = member_offsets(src)[120]
+    data[offset + 148: offset + 156] = b"garbage!"  # the header's checksum field
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"damaged after 59 samples: data after the point"):
+        list(iter_samples([str(shard)]))
+
