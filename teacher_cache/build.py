@@ -274,11 +274,15 @@ def parse_codecs(specs: Sequence[str], targets: Sequence[str]) -> dict[str, Code
 def fit_default_codecs(codecs: dict[str, Codec], shapes: dict[str, tuple], overrides: Sequence[str]) -> dict[str, Codec]:
     """A default top-k codec (`topk:k=10`, `pixel-topk:k=5`) on a teacher with fewer than k classes would be
     refused (k exceeds the classes); there the default becomes `fp16`, exact and smaller than keeping every class
-    with indices and a tail. A top-k given with --codec for more classes than the teacher has is refused here,
-    before the store exists, not at the first batch."""
+    with indices and a tail. A top-k given with --codec for more classes than the teacher has, or a PCA of more
+    components than the target has channels, is refused here, before the store exists, not at the fit."""
     given = {item.split("=", 1)[0] for item in overrides}
     out = dict(codecs)
     for target, codec in codecs.items():
+        d = getattr(codec, "d", None)  # a PCA size, checked here too: a failed fit would leave a store behind
+        if d is not None and d > shapes[target][-1]:
+            raise UserError(f"--codec {target}={codec.spec}: d={d} exceeds the {shapes[target][-1]} channels of "
+                            f"{target} (use d <= {shapes[target][-1]})")
         k = getattr(codec, "k", None)
         classes = shapes[target][codec.class_axis] if k is not None else None
         if k is None or k <= classes:
@@ -299,15 +303,19 @@ def item_shapes(model: TaskModel, targets: Sequence[str], image_size: int) -> di
 def cache_attributes(model: TaskModel, spec: ViewSpec, cfg: BuildConfig, codecs: dict[str, Codec],
                      shapes: dict[str, tuple], urls: Sequence[str]) -> dict:
     record = run_record(cfg)
+    build = config_dict(cfg)
+    # local paths absolute: `kt-cache verify` takes its default teacher and data from here, from any directory
+    if os.path.exists(cfg.teacher):
+        build["teacher"] = os.path.abspath(cfg.teacher)
     return {
         "teacher": model_fingerprint(model),
         "view": {"spec": spec.to_dict(), "seed": cfg.seed, "views_per_image": cfg.views,
                  "image_size": cfg.image_size or model.image_size},
         "targets": {t: {"codec": c.spec, "item_shape": list(shapes[t])} for t, c in codecs.items()},
-        "input_shards": {shard_id_for(u): u for u in urls},
+        "input_shards": {shard_id_for(u): u if "://" in u else os.path.abspath(u) for u in urls},
         "versions": record["versions"],
         "git_revision": record["git_revision"],
-        "build_config": config_dict(cfg),
+        "build_config": build,
     }
 
 

@@ -116,6 +116,11 @@ class CacheStore:
                     check_compatible(existing.attrs.asdict(), attrs, exact_targets=True)
                 except UserError as e:
                     raise UserError(f"{url} holds another cache ({e}); pass --overwrite to replace it") from None
+                # a resume may name more shards (a grown transfer set) or the same ones elsewhere (moved): the
+                # cache lists every shard it was asked to hold, at its latest location, for info and verify
+                have, want = existing.attrs.get("input_shards") or {}, attrs.get("input_shards") or {}
+                if any(have.get(k) != v for k, v in want.items()):
+                    existing.attrs.update({"input_shards": {**have, **want}})
                 return cls(url, existing, fs, root, local)
             fs.rm(root, recursive=True)
         elif fs.exists(root) and fs.ls(root, detail=False):

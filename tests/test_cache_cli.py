@@ -167,6 +167,27 @@ def test_verify_clean_then_damaged(built, tiny_teacher, tmp_path, capsys):  # no
     assert "checksum mismatch in targets/embedding/values" in out and "1 of 2 input shards incomplete" in out
 
 
+def test_a_resume_over_more_shards_lists_them_and_verify_runs_from_anywhere(tiny_teacher, small_shards, tmp_path,
+                                                                            monkeypatch, capsys):  # noqa: F811
+    """Relative --teacher and --data, a transfer set grown between runs: the cache lists every shard it holds,
+    at absolute paths, so `kt-cache verify` with its defaults checks them all from another directory."""
+    (tmp_path / "data").mkdir()
+    for url in small_shards:
+        shutil.copy(url, tmp_path / "data")
+    shutil.copytree(Path(tiny_teacher), tmp_path / "teacher")
+    monkeypatch.chdir(tmp_path)
+    assert main(build_args("teacher", "data/small-{000000..000001}.tar", "c.zarr")) == 0
+    assert main(build_args("teacher", "data", "c.zarr")) == 0
+    attrs = CacheStore.open(tmp_path / "c.zarr").attrs
+    assert attrs["input_shards"] == {shard_id_for(u): str(tmp_path / "data" / Path(u).name) for u in small_shards}
+    assert attrs["build_config"]["teacher"] == str(tmp_path / "teacher")
+    monkeypatch.chdir("/")
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "c.zarr"), "--samples", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["samples_checked"] == 8 and report["shards"] == {"complete": 4, "expected": 4, "checked": 4}
+
+
 def test_verify_refuses_another_teacher(built, tmp_path, capsys):
     from kt.checkpoints import save_checkpoint
     from kt.models import create_model
@@ -208,6 +229,8 @@ def test_bad_input_is_one_line_exit_2(built, tiny_teacher, fmnist, tmp_path, cap
         (build_args(tiny_teacher, data, tmp_path / "a.zarr", "--codec", "logits=topk:k=x"), "positive integer k"),
         (build_args(tiny_teacher, data, tmp_path / "a.zarr", "--codec", "patches=zip"), "unknown codec 'zip'"),
         (build_args(tiny_teacher, data, tmp_path / "a.zarr", "--codec", "logits=pca:d=4"), "unknown codec"),
+        (build_args(tiny_teacher, data, tmp_path / "a.zarr", "--codec", "patches=pca:d=128"),
+         "d=128 exceeds the 64 channels of patches"),
         (build_args(tiny_teacher, data, tmp_path / "a.zarr")[:-2] + ["--targets", "logits,depth"],
          "unknown target 'depth'"),
         (["build", "--teacher", "test_vit", "--data", data, "--out", str(tmp_path / "a.zarr"),
