@@ -280,20 +280,24 @@ def verify_cache(url: str, teacher: str | None = None, data: str | None = None, 
         found = store.verify_shard(shard_id)
         problems += found
         checked += 1
+    codec_problems = store.verify_codec_states()
+    problems += codec_problems
+    # with a damaged codec state every row of its target decodes wrong: no decode or fidelity check past it
+    decodable = {} if codec_problems else done
 
     # decode every array; keep the sampled rows for the fidelity check
     rng = np.random.default_rng(seed)
-    total = sum(m["n_samples"] for m in done.values())
+    total = sum(m["n_samples"] for m in decodable.values())
     picks = np.sort(rng.choice(total, size=min(samples, total), replace=False)) if samples > 0 and total else []
     picked: dict[str, list[tuple[int, int]]] = {}
     offset = 0
-    for shard_id in sorted(done):
-        n = done[shard_id]["n_samples"]
+    for shard_id in sorted(decodable):
+        n = decodable[shard_id]["n_samples"]
         rows = [int(p - offset) for p in picks if offset <= p < offset + n]
         picked[shard_id] = [(r, int(rng.integers(reader.views_per_image))) for r in rows]
         offset += n
     cached: dict[str, list] = {}  # shard_id -> [(key, view, params, {target: decoded})]
-    for shard_id in sorted(done):
+    for shard_id in sorted(decodable):
         try:
             shard = reader.shard(shard_id, check_views=True)
             decoded = {}

@@ -12,7 +12,8 @@ Layout::
         targets                     {name: {codec: spec string, item_shape: [...]}}
         task                        {task, num_classes, image_size; segmentation: output_stride, grid [h, w]}
         versions, git_revision, created, plan (optional predicted sizes)
-    codecs/<target>/                group per target; attributes = the codec's state attributes
+    codecs/<target>/                group per target; attributes = the codec's state attributes, `checksums`
+                                    {name: sha256} of its arrays (checked on every read), `complete`
         <name>                      its state arrays (the PCA mean and basis)
     shards/<shard_id>/              one group per input shard; attributes {url, rank}
         keys                        (N,) variable-length UTF-8 sample keys
@@ -156,10 +157,14 @@ class CacheStore:
         """Store what rebuilds `target`'s codec (see `Codec.state`), replacing what was there."""
         # arrays first, attributes last: a kill in between leaves a state that reads as absent (refitted)
         group = self.group.create_group(f"codecs/{target}", overwrite=True)
+        checksums = {}
         for name, value in arrays.items():
             value = np.ascontiguousarray(value)
             group.create_array(name, data=value, compressors=_compressor(value.dtype))
-        group.attrs.update({**_jsonable(attrs), "complete": True})
+            checksums[name] = _checksum(value)
+        # checksums as the shards' markers have them: a flipped bit in a PCA basis decodes every patch target
+        # of every shard wrong, and re-encoding with the same damaged codec (verify's consistency) cannot see it
+        group.attrs.update({**_jsonable(attrs), "checksums": checksums, "complete": True})
 
     def load_codecs(self) -> dict[str, Codec]:
         """target -> its codec, ready to decode: from the stored state where there is one (PCA),
@@ -176,7 +181,8 @@ class CacheStore:
         return out
 
     def read_codec_state(self, target: str) -> tuple[dict, dict[str, np.ndarray]] | None:
-        """(attributes, arrays) written by `write_codec_state`, or None if nothing was written."""
+        """(attributes, arrays) written by `write_codec_state`, or None if nothing was written. Arrays that do
+        not match their checksums (a cache built before they were kept has none) raise a one-line UserError."""
         try:
             group = self.group[f"codecs/{target}"]
         except KeyError:
@@ -184,7 +190,28 @@ class CacheStore:
         attrs = group.attrs.asdict()
         if not attrs.pop("complete", False):
             return None
-        return attrs, {name: array[...] for name, array in group.arrays()}
+        checksums = attrs.pop("checksums", None)
+        try:
+            arrays = {name: array[...] for name, array in group.arrays()}
+        except Exception as e:  # noqa: BLE001 -- a corrupt chunk fails to decode
+            raise UserError(f"{self.url}: the codec state of {target} is damaged ({type(e).__name__}: {e}); "
+                            "rebuild the cache (kt-cache build --overwrite)") from None
+        for name, digest in (checksums or {}).items():
+            if name not in arrays or _checksum(arrays[name]) != digest:
+                raise UserError(f"{self.url}: the codec state of {target} is damaged ({name}: "
+                                f"{'missing' if name not in arrays else 'checksum mismatch'}); rebuild the cache "
+                                "(kt-cache build --overwrite)")
+        return attrs, arrays
+
+    def verify_codec_states(self) -> list[str]:
+        """Problems with the stored codec states (damaged arrays); [] if fine or if none has checksums."""
+        problems = []
+        for target in self.attrs["targets"]:
+            try:
+                self.read_codec_state(target)
+            except UserError as e:
+                problems.append(str(e).removeprefix(f"{self.url}: "))
+        return problems
 
     # -- shards ------------------------------------------------------------------------------------
     def write_shard(self, shard_id: str, url: str, keys: list[str], params: np.ndarray,

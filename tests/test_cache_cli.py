@@ -22,6 +22,7 @@ import torch
 import zarr
 from PIL import Image
 
+from kt.errors import UserError
 from kt.shards import write_shards
 from kt.teacher_cache.cli import main, split_codec_flags
 from kt.teacher_cache.store import CacheStore, shard_id_for
@@ -186,6 +187,24 @@ def test_a_resume_over_more_shards_lists_them_and_verify_runs_from_anywhere(tiny
     assert main(["verify", str(tmp_path / "c.zarr"), "--samples", "8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["samples_checked"] == 8 and report["shards"] == {"complete": 4, "expected": 4, "checked": 4}
+
+
+def test_verify_names_a_damaged_codec_state(built, tmp_path, capsys):
+    """One changed value in the PCA basis: verify reports it and exits 1 (re-encoding with the same damaged
+    codec, its consistency check, agreed with the cached values), and the reader refuses the cache."""
+    from kt.teacher_cache.reader import CacheReader
+
+    damaged = tmp_path / "basis.zarr"
+    shutil.copytree(built, damaged)
+    basis = zarr.open_group(str(damaged), mode="r+")["codecs/patches/basis"]
+    value = basis[...]
+    value[0, 0] *= -1e6
+    basis[...] = value
+    capsys.readouterr()
+    assert main(["verify", str(damaged), "--samples", "8"]) == 1
+    assert "the codec state of patches is damaged (basis: checksum mismatch)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="codec state of patches is damaged"):
+        CacheReader(str(damaged)).shard(min(CacheStore.open(str(damaged)).completed())).get("patches", [0])
 
 
 def test_verify_refuses_another_teacher(built, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 
 from kt.errors import UserError
 from kt.teacher_cache.codecs import parse_codec
-from kt.teacher_cache.store import CacheStore, check_compatible, shard_id_for
+from kt.teacher_cache.store import CacheStore, _jsonable, check_compatible, shard_id_for
 
 V, P = 2, 7
 
@@ -251,6 +251,28 @@ def test_half_written_codec_state_reads_as_absent(cache):
     assert cache.read_codec_state("patches") is None
     cache.write_codec_state("patches", attrs, arrays)
     assert cache.read_codec_state("patches") is not None
+
+
+def test_a_damaged_codec_state_is_refused_not_decoded(cache):
+    """The PCA basis decodes every patch target of every shard: a changed value (a flipped bit that still
+    decodes) is refused on reading, with one line, and named by verify_codec_states."""
+    codec = parse_codec("pca:d=4,int8", "patches")
+    codec.fit(np.random.default_rng(0).normal(size=(3, 2, 2, 8)).astype(np.float32))
+    attrs, arrays = codec.state()
+    cache.write_codec_state("patches", attrs, arrays)
+    assert cache.verify_codec_states() == []
+    read_attrs, read_arrays = cache.read_codec_state("patches")
+    assert "checksums" not in read_attrs and read_attrs.keys() == _jsonable(attrs).keys()
+    basis = cache.group["codecs/patches/basis"]
+    flipped = basis[...].copy()
+    flipped.view(np.uint32)[3, 1] ^= 1 << 30  # an exponent bit: finite, and off by orders of magnitude
+    basis[...] = flipped
+    with pytest.raises(UserError, match=r"the codec state of patches is damaged \(basis: checksum mismatch\)"):
+        cache.read_codec_state("patches")
+    with pytest.raises(UserError, match="codec state of patches is damaged"):
+        cache.load_codecs()
+    assert cache.verify_codec_states() == ["the codec state of patches is damaged (basis: checksum mismatch); "
+                                           "rebuild the cache (kt-cache build --overwrite)"]
 
 
 @pytest.mark.parametrize(
