@@ -53,9 +53,10 @@ def embed_text_command(cfg: E.EmbedTextConfig) -> None:
 def curate_command(cfg: CurateJob) -> None:
     from kt.retrieval.curate import curate
     from kt.retrieval.embeddings import load_embeddings
-    from kt.retrieval.output import write_outputs
+    from kt.retrieval.output import check_out, write_outputs
 
     cfg.validate()  # before any store is opened: a typo fails fast
+    check_out(cfg.out)  # likewise an --out that cannot take the result, before the search work
     queries = load_embeddings(cfg.queries)
     gallery = load_embeddings(cfg.gallery)
     exclude = load_embeddings(cfg.exclude) if cfg.exclude else None

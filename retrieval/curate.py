@@ -234,9 +234,12 @@ def query_balanced(queries: Embeddings, gallery: Embeddings, guards: Guards, cfg
                                      keep=guards.usable, block_size=cfg.block_size)
         stats["ivfpq_build_s"] = round(time.perf_counter() - t0, 3)
         n_check = min(nq, cfg.recall_queries)
-        check = np.random.default_rng(cfg.seed).choice(nq, n_check, replace=False)
-        exact10 = _knn_usable(queries, gallery, min(10, n_usable), guards.usable, cfg, q[check])
-        stats["ivfpq_recall_at_10"] = ix.recall_at(approx.search(q[check], 10, gallery.take).ids, exact10.ids, 10)
+        stats["ivfpq_recall_at_10"] = None  # not measured (--recall-queries 0): null in JSON, not NaN
+        if n_check:
+            check = np.random.default_rng(cfg.seed).choice(nq, n_check, replace=False)
+            exact10 = _knn_usable(queries, gallery, min(10, n_usable), guards.usable, cfg, q[check])
+            stats["ivfpq_recall_at_10"] = ix.recall_at(approx.search(q[check], 10, gallery.take).ids,
+                                                       exact10.ids, 10)
         search = lambda kk: approx.search(q, kk, gallery.take)
     else:
         search = lambda kk: _knn_usable(queries, gallery, kk, guards.usable, cfg, q)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kt.config import field
-from kt.errors import UserError
+from kt.errors import UserError, one_line
 from kt.retrieval.embeddings import (
     StoreWriter,
     check_writable,
@@ -144,7 +144,9 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "auto",
                        what="encoder").eval().to(device)
     fp = encoder_fingerprint(encoder, pretrained, "image", model_fingerprint(model))
     source = {"kind": "shards", "shards": urls}
-    check_writable(out, model.embedding_dim, fp, resume, source)  # every rank refuses, before any writes
+    check_input_size(model, encoder)  # before the store exists, so a corrected rerun needs no --resume
+    # every rank refuses, before any writes
+    check_writable(out, model.embedding_dim, fp, resume, source, normalized=normalize)
     state.wait_for_everyone()
     writer = None
     if state.is_main_process:
@@ -193,6 +195,22 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "auto",
     return {**summary, "bad": len(bad.bad)}
 
 
+def check_input_size(model, encoder: str) -> None:
+    """One forward of a blank image at the encoder's input size: a size the encoder cannot take (a ViT's
+    patch size must divide it) fails here in one line, not at the first batch, after `--out` was created."""
+    import torch
+
+    x = torch.zeros(1, 3, model.image_size, model.image_size, device=next(model.parameters()).device)
+    try:
+        with torch.inference_mode():
+            model.forward_features(x)
+    except torch.OutOfMemoryError:
+        raise  # not the size's fault
+    except (AssertionError, RuntimeError, ValueError) as e:  # timm asserts on sizes; torch raises on shapes
+        raise UserError(f"{encoder} cannot embed {model.image_size} px images ({one_line(e)}); choose another "
+                        "--image-size") from e
+
+
 def check_finite(arr, keys: list[str], name: str, block_size: int = 65536) -> None:
     """Refuse NaN or infinite values (naming the first row and its key): faiss would rank them arbitrarily
     and the curated set would silently depend on garbage."""
@@ -216,8 +234,14 @@ def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pre
         raise UserError(f"keys file not found: {keys}")
     try:
         arr = np.load(embeddings, mmap_mode="r")
-    except ValueError as e:
-        raise UserError(f"cannot read {embeddings} as a .npy array: {e}") from e
+    except (ValueError, EOFError, OSError) as e:  # EOFError: an empty file; OSError: a damaged header
+        raise UserError(f"cannot read {embeddings} as a .npy array: {one_line(e)}") from e
+    if not isinstance(arr, np.ndarray):  # np.load opens a .npz as an archive of named arrays
+        arr.close()
+        raise UserError(f"{embeddings} is a .npz archive ({', '.join(arr.files[:3])}); save the (rows, dim) "
+                        "array alone with numpy.save as a .npy")
+    if arr.dtype.kind not in "iuf":
+        raise UserError(f"{embeddings} holds {arr.dtype} values, not numbers")
     if arr.ndim != 2 or arr.shape[0] == 0:
         raise UserError(f"{embeddings} must hold a non-empty (rows, dim) array, got shape {arr.shape}")
     key_list = Path(keys).read_text().splitlines()

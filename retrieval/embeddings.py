@@ -122,9 +122,12 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def check_writable(path: str | Path, dim: int, encoder: dict, resume: bool, source: dict | None = None) -> bool:
+def check_writable(path: str | Path, dim: int, encoder: dict, resume: bool, source: dict | None = None,
+                   normalized: bool | None = None) -> bool:
     """Refuse a store that may not be written as asked; True when it exists and will be resumed.
 
+    A resume must compute rows as the store's first run did: same encoder and weights, input size
+    (`encoder_image_size`) and normalisation, else one store would mix rows of two embedding spaces.
     Read-only, so every process of a multi-process `embed` can run it before any of them writes.
     """
     import zarr
@@ -136,6 +139,13 @@ def check_writable(path: str | Path, dim: int, encoder: dict, resume: bool, sour
         raise UserError(f"{path} already exists; pass --resume to continue it or choose a new --out")
     attrs = dict(zarr.open_group(path, mode="r").attrs)
     _check_format(attrs, path)
+    was, now = encoder_image_size(attrs["encoder"]), encoder_image_size(encoder)
+    if attrs["encoder"].get("name") == encoder.get("name") and None not in (was, now) and was != now:
+        raise UserError(f"{path} was embedded at --image-size {was}, not {now}; --resume needs the same "
+                        "--image-size")
+    if normalized is not None and bool(attrs["normalized"]) != bool(normalized):
+        flag = "--normalize" if attrs["normalized"] else "--no-normalize"
+        raise UserError(f"{path} was embedded with {flag}; --resume needs the same flag")
     if attrs["dim"] != dim or not encoders_compatible(attrs["encoder"], encoder):
         raise UserError(f"{path} was written with another encoder or dimension; use a new --out or drop --resume")
     if source is not None and attrs["source"].get("shards") != source.get("shards"):
@@ -161,7 +171,7 @@ class StoreWriter:
         import zarr
 
         self.path = str(path)
-        if check_writable(self.path, dim, encoder, resume):
+        if check_writable(self.path, dim, encoder, resume, normalized=normalized):
             self.group = zarr.open_group(self.path, mode="r+")
             rows = int(self.group.attrs["rows"])
             for name in ("embeddings", "keys", "labels", "shard"):  # cut an interrupted append
@@ -285,8 +295,14 @@ def _check_format(attrs: dict, path: str) -> None:
         raise UserError(f"{path} has store version {attrs.get('version')}; this kt reads version {VERSION}")
 
 
-def load_embeddings(path: str | Path) -> Embeddings:
-    """Open a store; embeddings stay on disk and are read in blocks, keys and labels are loaded."""
+def load_embeddings(path: str | Path, allow_unfinished: bool = False) -> Embeddings:
+    """Open a store; embeddings stay on disk and are read in blocks, keys and labels are loaded.
+
+    A store embedded from shards must hold all of them: a killed `embed` leaves a valid prefix that would
+    otherwise pass for the whole set (a gallery missing images, or worse an `--exclude` set missing test
+    images that then slip into the curated set). `allow_unfinished` opens the committed prefix anyway
+    (tests and tools inspecting a killed run).
+    """
     import zarr
 
     path = str(path)
@@ -295,6 +311,13 @@ def load_embeddings(path: str | Path) -> Embeddings:
     group = zarr.open_group(path, mode="r")
     attrs = dict(group.attrs)
     _check_format(attrs, path)
+    source = attrs.get("source", {})
+    if source.get("kind") == "shards" and not allow_unfinished:
+        missing = set(source.get("shards") or []) - set(attrs.get("shards_done", []))
+        if missing:
+            total = len(source.get("shards") or [])
+            raise UserError(f"{path} is unfinished: {total - len(missing)} of {total} shards embedded (a killed "
+                            "run?); finish it with kt-retrieve embed --resume and the same flags")
     rows = int(attrs["rows"])
     vectors = group["embeddings"]
     if rows != vectors.shape[0]:  # an interrupted append: expose the committed rows only
@@ -303,7 +326,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
     labels = np.asarray(group["labels"][:rows])
     shard = np.asarray(group["shard"][:rows])
     return Embeddings(vectors, keys, attrs["encoder"], bool(attrs["normalized"]),
-                      labels if (labels >= 0).any() else None, shard, attrs.get("source", {}), path)
+                      labels if (labels >= 0).any() else None, shard, source, path)
 
 
 class _RowView:
@@ -326,17 +349,30 @@ def _weights_hash(encoder: dict) -> str | None:
     return _weights_hash(model) if isinstance(model, dict) else None
 
 
+def encoder_image_size(encoder: dict) -> int | None:
+    """The input size an image encoder's fingerprint records (None for text and imported embeddings)."""
+    model = encoder.get("model")
+    size = model.get("image_size") if isinstance(model, dict) else None
+    return int(size) if size is not None else None
+
+
 def encoders_compatible(a: dict, b: dict) -> bool:
-    """Same encoder name and pretrained tag; same weights hash when both sides know it for the same tower.
+    """Same encoder name and pretrained tag; same weights hash and input size when both sides know them for
+    the same tower.
 
     Text queries and image galleries of one CLIP model differ in modality (and tower weights) but
-    share the embedding space, so only the name and tag are compared across modalities.
+    share the embedding space, so only the name and tag are compared across modalities. One network at two
+    input sizes sees the images at two scales: its embeddings drift apart, so distances between them would
+    mix scale with content.
     """
     if a.get("name") != b.get("name") or a.get("pretrained") != b.get("pretrained"):
         return False
     if a.get("modality", "image") == b.get("modality", "image"):
         ha, hb = _weights_hash(a), _weights_hash(b)
         if ha is not None and hb is not None and ha != hb:
+            return False
+        sa, sb = encoder_image_size(a), encoder_image_size(b)
+        if sa is not None and sb is not None and sa != sb:
             return False
     return True
 
@@ -345,6 +381,9 @@ def describe_encoder(enc: dict) -> str:
     text = str(enc.get("name"))
     if enc.get("pretrained") is not None:
         text += f" (pretrained {enc['pretrained']})"
+    size = encoder_image_size(enc)
+    if size is not None:
+        text += f" at {size} px"
     h = _weights_hash(enc)
     return text + (f" weights {h[:12]}" if h else "")
 

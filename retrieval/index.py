@@ -192,6 +192,16 @@ class IVFPQIndex:
         usable = np.flatnonzero(keep) if keep is not None else np.arange(n_gallery)
         rng = np.random.default_rng(cfg.seed)
         n_train = min(len(usable), cfg.train_size)
+        if n_train < 2 ** cfg.nbits:
+            # faiss trains each sub-quantiser's 2**nbits centroids by k-means and fails below that many
+            # rows. Refused rather than silently searched exactly: the summary would report an index that
+            # did not run, and a gallery this small needs no approximate index (exact search is instant).
+            from kt.errors import UserError
+
+            have = (f"this gallery has {len(usable)}" if len(usable) < 2 ** cfg.nbits
+                    else f"train_size is {cfg.train_size}")
+            raise UserError(f"--index ivfpq needs at least {2 ** cfg.nbits} usable gallery rows to train its "
+                            f"quantisers ({cfg.nbits}-bit codes), {have}; use --index flat")
         train = take(np.sort(rng.choice(usable, n_train, replace=False)))
         nlist = min(cfg.nlist, max(1, n_train // 39))
         if nlist != cfg.nlist:  # too few rows to train the asked cells well

@@ -70,33 +70,83 @@ def plot_coverage(path: Path, cov: dict, title: str) -> None:
 
 
 def copy_images(out_dir: Path, sel: Selection, gallery: Embeddings, maxcount: int = 1000) -> list[str]:
-    """Copy the selected samples, raw bytes unchanged, from the gallery's shards into `out_dir`."""
+    """Copy the selected samples, raw bytes unchanged, from the gallery's shards into `out_dir`.
+
+    Each row's image comes from the shard that row was embedded from (`gallery.shard`), not from the first
+    shard holding its key: two gallery shards may hold different images under one key, and the image
+    written must be the one whose embedding passed the guards (an excluded test image may share the key).
+    """
     from kt.shards import iter_samples, write_shards
 
     shards = list(gallery.source.get("shards") or [])
     if not shards or gallery.shard is None:
         return []
     wanted_rows = np.asarray(sel.ids)
-    wanted_shards = sorted({int(s) for s in gallery.shard[wanted_rows] if s >= 0})
-    wanted = set(gallery.keys[wanted_rows].tolist())
-    found: set[str] = set()
+    # The guards keep one row per key, so a selection never holds a key twice and the curated shards
+    # pass `kt-cache build`'s key-in-two-shards refusal. A gallery with a key in two shards is still
+    # accepted: the guards document same-key rows as duplicates (web-scale galleries collide on keys),
+    # so refusing such galleries would turn a handled case into one that must be re-keyed by hand. A
+    # selection made elsewhere (the library API) with a repeated key is refused here, naming its shards.
+    keys = gallery.keys[wanted_rows]
+    uniq, counts = np.unique(keys.astype(str), return_counts=True)
+    if (counts > 1).any():
+        key = str(uniq[np.argmax(counts > 1)])
+        both = [shards[int(gallery.shard[r])] if gallery.shard[r] >= 0 else "?"
+                for r in wanted_rows[keys == key][:2]]
+        raise UserError(f"the selection holds key {key!r} twice (from {both[0]} and {both[1]}); a transfer "
+                        "set needs unique keys")
+    wanted: dict[int, set[str]] = {}
+    for row, key in zip(wanted_rows, keys):
+        if gallery.shard[row] >= 0:
+            wanted.setdefault(int(gallery.shard[row]), set()).add(str(key))
+    found = 0
 
     def samples():
-        # at this point we have the selected keys; stream only the shards that hold them
-        for s in iter_samples([shards[i] for i in wanted_shards], decode=False, keep_raw=True):
-            if s.key in wanted and s.key not in found:
-                found.add(s.key)
-                yield s
+        nonlocal found
+        # at this point we have each selected row's (shard, key); stream only the shards that hold them,
+        # one at a time, so a key is looked up in its own row's shard only
+        for i in sorted(wanted):
+            for s in iter_samples([shards[i]], decode=False, keep_raw=True):
+                if s.key in wanted[i]:
+                    found += 1
+                    yield s
 
     written = write_shards(samples(), out_dir, prefix="curated", maxcount=maxcount)
-    if len(found) != len(wanted):
-        raise UserError(f"{len(wanted) - len(found)} selected images are missing from the gallery shards "
-                        f"({shards[wanted_shards[0]] if wanted_shards else '?'} ...); were they moved?")
+    if found != len(wanted_rows):
+        first_shard = shards[min(wanted)] if wanted else "?"
+        raise UserError(f"{len(wanted_rows) - found} selected images are missing from the gallery shards "
+                        f"({first_shard} ...); were they moved?")
     return written
+
+
+CURATED_FILES = ("manifest.csv", "summary.json", "coverage.png", "shards")  # what `write_outputs` writes
+
+
+def check_out(out_dir: str | Path) -> None:
+    """Refuse an `--out` that cannot take a curated set, before any search work is done.
+
+    An `--out` already holding a curated set is refused rather than written over: `write_shards` only adds
+    files, so a rerun would leave the old run's shards beside the new ones (a transfer set mixing two runs,
+    which `kt-cache build` refuses only at its end). `curate` has no `--overwrite`; removing the folder is
+    the explicit way to replace it.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    for parent in out.parents:  # the first existing ancestor must be a directory for mkdir to work
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out} is under {parent}, which is a file")
+            break
+    held = [name for name in CURATED_FILES if (out / name).exists()]
+    if held:
+        raise UserError(f"--out {out} already holds a curated set ({', '.join(held)}); choose a new --out or "
+                        "remove it first")
 
 
 def write_outputs(out_dir: str | Path, sel: Selection, queries: Embeddings, gallery: Embeddings,
                   shards: bool = True) -> dict:
+    check_out(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "manifest.csv", sel, queries, gallery)

@@ -272,3 +272,21 @@ def test_named_templates_are_open_clips_own():
     assert len(imagenet) == 80 and len(load_templates("simple")) == 7
     assert imagenet[0].format("dog") == OPENAI_IMAGENET_TEMPLATES[0]("dog")
     assert all("{}" in t for t in imagenet)
+
+
+def test_queries_at_another_image_size_refused():
+    """One network at two input sizes: the same name, tag and weights, but not the same embedding space."""
+    def fp(size):
+        return {"name": "a", "pretrained": "none", "modality": "image",
+                "model": {"image_size": size, "weights_sha256": "w"}}
+
+    g = from_arrays(np.arange(20, dtype=np.float32).reshape(5, 4), None, fp(32), normalized=False)
+    q = from_arrays(np.zeros((2, 4), np.float32), None, fp(48), normalized=False)
+    with pytest.raises(UserError, match="at 32 px .* at 48 px"):
+        curate(q, g, CurateConfig(size=1, device="cpu"))
+    same = from_arrays(np.zeros((2, 4), np.float32), None, fp(32), normalized=False)
+    assert len(curate(same, g, CurateConfig(size=1, device="cpu")).ids) == 1
+    text = from_arrays(np.zeros((2, 4), np.float32), None,
+                       {"name": "a", "pretrained": "none", "modality": "text", "model": {"text_weights_sha256": "t"}},
+                       normalized=False)
+    assert len(curate(text, g, CurateConfig(size=1, device="cpu")).ids) == 1  # text towers have no input size

@@ -160,7 +160,7 @@ def test_embed_resume_after_interrupted_shard(tmp_path):
     w.append(ref.read(0, 5), ref.keys[:5], shard=0)
     w.commit(shard_done=ref.source["shards"][0])
     w.append(ref.read(5, 7), ref.keys[5:7], shard=1)
-    assert len(load_embeddings(part)) == 5  # the half shard is not visible
+    assert len(load_embeddings(part, allow_unfinished=True)) == 5  # the half shard is not visible
     assert main(["embed", *common, "--data", str(tmp_path / "gal"), "--out", part, "--resume"]) == 0
     got = load_embeddings(part)
     assert list(got.keys) == list(ref.keys)
@@ -206,7 +206,7 @@ def test_embed_resumes_what_killed_processes_left(four_shards):
         write_part(out, i, urls[i], ref.take(rows(i)), ref.keys[rows(i)], ref.labels[rows(i)])
     w.append(ref.take(rows(1))[:2], ref.keys[rows(1)][:2], shard=1)
     (out / "parts" / ".000002.0123.tmp").write_bytes(b"half a part")
-    assert len(load_embeddings(out)) == len(r0)  # readers see committed shards only
+    assert len(load_embeddings(out, allow_unfinished=True)) == len(r0)  # readers see committed shards only
     assert main(["embed", *EMBED, "--data", data, "--out", str(out)]) == 2  # protected without --resume
     assert main(["embed", *EMBED, "--data", data, "--out", str(out), "--resume"]) == 0
     assert_same_store(out, ref_path)
@@ -232,7 +232,7 @@ def test_embed_crashed_after_some_shards_resumes(four_shards, monkeypatch, capsy
     monkeypatch.setattr(E, "write_part", write_part_then_die)
     with pytest.raises(Killed):
         main(["embed", *EMBED, "--data", data, "--out", str(out)])
-    assert load_embeddings(out).shard.tolist() == [0] * 6 + [1] * 6
+    assert load_embeddings(out, allow_unfinished=True).shard.tolist() == [0] * 6 + [1] * 6
     monkeypatch.setattr(E, "write_part", real_write_part)
     capsys.readouterr()
     assert main(["embed", *EMBED, "--data", data, "--out", str(out), "--resume"]) == 0
@@ -298,7 +298,7 @@ def test_killed_two_process_embed_resumes(four_shards):
     args = ["embed", *EMBED, "--data", data, "--out", str(out)]
     killed = launch([str(script), *args])
     assert killed.returncode != 0
-    assert len(load_embeddings(out)) == 0 and (out / "parts" / "000000.npz").exists()
+    assert len(load_embeddings(out, allow_unfinished=True)) == 0 and (out / "parts" / "000000.npz").exists()
     result = launch(["-m", "kt.retrieval.cli", *args, "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = rank_summaries(result.stdout)
@@ -379,3 +379,163 @@ def test_embed_with_a_checkpoint_needs_no_pretrained_flag(tmp_path):
     with torch.no_grad():
         want = model.forward_features(x[None])["embedding"][0].numpy()
     np.testing.assert_allclose(emb.read(0, 1)[0], want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- reviewed defects: refusals
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kt-retrieve: error: ") and "Traceback" not in err, err
+    return err
+
+
+def image(seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+
+
+def test_curated_image_comes_from_its_rows_shard(tmp_path):
+    """galA holds a test image under key `dup`, galB another image under the same key: the excluded row is
+    galA's, so the curated `dup` must be galB's image, not the first sample named `dup`."""
+    from kt.errors import UserError
+    from kt.retrieval.curate import Selection
+    from kt.retrieval.output import copy_images
+    from kt.shards import expand_shards, iter_samples, write_shards
+
+    test_img, other = image(100), image(200)
+    write_shards([(f"a{i}", image(i), 0) for i in range(3)] + [("dup", test_img, 0)], tmp_path / "galA", prefix="a")
+    write_shards([(f"b{i}", image(10 + i), 0) for i in range(3)] + [("dup", other, 0)], tmp_path / "galB",
+                 prefix="b")
+    write_shards([("t0", test_img, 0)], tmp_path / "test", prefix="test")
+    write_shards([("q0", image(300), 0)], tmp_path / "lab", prefix="lab")
+    stores = {}
+    for name, data in (("g", f"{tmp_path / 'galA'}::{tmp_path / 'galB'}"), ("t", str(tmp_path / "test")),
+                       ("q", str(tmp_path / "lab"))):
+        stores[name] = str(tmp_path / f"{name}.emb")
+        assert main(["embed", *EMBED, "--data", data, "--out", stores[name]]) == 0
+    out = tmp_path / "cur"
+    assert main(["curate", "--queries", stores["q"], "--gallery", stores["g"], "--exclude", stores["t"],
+                 "--strategy", "random", "--size", "7", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["excluded"] == 1
+    curated = {s.key: s.raw for s in iter_samples(expand_shards(str(out / "shards")), decode=False, keep_raw=True)}
+    want = {s.key: s.raw for s in iter_samples(expand_shards(str(tmp_path / "galB")), decode=False, keep_raw=True)}
+    assert sorted(curated) == sorted(r["key"] for r in manifest_rows(out))
+    assert curated["dup"] == want["dup"]  # galB's image: the test image stays out
+    # a selection holding one key from two shards (only the library API can make one) is refused by name
+    gallery = load_embeddings(stores["g"])
+    rows = np.flatnonzero(gallery.keys == "dup")
+    sel = Selection(rows, np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros(2), {})
+    with pytest.raises(UserError, match=r"'dup' twice \(from .*a-000000.tar and .*b-000000.tar\)"):
+        copy_images(tmp_path / "cur2", sel, gallery)
+
+
+def test_curate_out_checked_before_search(stores, capsys, monkeypatch):
+    """An --out holding a curated set (a rerun would mix two runs' shards), a file, or a path under a file is
+    refused in one line before any search work; an empty existing folder is fine."""
+    import kt.retrieval.curate as C
+
+    tmp_path, q, g = stores
+    out = tmp_path / "out"
+    out.mkdir()
+    curate = ["curate", "--queries", q, "--gallery", g, "--strategy", "random", "--size", "5"]
+    assert main([*curate, "--out", str(out)]) == 0
+    before = (out / "manifest.csv").read_text()
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("search ran before --out was checked")
+
+    monkeypatch.setattr(C, "curate", no_search)
+    assert main([*curate, "--seed", "3", "--out", str(out)]) == 2
+    assert "already holds a curated set" in one_error_line(capsys)
+    assert (out / "manifest.csv").read_text() == before
+    (tmp_path / "afile").write_text("x")
+    assert main([*curate, "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in one_error_line(capsys)
+    assert main([*curate, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "which is a file" in one_error_line(capsys)
+
+
+def test_unfinished_store_refused(stores, capsys):
+    """A shards-sourced store whose embed was killed after its first shard is refused as gallery and as
+    --exclude set (a test set missing images would let them into the curated set); finished, it is read."""
+    from kt.retrieval.embeddings import StoreWriter
+
+    tmp_path, q, g = stores
+    ref = load_embeddings(g)
+    urls = [str(tmp_path / "s0.tar"), str(tmp_path / "s1.tar")]
+    part = tmp_path / "part.emb"
+    w = StoreWriter(part, ref.dim, ref.encoder, ref.normalized, {"kind": "shards", "shards": urls})
+    w.append(ref.read(0, 3), ref.keys[:3], shard=0)
+    w.commit(shard_done=urls[0])
+    curate = ["curate", "--queries", q, "--strategy", "random", "--size", "5", "--no-shards"]
+    assert main([*curate, "--gallery", str(part), "--out", str(tmp_path / "o1")]) == 2
+    assert "unfinished: 1 of 2 shards" in one_error_line(capsys)
+    assert main([*curate, "--gallery", g, "--exclude", str(part), "--out", str(tmp_path / "o2")]) == 2
+    assert "embed --resume" in one_error_line(capsys)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    w.append(ref.read(3, 6), ref.keys[3:6], shard=1)
+    w.commit(shard_done=urls[1])
+    assert main([*curate, "--gallery", g, "--exclude", str(part), "--exclude-threshold", "1e-4",
+                 "--out", str(tmp_path / "o3")]) == 0
+    assert json.loads((tmp_path / "o3" / "summary.json").read_text())["excluded"] == 6
+
+
+def test_embed_resume_refuses_other_normalize_or_image_size(tmp_path, capsys):
+    make_shards(tmp_path, "gal", 3)
+    g = str(tmp_path / "g.emb")
+    assert main(["embed", *EMBED, "--data", str(tmp_path / "gal"), "--out", g]) == 0
+    rows = load_embeddings(g).read(0, 3)
+    capsys.readouterr()
+    assert main(["embed", *EMBED, "--no-normalize", "--data", str(tmp_path / "gal"), "--out", g, "--resume"]) == 2
+    assert "--normalize" in one_error_line(capsys)
+    other_size = [a if a != "32" else "48" for a in EMBED]
+    assert main(["embed", *other_size, "--data", str(tmp_path / "gal"), "--out", g, "--resume"]) == 2
+    assert "--image-size 32, not 48" in one_error_line(capsys)
+    np.testing.assert_array_equal(load_embeddings(g).read(0, 3), rows)
+
+
+def test_ivfpq_on_a_small_gallery_refused(stores, capsys):
+    tmp_path, q, g = stores
+    assert main(["curate", "--queries", q, "--gallery", g, "--index", "ivfpq", "--pq-m", "8", "--size", "10",
+                 "--no-shards", "--out", str(tmp_path / "o")]) == 2
+    assert "needs at least 256 usable gallery rows" in one_error_line(capsys)
+
+
+def test_ivfpq_without_recall_queries_prints_valid_json(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    q = write_npy_store(tmp_path, "q", rng.normal(size=(3, 8)))
+    g = write_npy_store(tmp_path, "g", rng.normal(size=(300, 8)))
+    capsys.readouterr()
+    assert main(["curate", "--queries", q, "--gallery", g, "--index", "ivfpq", "--pq-m", "4", "--nlist", "2",
+                 "--recall-queries", "0", "--size", "10", "--no-shards", "--out", str(tmp_path / "o")]) == 0
+
+    def no_nan(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line, parse_constant=no_nan)["ivfpq_recall_at_10"] is None
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text(), parse_constant=no_nan)
+    assert summary["ivfpq_recall_at_10"] is None and summary["size"] == 10
+
+
+def test_import_of_npz_or_empty_file_refused(tmp_path, capsys):
+    np.savez(tmp_path / "e.npz", emb=np.ones((3, 8), np.float32))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "s.npy", np.array([["a", "b"], ["c", "d"], ["e", "f"]]))
+    (tmp_path / "k.txt").write_text("a\nb\nc\n")
+    for name, message in (("e.npz", "is a .npz archive (emb)"), ("empty.npy", "cannot read"),
+                          ("s.npy", "not numbers")):
+        out = tmp_path / f"{name}.emb"
+        assert main(["import", "--embeddings", str(tmp_path / name), "--keys", str(tmp_path / "k.txt"),
+                     "--encoder", "x", "--out", str(out)]) == 2
+        assert message in one_error_line(capsys) and not out.exists()
+
+
+def test_embed_image_size_the_encoder_cannot_take(tmp_path, capsys):
+    """A ViT at a size its patch does not divide is refused before the store exists, so the corrected
+    rerun needs no --resume."""
+    make_shards(tmp_path, "lab", 2)
+    out = tmp_path / "v.emb"
+    vit = ["embed", "--encoder", "test_vit", "--pretrained", "none", "--data", str(tmp_path / "lab"), "--out", str(out)]
+    assert main([*vit, "--image-size", "30"]) == 2
+    assert "cannot embed 30 px images" in one_error_line(capsys) and not out.exists()
+    assert main([*vit, "--image-size", "32"]) == 0
+    assert len(load_embeddings(out)) == 2
