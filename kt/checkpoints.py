@@ -45,6 +45,7 @@ import torch.nn as nn
 from kt.config import utc_now
 from kt.errors import UserError
 from kt.models import WEIGHT_SOURCES, TaskModel, create_model, open_clip_model_cfg
+from kt.segmentation import aspp_rates
 from kt.weights import (LAYOUTS, file_sha256, load_exact, load_state, native_state, read_safetensors,
                         read_state_dict, safetensors_sha256, write_safetensors)
 
@@ -175,18 +176,50 @@ def checkpoint_folder(path) -> Path | None:
     return None
 
 
-def load_checkpoint(path) -> TaskModel:
-    """Rebuild a model from a run folder, a checkpoint folder, or a file in one."""
+def load_checkpoint(path, image_size: int = 0) -> TaskModel:
+    """Rebuild a model from a run folder, a checkpoint folder, or a file in one, for `image_size` px (0: the
+    card's).
+
+    Another size rebuilds the model for that size: what a model builds from its input size (a ViT's position
+    embeddings, the atrous rates of a DeepLabV3 head, `kt.segmentation.aspp_rates`) is the new size's, and the
+    weights are adapted as for `--pretrained PATH` (position embeddings resampled), so that the model trained
+    at that size is the one its checkpoint rebuilds. A head that cannot run at that size is refused.
+    """
     weights, card = _checkpoint_files(path)
-    model = create_model(card["arch"], int(card["num_classes"]), "none", int(card["image_size"]),
-                         card.get("task", "classification"), output_stride=card.get("output_stride"),
-                         head_width=int(card.get("head_width", 256)))
-    load_exact(model, read_safetensors(weights), what=str(weights), layout=_layout(card, weights))
+    saved = int(card["image_size"])
+    size = image_size or saved
+    model = create_model(card["arch"], int(card["num_classes"]), "none", size, card.get("task", "classification"),
+                         output_stride=card.get("output_stride"), head_width=int(card.get("head_width", 256)))
+    state, layout = read_safetensors(weights), _layout(card, weights)
+    try:
+        load_exact(model, state, what=str(weights), layout=layout)
+        verbatim = True
+    except UserError as e:
+        if size == saved:
+            raise
+        verbatim = False
+        try:
+            head_loaded = load_state(model, state, what=str(weights), layout=layout)
+        except UserError as e2:
+            raise UserError(f"checkpoint {weights.parent} was built for {saved} px and cannot be rebuilt for "
+                            f"{size} px: {e2}") from e
+        if model.head is not None and not head_loaded:
+            raise UserError(_head_misfit(card, weights.parent, saved, size)) from e
     model.pretrained = card.get("pretrained", "none")
     model.card = card
     model.classes = card.get("classes")
-    _remember_weights_file(model, weights)
+    if verbatim:  # weights adapted to another size are no longer the file's (nor its sha256)
+        _remember_weights_file(model, weights)
     return model.eval()
+
+
+def _head_misfit(card: dict, folder: Path, saved: int, size: int) -> str:
+    if card.get("task") == "segmentation":
+        stride = int(card["output_stride"])
+        old, new = aspp_rates(saved // stride), aspp_rates(size // stride)
+        return (f"checkpoint {folder} was built for {saved} px: its DeepLabV3 head has {len(old)} atrous rates "
+                f"{old}, {size} px needs {len(new)} {new}; use --image-size {saved} (or a size with {len(old)} rates)")
+    return f"checkpoint {folder} was built for {saved} px: its head does not fit the model rebuilt for {size} px"
 
 
 def load_model(spec: str, num_classes: int | None = None, pretrained: str = "none", image_size: int = 0,
@@ -194,9 +227,9 @@ def load_model(spec: str, num_classes: int | None = None, pretrained: str = "non
                output_stride: int | None = None, head_width: int = 256) -> TaskModel:
     """The model `spec` names: a run folder, a checkpoint folder (or a file in it), or a model name.
 
-    A checkpoint comes back as saved (head, classes, weights); `image_size` overrides its input size (CNNs
-    take any size) and a `num_classes` other than its head's gives it a new head. A name is built by
-    `kt.models.create_model` with `num_classes` outputs (default 0), at `image_size` (default 224), with
+    A checkpoint comes back as saved (head, classes, weights); an `image_size` other than its own rebuilds it
+    for that size (`load_checkpoint`) and a `num_classes` other than its head's gives it a new head. A name is
+    built by `kt.models.create_model` with `num_classes` outputs (default 0), at `image_size` (default 224), with
     weights from `pretrained`: none | package | hub | PATH (a run folder, checkpoint folder or state dict
     file; the head is kept where its shape fits). `seed` draws a random init from its own generator,
     leaving the global RNG alone (a teacher must be the same on every rank and rerun). `what` names the
@@ -209,9 +242,7 @@ def load_model(spec: str, num_classes: int | None = None, pretrained: str = "non
     if Path(spec).expanduser().exists():
         if pretrained != "none":
             raise UserError(f"--pretrained {pretrained} is for a model name; {spec} is a checkpoint and has its weights")
-        model = load_checkpoint(spec)
-        if image_size and image_size != model.image_size:
-            model.image_size = image_size
+        model = load_checkpoint(spec, image_size)
         if num_classes is not None and num_classes != model.num_classes:
             model.reset_head(num_classes)
         return model

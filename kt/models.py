@@ -334,13 +334,16 @@ def _take_classifier(backbone: nn.Module) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def copy_head(model: TaskModel, state: dict[str, torch.Tensor] | None) -> None:
-    """Load `state` into the head where every tensor fits it (a classifier into a segmentation head never)."""
+def copy_head(model: TaskModel, state: dict[str, torch.Tensor] | None) -> bool:
+    """Load `state` into the head where every tensor fits it (a classifier into a segmentation head never);
+    whether it was loaded."""
     if model.head is None or state is None:
-        return
+        return False
     expected = model.head.state_dict()
     if set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
         model.head.load_state_dict(state)
+        return True
+    return False
 
 
 def _create_open_clip(name: str, *, source: str, num_classes: int, image_size: int, task: str,

@@ -309,11 +309,33 @@ def load_classes(urls: Sequence[str]) -> list[str] | None:
         path = first.rsplit("/", 1)[0] + "/" + CLASSES_FILE
         try:
             fs, p = fsspec.core.url_to_fs(path)
-            return json.loads(fs.cat(p)) if fs.exists(p) else None
+            if not fs.exists(p):
+                return None
+            data = fs.cat(p)
         except (OSError, ImportError, ValueError) as e:
             raise UserError(f"cannot read {path}: {e}") from None
+        return parse_classes(data, path)
     path = Path(_local(first)).parent / CLASSES_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    return parse_classes(data, path)
+
+
+def parse_classes(data: bytes | str, path) -> list[str]:
+    """The class names a classes.json holds: a JSON list of strings (an object's keys would be taken for names
+    silently, in whatever order it was written)."""
+    try:
+        classes = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: not JSON ({str(e)[:100]})") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        found = type(classes).__name__ if not isinstance(classes, list) else "a list holding non-strings"
+        raise UserError(f"{path} must be a JSON list of class names (strings), not {found}")
+    return classes
 
 
 # -------------------------------------------------------------------------------- labeled subsets

@@ -97,8 +97,9 @@ def _classifier_slots(reference: nn.Module, backbone: dict, head: dict) -> dict[
 
 
 # ---------------------------------------------------------------------------------------- reading
-def load_state(model: TaskModel, state: dict[str, torch.Tensor], what: str, layout: str | None = None) -> None:
-    """Backbone weights (and the head, where its shape fits) from a state dict in any layout kt knows.
+def load_state(model: TaskModel, state: dict[str, torch.Tensor], what: str, layout: str | None = None) -> bool:
+    """Backbone weights (and the head, where its shape fits) from a state dict in any layout kt knows;
+    whether the head was loaded.
 
     `layout` is the checkpoint card's when known; otherwise it is recognised from the keys.
     """
@@ -117,7 +118,17 @@ def load_state(model: TaskModel, state: dict[str, torch.Tensor], what: str, layo
         state, filtered_head = _adapt_state(model, state)
         head = head or filtered_head
     load_strict(model.backbone, state, what=what)
-    copy_head(model, head)
+    return copy_head(model, _head_shaped(model, head))
+
+
+def _head_shaped(model: TaskModel, head: dict | None) -> dict | None:
+    """`head` in the shapes of the model's head: a 1x1-conv classifier stores the head's (K, D) weight as
+    (K, D, 1, 1)."""
+    if not head or model.head is None:
+        return head
+    shapes = {k: v.shape for k, v in model.head.state_dict().items()}
+    return {k: v.reshape(shapes[k]) if k in shapes and v.numel() == shapes[k].numel() else v
+            for k, v in head.items()}
 
 
 def load_exact(model: TaskModel, state: dict[str, torch.Tensor], what: str, layout: str) -> None:
@@ -128,10 +139,7 @@ def load_exact(model: TaskModel, state: dict[str, torch.Tensor], what: str, layo
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         else:
             state, head = pop_timm_classifier(model.backbone, state)
-        shapes = {k: v.shape for k, v in model.head.state_dict().items()} if model.head is not None else {}
-        # a 1x1-conv classifier stores the head's (K, D) weight as (K, D, 1, 1)
-        head = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == shapes[k].numel() else v
-                for k, v in (head or {}).items()}
+        head = _head_shaped(model, head) or {}
         state = {**{f"backbone.{k}": v for k, v in state.items()}, **{f"head.{k}": v for k, v in head.items()}}
     load_strict(model, state, what=what)
 

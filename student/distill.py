@@ -22,7 +22,6 @@ Outputs in `--out`: `checkpoint/` (the student with its task head when the objec
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from kt.errors import UserError
 from kt.checkpoints import load_model, save_checkpoint
 from kt.device import check_precision, model_device, placement
 from kt.models import TaskModel, teacher_targets
-from kt.shards import BadSamples, expand_shards, iter_samples, load_classes
+from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, parse_classes
 from kt.views import ViewSet, load_view_spec
 from kt.student.losses import DistillObjective, create_objective, objective_class
 from kt.render import uint8_views
@@ -201,9 +200,9 @@ def load_expected_classes(arg: str) -> list[str] | None:
     if not arg:
         return None
     if arg.endswith(".json"):
-        if not Path(arg).exists():
+        if not Path(arg).is_file():
             raise UserError(f"classes file not found: {arg}")
-        return json.loads(Path(arg).read_text())
+        return parse_classes(Path(arg).read_bytes(), arg)
     classes = load_classes(expand_shards(arg))
     if classes is None:
         raise UserError(f"no classes.json beside {arg}")

@@ -51,12 +51,29 @@ def run_eval(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)  # a bad device fails before the checkpoint loads
     urls = expand_shards(cfg.data)
     model = set_channels_last(load_model(cfg.checkpoint, what="--checkpoint").to(device), cfg.channels_last)
+    check_data_classes(getattr(model, "classes", None), urls, f"the checkpoint {cfg.checkpoint}", cfg.data)
     if model.task == "segmentation":
         from kt.student.segmentation import evaluate_segmentation
 
         return evaluate_segmentation(model, urls, cfg.batch_size, cfg.workers, getattr(model, "classes", None),
                                      cfg.max_bad_fraction)
     return evaluate(model, urls, cfg.batch_size, cfg.workers, classes=getattr(model, "classes", None))
+
+
+def check_data_classes(classes: Sequence[str] | None, urls: Sequence[str], model: str, data: str) -> None:
+    """Refuse evaluation data whose classes.json names other classes than the model's: its labels index
+    another list, so every metric would be named after the wrong classes (or its labels run past the head)."""
+    from kt.shards import load_classes
+
+    found = load_classes(urls)
+    if found is None or classes is None or list(found) == list(classes):
+        return
+    if len(found) != len(classes):
+        raise UserError(f"{data} has {len(found)} classes in its classes.json, {model} {len(classes)}; evaluate on "
+                        "data labeled with the model's classes")
+    i = next(i for i, (a, b) in enumerate(zip(found, classes)) if a != b)
+    raise UserError(f"{data}'s classes.json differs from {model}'s classes at index {i}: {found[i]!r} there, "
+                    f"{classes[i]!r} in the model")
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ def run_export(cfg: ExportConfig) -> dict:
     if not cfg.checkpoint or not cfg.out:
         raise UserError("export needs --checkpoint and --out")
     check_config(cfg)  # also when called as a library, not through build_config
+    check_out_file(Path(cfg.out))
     model = load_model(cfg.checkpoint, what="--checkpoint").eval()
     size = cfg.image_size or model.image_size
     if getattr(model, "is_tokens", True) and size != model.image_size:  # ViTs and open_clip towers
@@ -83,6 +84,17 @@ def run_export(cfg: ExportConfig) -> dict:
     return {"out": str(out), "format": cfg.format, "model": model.arch, "image_size": size, "opset": cfg.opset,
             "dynamic_batch": cfg.dynamic_batch, "reparameterized": deployable is not model,
             "bytes": out.stat().st_size, "parity": {"data": data, "samples": int(x.shape[0]), **parity}}
+
+
+def check_out_file(out: Path) -> None:
+    """Refuse an --out no file can be written to before the export and the parity run spend their time."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the path of the .onnx file to write")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a directory")
+            break
 
 
 def inference_form(model: torch.nn.Module) -> torch.nn.Module:

@@ -34,7 +34,7 @@ from kt.render import model_input, uint8_views
 from kt.shards import BadSamples, expand_shards, labeled_images, labeled_subset, load_classes
 from kt.views import load_view_spec
 from kt.student.data import LabeledViews, labeled_loader
-from kt.student.evaluate import METRICS_FILE, evaluate
+from kt.student.evaluate import METRICS_FILE, check_data_classes, evaluate
 from kt.student.loop import (CHECKPOINT_DIR, INIT_HEADS, OptimConfig, check_out_dir, create_accelerator, fit,
                              init_from_run, locks_run_folder)
 
@@ -146,6 +146,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     val_urls = expand_shards(cfg.val_data) if cfg.val_data else None
     spec = load_view_spec(cfg.view)
     classes = load_classes(urls)
+    if val_urls and classes:
+        check_data_classes(classes, val_urls, f"--data {cfg.data}", f"--val-data {cfg.val_data}")
     bad = BadSamples(cfg.max_bad_fraction)
     if seg:
         samples = segm.labeled_masks(urls, cfg.labeled_images, cfg.subset_seed, bad, classes)

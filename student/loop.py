@@ -369,6 +369,19 @@ RESUMABLE_CHANGES = {"workers", "out", "val_data", "log_every", "save_every", "s
 
 
 LOCK_FILE = ".kt-run.lock"
+# run-folder lock fds this process holds: a forked child (a DataLoader worker) closes its copies at once, since an
+# flock belongs to the open file, which a child's inherited fd keeps open (and locked) after its parent died
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 @contextlib.contextmanager
@@ -376,7 +389,8 @@ def run_folder_lock(out: Path):
     """Hold `out` for one run: a second kt process on the same folder (a job submitted twice, a demo started twice)
     is refused in one line instead of both resuming from, and saving over, the same state. An flock, not a pid
     file: the kernel drops it when its holder dies (kill -9 and OOM included), so a crashed run never leaves a
-    stale lock behind. Taken by rank 0 only: the ranks of one distributed run share their folder. A folder this
+    stale lock behind; forked DataLoader workers do not hold it (`_drop_inherited_locks`), so it goes with the
+    run's own process. Taken by rank 0 only: the ranks of one distributed run share their folder. A folder this
     made and the run left empty (a refused configuration) is removed again."""
     import fcntl
 
@@ -386,6 +400,7 @@ def run_folder_lock(out: Path):
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    _HELD_LOCKS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -397,6 +412,7 @@ def run_folder_lock(out: Path):
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # releases the lock
         if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
             shutil.rmtree(out, ignore_errors=True)
@@ -467,5 +483,4 @@ def init_from_run(run: str, num_classes: int, image_size: int, head: str = "new"
     keep = head == "keep" or (head == "auto" and objective == "task" and misfit is None)
     if not keep:
         model.reset_head(num_classes)
-    model.image_size = image_size
     return model.train(), keep

@@ -288,6 +288,9 @@ def run_folder(tmp_path):
     """A run folder as finetune leaves it: RUN/checkpoint/ (+ other files)."""
     torch.manual_seed(0)
     model = create_model("test_efficientnet", num_classes=3, image_size=32).eval()
+    with torch.no_grad():  # not the seeded init a command would build by name: a path it ignored would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     run = tmp_path / "run"
     save_checkpoint(model, run / "checkpoint", classes=CLASSES)
     (run / "config.yaml").write_text("model: test_efficientnet\n")
@@ -329,6 +332,28 @@ def test_eval_takes_a_run_folder_or_a_name(run_folder, capsys):
     assert "no task head" in capsys.readouterr().err
 
 
+def test_eval_refuses_data_of_other_classes(run_folder, tmp_path, capsys):
+    """A label indexes its data's classes.json: data naming other classes than the checkpoint's (another count,
+    or the same count under other names) is refused by eval and by finetune --val-data, not scored."""
+    from kt.student.cli import main
+
+    for name, classes, pattern in (("four", CLASSES + ["cow"], "has 4 classes in its classes.json"),
+                                   ("renamed", ["cat", "dog", "cow"], "at index 2: 'cow' there, 'bird'")):
+        other = tmp_path / name
+        shutil.copytree(FIXTURE / "shards", other)  # the same images and labels
+        (other / "classes.json").write_text(json.dumps(classes))
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(run_folder), "--data", str(other), "--workers", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and pattern in err, err
+        out = tmp_path / f"ft-{name}"
+        assert main(["finetune", "--model", "test_efficientnet", "--data", str(FIXTURE / "shards"), "--val-data",
+                     str(other), "--image-size", "32", "--workers", "0", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and pattern in err, err
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("flag", ["--init", "--pretrained"])
 def test_finetune_starts_from_a_run_folder(flag, run_folder, tmp_path, capsys):
     from kt.student.cli import main
@@ -342,3 +367,39 @@ def test_finetune_starts_from_a_run_folder(flag, run_folder, tmp_path, capsys):
     # lr 0: the backbone is the run's (BatchNorm statistics move in train mode, so compare weights only)
     for (k, a), b in zip(source.backbone.named_parameters(), tuned.backbone.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+# ------------------------------------------------------------------------------ training at another input size
+def _saved_models(monkeypatch) -> list:
+    """The models finetune saves, as trained (the objects, before any reload)."""
+    import kt.student.finetune as finetune
+
+    saved, save = [], finetune.save_checkpoint
+    monkeypatch.setattr(finetune, "save_checkpoint", lambda model, *a, **k: (saved.append(model), save(model, *a, **k))[1])
+    return saved
+
+
+@pytest.mark.parametrize("arch, flag", [("test_vit", "--model"), ("test_vit", "--init"),
+                                        ("test_efficientnet", "--model")])
+def test_a_run_at_another_size_saves_the_model_it_trained(arch, flag, tmp_path, monkeypatch, capsys):
+    """A ViT's position embeddings follow its input size: a checkpoint finetuned at another size is rebuilt for
+    it (position embeddings resampled), and its checkpoint rebuilds the model trained, in kt, timm and eval."""
+    import timm
+
+    from kt.student.cli import main
+
+    args = ["finetune", "--data", str(FIXTURE / "shards"), "--batch-size", "3", "--workers", "0",
+            "--labels-per-class", "1", "--epochs", "1"]
+    assert main(args + ["--model", arch, "--image-size", "32", "--out", str(tmp_path / "a")]) == 0
+    trained = _saved_models(monkeypatch)
+    assert main(args + [flag, str(tmp_path / "a"), "--image-size", "48", "--out", str(tmp_path / "b")]) == 0
+    loaded = load_checkpoint(tmp_path / "b")
+    assert loaded.image_size == 48 and trained[0].image_size == 48
+    _same_outputs(trained[0], loaded, 48)
+    library = timm.create_model(f"local-dir:{tmp_path / 'b' / 'checkpoint'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(library(x), loaded(x), rtol=0, atol=1e-5)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "b"), "--data", str(FIXTURE / "shards"), "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6

@@ -59,6 +59,10 @@ def test_refusals_before_any_export(tmp_path, capsys):
     assert code == 2 and "give --data" in err
     code, err = _export(capsys, "--checkpoint", str(tmp_path / "nope"), "--out", str(out))
     assert code == 2 and "--checkpoint not found" in err
+    # an --out no file can be written to: refused before the export and its parity run
+    for bad_out, pattern in ((tmp_path, "is a directory"), (ckpt / "card.json" / "m.onnx", "is a file")):
+        code, err = _export(capsys, "--checkpoint", str(ckpt), "--out", str(bad_out), "--data", str(FIXTURE_SHARDS))
+        assert code == 2 and pattern in err and len(err.strip().splitlines()) == 1, err
     vit = save_checkpoint(create_model("test_vit", num_classes=2, image_size=32), tmp_path / "vit")
     code, err = _export(capsys, "--checkpoint", str(vit), "--out", str(out), "--image-size", "64",
                         "--data", str(FIXTURE_SHARDS))

@@ -152,3 +152,44 @@ def test_the_data_bound_line_suggests_the_gpu_render_only_where_a_command_has_it
     assert "60%" in clock.hint("finetune")
     clock.waited = 10.0
     assert clock.hint("distill", render_flag=True) is None
+
+
+def test_a_run_killed_with_its_dataloader_workers_alive_can_be_rerun_at_once(fmnist, tmp_path, capsys):
+    """kill -9 of a run whose DataLoader workers are alive: the workers (forked; they outlive their parent for a
+    few seconds) must not hold the run folder's lock, so the same command rerun at once resumes."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from kt.student.cli import main
+    from tests.test_finetune import TINY
+
+    out = tmp_path / "run"
+    args = ["finetune", "--data", str(fmnist["root"] / "train"), *TINY, "--workers", "2", "--epochs", "1000",
+            "--save-every", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "kt.student.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        progress = out / "state" / "progress.json"
+        deadline = time.monotonic() + 120
+        while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert progress.exists(), "the run saved nothing"
+        workers = psutil.Process(proc.pid).children()
+        proc.kill()
+        proc.wait()
+        assert len(workers) >= 2 and all(w.is_running() for w in workers)  # alive after their parent's death
+        step = json.loads(progress.read_text())["global_step"]
+        capsys.readouterr()
+        assert main(args + ["--stop-after-steps", str(step + 1)]) == 0
+        assert "resuming at epoch" in capsys.readouterr().out
+        assert json.loads(progress.read_text())["global_step"] == step + 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the killed run's workers, if still there

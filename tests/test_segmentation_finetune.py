@@ -146,8 +146,13 @@ def test_segmentation_refusals(seg_data, tmp_path, capsys):
     assert_user_error(capsys, ["finetune", "--data", cls_data, "--init", str(seg_run), "--image-size", "32",
                                "--workers", "0", "--out", out], "is a segmentation checkpoint")
     # eval of a segmentation checkpoint on shards whose masks are missing fails past the bad fraction
+    write_shards([(f"m{i}", synthetic(f"m{i}")[0], 0) for i in range(8)], tmp_path / "no-masks",
+                 classes=["background", "red", "green"])
+    assert_user_error(capsys, ["eval", "--checkpoint", str(seg_run), "--data", str(tmp_path / "no-masks"),
+                               "--workers", "0"], "samples are bad")
+    # ... and on shards of other classes (a, b, c) it is refused, not scored under the checkpoint's class names
     assert_user_error(capsys, ["eval", "--checkpoint", str(seg_run), "--data", cls_data, "--workers", "0"],
-                      "samples are bad")
+                      "differs from the checkpoint")
 
 
 def test_uint8_views_finetune_and_evaluate_the_same(seg_data, tmp_path, monkeypatch):
@@ -170,3 +175,66 @@ def test_uint8_views_finetune_and_evaluate_the_same(seg_data, tmp_path, monkeypa
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     evals = [json.loads((tmp_path / m / "eval.json").read_text()) for m in ("never", "always")]
     assert evals[0]["miou"] == evals[1]["miou"] and evals[0]["per_class_iou"] == evals[1]["per_class_iou"]
+
+
+def test_eval_data_of_other_classes_is_refused(seg_data, tmp_path, capsys):
+    """The masks' labels index the data's classes.json: data naming other classes (another count, or the same
+    count under other names) is refused by eval and by finetune --val-data, before anything runs."""
+    import shutil
+
+    run = tmp_path / "run"
+    assert finetune(seg_data, run, "--epochs", "1") == 0
+    for name, classes, pattern in (("five", ["background", "cat", "dog", "car", "tree"], "has 5 classes"),
+                                   ("renamed", ["background", "red", "blue"], "at index 2: 'blue' there, 'green'")):
+        other = tmp_path / name
+        shutil.copytree(seg_data / "test", other)  # the same masks, labels 0..2
+        (other / "classes.json").write_text(json.dumps(classes))
+        assert_user_error(capsys, ["eval", "--checkpoint", str(run), "--data", str(other), "--workers", "0"],
+                          pattern)
+        out = tmp_path / f"ft-{name}"
+        assert_user_error(capsys, ["finetune", "--data", str(seg_data / "train"), *SEG, "--val-data", str(other),
+                                   "--out", str(out)], pattern)
+        assert not out.exists()  # refused before the run started
+    # the data's own classes: evaluated
+    assert main(["eval", "--checkpoint", str(run), "--data", str(seg_data / "test"), "--workers", "0"]) == 0
+
+
+def _saved_models(monkeypatch) -> list:
+    """The models finetune saves, as trained (the objects, before any reload)."""
+    import kt.student.finetune as ft
+
+    saved, save = [], ft.save_checkpoint
+    monkeypatch.setattr(ft, "save_checkpoint", lambda model, *a, **k: (saved.append(model), save(model, *a, **k))[1])
+    return saved
+
+
+def test_a_checkpoint_finetuned_at_another_size_is_rebuilt_for_it(seg_data, tmp_path, monkeypatch, capsys):
+    """The ASPP rates follow the grid (`aspp_rates`): from 48 px (rates 1, 2, 3) to 64 px (1, 3, 4) the model is
+    rebuilt for 64 px and its checkpoint rebuilds the model trained; to 32 px (two rates: another head) it is
+    refused in one line before the run starts."""
+    import torch
+
+    from kt.checkpoints import load_checkpoint
+    from kt.segmentation import aspp_rates
+
+    def rates(model):
+        return tuple(branch[0].dilation[0] for branch in list(model.head[0].convs)[1:-1])
+
+    first, second = tmp_path / "48", tmp_path / "64"
+    assert finetune(seg_data, first, "--image-size", "48", "--epochs", "1") == 0
+    trained = _saved_models(monkeypatch)
+    assert finetune(seg_data, second, "--model", str(first), "--image-size", "64", "--epochs", "1",
+                    "--val-data", str(seg_data / "test")) == 0
+    loaded = load_checkpoint(second)
+    assert rates(trained[0]) == rates(loaded) == aspp_rates(8) != rates(load_checkpoint(first))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), trained[0].eval()(x), rtol=0, atol=0)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(second), "--data", str(seg_data / "test"), "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == json.loads((second / "eval.json").read_text())["miou"]
+
+    out = tmp_path / "32"
+    assert_user_error(capsys, ["finetune", "--data", str(seg_data / "train"), *SEG, "--model", str(first),
+                               "--out", str(out)], "was built for 48 px")
+    assert not out.exists()

@@ -21,6 +21,37 @@ def test_expand_brace_dir_glob_and_url(fmnist):
     assert url == by_dir[:1]
 
 
+@pytest.mark.parametrize("text, pattern", [
+    ("{not json", "not JSON"),
+    ('{"cat": 0, "dog": 1}', "must be a JSON list of class names (strings), not dict"),
+    ("[0, 1, 2]", "not a list holding non-strings"),
+    (b"\xff\xfe[]", "not JSON"),
+])
+def test_a_malformed_classes_json_is_refused_in_one_line(fmnist, tmp_path, capsys, text, pattern):
+    """classes.json is a JSON list of names: anything else names the file in one line, here and wherever it is
+    read (finetune, kt-student train --expect-classes), instead of a traceback or an object's keys taken as names."""
+    import shutil
+
+    from kt.student.cli import main
+    from kt.student.distill import load_expected_classes
+
+    data = tmp_path / "data"
+    shutil.copytree(fmnist["root"] / "test", data)
+    path = data / "classes.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError, match="classes.json") as e:
+        load_classes(expand_shards(str(data)))
+    assert pattern in str(e.value)
+    for arg in (str(path), str(data)):
+        with pytest.raises(UserError, match=pattern.split(" (")[0]):
+            load_expected_classes(arg)
+    capsys.readouterr()
+    assert main(["finetune", "--model", "test_efficientnet", "--data", str(data), "--image-size", "32",
+                 "--workers", "0", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and pattern in err, err
+
+
 @pytest.mark.parametrize("spec", ["/nonexistent/x.tar", "/nonexistent/{0..2}.tar", "", "/tmp/none-*.tar"])
 def test_expand_missing_is_user_error(spec):
     with pytest.raises(UserError):
