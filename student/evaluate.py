@@ -68,9 +68,12 @@ def check_data_classes(classes: Sequence[str] | None, urls: Sequence[str], model
     found = load_classes(urls)
     if found is None or classes is None or list(found) == list(classes):
         return
+    unnamed = list(classes) == [str(i) for i in range(len(classes))]  # trained on data without classes.json
     if len(found) != len(classes):
         raise UserError(f"{data} has {len(found)} classes in its classes.json, {model} {len(classes)}; evaluate on "
                         "data labeled with the model's classes")
+    if unnamed:  # its indices are all it knows: the data's names are the only ones there are
+        return
     i = next(i for i, (a, b) in enumerate(zip(found, classes)) if a != b)
     raise UserError(f"{data}'s classes.json differs from {model}'s classes at index {i}: {found[i]!r} there, "
                     f"{classes[i]!r} in the model")

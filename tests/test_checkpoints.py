@@ -352,6 +352,15 @@ def test_eval_refuses_data_of_other_classes(run_folder, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and pattern in err, err
         assert not out.exists()
+    # a model trained on data without classes.json knows its classes by index only: named data of as many
+    # classes is its data, of another count is not
+    from kt.shards import expand_shards
+    from kt.student.evaluate import check_data_classes
+
+    urls = expand_shards(str(FIXTURE / "shards"))
+    check_data_classes(["0", "1", "2"], urls, "m", "d")
+    with pytest.raises(UserError, match="has 3 classes in its classes.json, m 4"):
+        check_data_classes(["0", "1", "2", "3"], urls, "m", "d")
 
 
 @pytest.mark.parametrize("flag", ["--init", "--pretrained"])
