@@ -262,3 +262,13 @@ def test_a_data_bound_build_says_so(tiny_teacher, fmnist, tmp_path, monkeypatch,
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["bound_by"] == "data", summary["time_s"]
     assert "waited on the DataLoader" in err and "--workers (now 0" in err
+
+
+def test_shard_read_benchmark_reads_the_same_samples_both_ways():
+    from tools.bench_pipeline import run
+
+    out = run(["--quick", "--skip", "render,render_gpu,writer,build,stream"])
+    read = out["shard_read"]
+    assert read["samples"] == 16 and read["kt_mb_per_s"] > 0 and read["webdataset_mb_per_s"] > 0
+    assert read["kt_over_webdataset"] == pytest.approx(read["webdataset_mb_per_s"] / read["kt_mb_per_s"], rel=0.01)
+    assert "build_zero_teacher" not in out and "render" not in out

@@ -23,6 +23,9 @@
   `time_s` are the build loop's own rate and clock.
 - `build_replay`: the same build with the views rendered beforehand and replayed from memory: the build's
   own loop and writer alone (views/s, and the process's CPU ms per view), the ceiling they put on a build.
+- `shard_read`: reading a shard's raw members (no decode) through `kt.shards` (which checks that the tar stream
+  ends in its end-of-archive blocks, so a shard cut short is refused) against webdataset's iteration alone, on
+  the same shard in turn: MB/s of each and their ratio, the check's cost.
 - `stream_zero_student`: the distillation stream (`ReplayStream` over that cache: stored parameters checked,
   targets decoded, views rendered at 224 px) consumed by a student that costs nothing; float views, and
   (`uint8_*`) the uint8 views the workers send a CUDA student.
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writer-threads", default="1,2", help="writer thread counts timed (BuildConfig.writer_threads)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers for build and stream")
     p.add_argument("--size", type=int, default=224, help="teacher/student input size for build and stream")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: render,render_gpu,writer,build,stream")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: render,render_gpu,writer,shard_read,build,stream")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke check")
     p.add_argument("--workdir", default=None, help="keep shards and stores here instead of a temporary directory")
     p.add_argument("--json", action="store_true")
@@ -88,8 +91,11 @@ def run(args=None) -> dict:
             result["render_gpu"] = bench_render_gpu(args)
         if "writer" not in skip:
             result["writer"] = bench_writer(args, work)
-        if not {"build", "stream"} <= skip:
+        if not {"build", "stream", "shard_read"} <= skip:
             urls = photo_shards(Path(work) / "photos", args.images)
+        if "shard_read" not in skip:
+            result["shard_read"] = bench_shard_read(urls[0])
+        if not {"build", "stream"} <= skip:
             cache = str(Path(work) / "zero.zarr")
             result["build_zero_teacher"] = bench_build(args, urls, cache)
             if "build" not in skip:
@@ -456,6 +462,33 @@ def bench_build_replay(args, urls, cache: str) -> dict:
     return {"views_per_s": round(n / wall), "cpu_ms_per_view": round(1e3 * cpu / n, 4),
             "loop_views_per_s": round(summary["views_per_s"]), "time_s": summary["time_s"], "views": n,
             "uint8_views": uint8, "image_size": args.size, "targets": ["logits", "embedding"]}
+
+
+# ----------------------------------------------------------------------------------------- shard read
+def bench_shard_read(url: str, repeats: int = 7) -> dict:
+    """Raw members of one shard through `kt.shards` (end-of-archive check) and through webdataset alone, in turn;
+    the best of `repeats` each, so one slow pass (a page-cache miss, a neighbour) does not count."""
+    import webdataset as wds
+
+    from kt.shards import _raw_members
+
+    def plain():
+        with open(url, "rb") as f:
+            members = wds.tariterators.tar_file_expander([{"url": url, "stream": f}])
+            return sum(1 for _ in wds.tariterators.group_by_keys(members))
+
+    def checked():
+        return sum(1 for _ in _raw_members(url))
+
+    best = {"webdataset": float("inf"), "kt": float("inf")}
+    for _ in range(repeats):
+        for name, fn in (("webdataset", plain), ("kt", checked)):
+            start = time.perf_counter()
+            n = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    mb = os.path.getsize(url) / 1e6
+    return {"samples": n, "mb": round(mb, 1), **{f"{k}_mb_per_s": round(mb / v, 1) for k, v in best.items()},
+            "kt_over_webdataset": round(best["kt"] / best["webdataset"], 4)}
 
 
 # --------------------------------------------------------------------------------------------- stream
