@@ -106,7 +106,8 @@ def _segmentation_fields(model) -> dict:
     classification cards and fingerprints stay as they were)."""
     if model.task != "segmentation":
         return {}
-    return {"output_stride": int(model.output_stride), "head_width": int(model.head_width)}
+    return {"output_stride": int(model.output_stride), "head_width": int(model.head_width),
+            "aspp_rates": [int(r) for r in model.aspp_rates]}
 
 
 def _saved_form(model: TaskModel, classes) -> tuple[str, dict[str, torch.Tensor], dict | None]:
@@ -180,46 +181,42 @@ def load_checkpoint(path, image_size: int = 0) -> TaskModel:
     """Rebuild a model from a run folder, a checkpoint folder, or a file in one, for `image_size` px (0: the
     card's).
 
-    Another size rebuilds the model for that size: what a model builds from its input size (a ViT's position
-    embeddings, the atrous rates of a DeepLabV3 head, `kt.segmentation.aspp_rates`) is the new size's, and the
-    weights are adapted as for `--pretrained PATH` (position embeddings resampled), so that the model trained
-    at that size is the one its checkpoint rebuilds. A head that cannot run at that size is refused.
+    At another size a ViT's position embeddings are resampled as for `--pretrained PATH`, so that a model
+    trained at that size is the one its checkpoint rebuilds; what a model does not build from its input size
+    stays as saved: a DeepLabV3 head keeps its own atrous rates (the card's `aspp_rates`; before they were
+    recorded, those of the card's size), whatever the new grid. The weights' fingerprint is the file's
+    either way: with the input size beside it in `model_fingerprint`, it names the outputs.
     """
     weights, card = _checkpoint_files(path)
     saved = int(card["image_size"])
     size = image_size or saved
-    model = create_model(card["arch"], int(card["num_classes"]), "none", size, card.get("task", "classification"),
+    task = card.get("task", "classification")
+    model = create_model(card["arch"], int(card["num_classes"]), "none", size, task,
                          output_stride=card.get("output_stride"), head_width=int(card.get("head_width", 256)))
+    if task == "segmentation":
+        rates = tuple(card.get("aspp_rates") or aspp_rates(saved // int(card["output_stride"])))
+        if rates != model.aspp_rates:
+            with torch.random.fork_rng(devices=[]):  # its init is overwritten: leave the caller's RNG alone
+                model.reset_head(int(card["num_classes"]), aspp_rates=rates)
     state, layout = read_safetensors(weights), _layout(card, weights)
     try:
         load_exact(model, state, what=str(weights), layout=layout)
-        verbatim = True
     except UserError as e:
         if size == saved:
             raise
-        verbatim = False
         try:
             head_loaded = load_state(model, state, what=str(weights), layout=layout)
         except UserError as e2:
             raise UserError(f"checkpoint {weights.parent} was built for {saved} px and cannot be rebuilt for "
                             f"{size} px: {e2}") from e
         if model.head is not None and not head_loaded:
-            raise UserError(_head_misfit(card, weights.parent, saved, size)) from e
+            raise UserError(f"checkpoint {weights.parent} was built for {saved} px: its head does not fit the "
+                            f"model rebuilt for {size} px") from e
     model.pretrained = card.get("pretrained", "none")
     model.card = card
     model.classes = card.get("classes")
-    if verbatim:  # weights adapted to another size are no longer the file's (nor its sha256)
-        _remember_weights_file(model, weights)
+    _remember_weights_file(model, weights)
     return model.eval()
-
-
-def _head_misfit(card: dict, folder: Path, saved: int, size: int) -> str:
-    if card.get("task") == "segmentation":
-        stride = int(card["output_stride"])
-        old, new = aspp_rates(saved // stride), aspp_rates(size // stride)
-        return (f"checkpoint {folder} was built for {saved} px: its DeepLabV3 head has {len(old)} atrous rates "
-                f"{old}, {size} px needs {len(new)} {new}; use --image-size {saved} (or a size with {len(old)} rates)")
-    return f"checkpoint {folder} was built for {saved} px: its head does not fit the model rebuilt for {size} px"
 
 
 def load_model(spec: str, num_classes: int | None = None, pretrained: str = "none", image_size: int = 0,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -72,10 +73,13 @@ class TaskModel(nn.Module):
         self._weights_versions: tuple | None = None
         self.output_stride = output_stride
         self.head_width = int(head_width)
+        self.aspp_rates: tuple[int, ...] | None = None  # a segmentation head's atrous rates
         self.reset_head(num_classes)
 
-    def reset_head(self, num_classes: int) -> None:
-        """Replace the task head with a fresh one (no head when `num_classes` is 0)."""
+    def reset_head(self, num_classes: int, aspp_rates: Sequence[int] | None = None) -> None:
+        """Replace the task head with a fresh one (no head when `num_classes` is 0). A segmentation head takes
+        the atrous rates of the model's grid (`kt.segmentation.aspp_rates`) unless `aspp_rates` are given (a
+        checkpoint's own, at another input size)."""
         if num_classes < 0:
             raise UserError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = int(num_classes)
@@ -87,8 +91,9 @@ class TaskModel(nn.Module):
             return
         if self.task == "segmentation":
             # the grid is exactly image_size / output_stride (kt.segmentation makes it so)
-            self.head = seg.deeplabv3_head(self.grid_dim, num_classes, self.image_size // self.output_stride,
-                                           self.head_width)
+            grid = self.image_size // self.output_stride
+            self.aspp_rates = tuple(int(r) for r in aspp_rates) if aspp_rates else seg.aspp_rates(grid)
+            self.head = seg.deeplabv3_head(self.grid_dim, num_classes, grid, self.head_width, self.aspp_rates)
             return
         self.head = nn.Linear(self.embedding_dim, num_classes)
         # Small init so a finetuned foundation model starts from near-uniform predictions.

@@ -28,6 +28,7 @@ Head: torchvision's DeepLabV3 (ASPP + 3x3 conv + BN + ReLU + 1x1 conv, the paper
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -157,15 +158,16 @@ def aspp_rates(grid: int) -> tuple[int, ...]:
     return tuple(rates)
 
 
-def deeplabv3_head(in_channels: int, num_classes: int, grid: int, width: int = 256) -> nn.Sequential:
-    """torchvision's DeepLabV3 head with the ASPP width and rates given; the layer list of
-    `torchvision.models.segmentation.deeplabv3.DeepLabHead`, which fixes the width at 256 (the default
-    here builds the same module, state dict keys included)."""
+def deeplabv3_head(in_channels: int, num_classes: int, grid: int, width: int = 256,
+                   rates: Sequence[int] | None = None) -> nn.Sequential:
+    """torchvision's DeepLabV3 head with the ASPP width and rates given (by default `aspp_rates(grid)`); the
+    layer list of `torchvision.models.segmentation.deeplabv3.DeepLabHead`, which fixes the width at 256 (the
+    default here builds the same module, state dict keys included)."""
     from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
     if width < 1:
         raise UserError(f"head width must be >= 1, got {width}")
-    rates = aspp_rates(grid)
+    rates = tuple(rates) if rates else aspp_rates(grid)
     if width == 256:
         return DeepLabHead(in_channels, num_classes, rates)
     return nn.Sequential(ASPP(in_channels, rates, width), nn.Conv2d(width, width, 3, padding=1, bias=False),

@@ -24,13 +24,18 @@ never pays for them; their format and checks are `kt.masks`.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import glob
+import gzip
 import hashlib
 import heapq
 import io
 import json
+import lzma
 import os
+import re
+import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -176,37 +181,76 @@ def image_ext(sample: dict) -> str | None:
     return None
 
 
-class _TarEnd:
-    """A shard's byte stream that remembers how it ended, so a shard cut short is told from a complete one.
+class _Prefixed:
+    """A byte stream with its first bytes (read to sniff a compression) put back in front."""
 
-    tarfile reads a stream that stops at a member boundary, or a header it cannot parse past the first, as
-    the archive's end, and webdataset passes that on: a half-copied shard would lose its tail without a word.
-    A complete tar ends in zero blocks (two, padded to a 10 KiB record by tarfile and GNU tar); after the
-    reader stops, the rest of the stream must be such padding, and its last block zeros. A compressed tar
-    (gzip, bzip2, xz: tarfile's "r|*" reads them) is checked by its decompressor, which fails on a cut stream."""
-
-    COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-
-    def __init__(self, stream):
-        self.stream, self.head, self.tail = stream, b"", b""
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
 
     def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        if len(self.head) < 6:
-            self.head += data[:6 - len(self.head)]
-        self.tail = (self.tail + data[-512:])[-512:]
+        if not self.head:
+            return self.stream.read(n)
+        if n is None or n < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:n], self.head[n:]
+        return data + (self.stream.read(n - len(data)) if len(data) < n else b"")
+
+
+class _TarStream:
+    """A shard's tar byte stream (decompressed here: gzip, bzip2, xz), which remembers its last bytes so that
+    where the tar reader stopped can be checked: a complete archive ends in two zero blocks (then padding).
+
+    tarfile reads a stream cut at a member boundary, or a header it cannot parse past the first, as the
+    archive's end, and webdataset passes that on: a half-copied shard lost its tail without a word. And tarfile's
+    own decompression never checks a compressed stream's end, so a cut .tar.gz read as a shorter archive too;
+    Python's GzipFile, BZ2File and LZMAFile do check it (EOFError)."""
+
+    KEEP = 1 << 16  # bytes kept behind the read position: tarfile reads ahead of a header by < 20 KiB
+    COMPRESSED = {b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), b"BZh": bz2.BZ2File,
+                  b"\xfd7zXZ\x00": lzma.LZMAFile}
+
+    def __init__(self, stream):
+        head = stream.read(6)
+        opener = next((f for magic, f in self.COMPRESSED.items() if head.startswith(magic)), None)
+        self.src = _Prefixed(head, stream) if opener is None else opener(_Prefixed(head, stream))
+        self.recent, self.recent_at = bytearray(), 0  # the last bytes read, and the position of the first
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n)
+        self.recent += data
+        if len(self.recent) > 2 * self.KEEP:
+            drop = len(self.recent) - self.KEEP
+            del self.recent[:drop]
+            self.recent_at += drop
         return data
 
-    def damage(self) -> str | None:
-        """After the tar reader stopped: None for a complete archive, else what is wrong with its end."""
-        if self.head.startswith(self.COMPRESSED):
-            return None
-        while chunk := self.read(1 << 16):
-            if chunk.count(0) != len(chunk):
+    def damage(self, stopped_at: int) -> str | None:
+        """None when everything from `stopped_at` (the header position where the tar reader stopped) to the
+        stream's end is zeros, at least two blocks of them; else what is wrong."""
+        if stopped_at < self.recent_at:  # cannot happen with tarfile's read-ahead; refuse rather than guess
+            return f"its tar reader stopped at byte {stopped_at}, before the bytes kept to check its end"
+        rest, zeros = self.recent[stopped_at - self.recent_at:], 0
+        while rest:
+            if rest.count(0) != len(rest):
                 return "data after the point where its tar stream stops (a damaged header?)"
-        if len(self.tail) < 512 or self.tail.count(0) != 512:
+            zeros += len(rest)
+            rest = self.src.read(1 << 16)
+        if zeros < 1024:
             return "no end-of-archive blocks (cut short: a partial download or copy?)"
         return None
+
+
+def _tar_members(url: str, stream: _TarStream, stop: list) -> Iterator[dict]:
+    """The regular members of a tar stream as webdataset's {fname, data, __url__} (its metadata members
+    `__*__` left out); `stop` gets the header position where the archive ended. Our own loop over tarfile,
+    not webdataset's `tar_file_iterator`: that one hides the TarFile, whose `offset` says where it stopped."""
+    tar = tarfile.open(fileobj=stream, mode="r|")
+    for info in tar:
+        if info.isreg() and not re.match(r"__[^/]*__($|/)", info.name):
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+        tar.members = []  # a stream's members need not be kept: constant memory per shard
+    stop.append(tar.offset)
 
 
 def _raw_members(url: str) -> Iterator[dict]:
@@ -215,40 +259,42 @@ def _raw_members(url: str) -> Iterator[dict]:
     skipping them as "bad" would lose an unknown part of the transfer set without a word."""
     import webdataset as wds
 
-    read = [0]  # samples passed on
+    read = 0
 
     def damaged(why: str) -> UserError:
-        return UserError(f"shard {url} is damaged after {read[0]} samples: {why}; the rest of it cannot be read. "
+        return UserError(f"shard {url} is damaged after {read} samples: {why}; the rest of it cannot be read. "
                          "Restore the shard (or leave it out of --data) and run again")
 
     def handler(exn: Exception) -> bool:
         text = str(exn.args[0]) if exn.args else ""
-        if isinstance(exn, UserError):  # ours, from a member's read, passed on by webdataset with args added
-            raise UserError(text) from None
         if isinstance(exn, ValueError) and "duplicate file name in tar file" in text:
             # two members `k.png` in a row: webdataset stops here; a duplicate key is an error, not damage
             name = text.split(":", 1)[0]
             key = wds.tariterators.base_plus_ext(name)[0] or name
             raise UserError(f"duplicate sample key {key!r} in shard {url}; keys must be unique in a transfer set")
-        raise damaged(f"unreadable tar data ({type(exn).__name__}: {text.split(' @ ')[0]})") from None
+        raise exn
 
     try:
-        stream = open_binary(url)
+        raw = open_binary(url)
     except (OSError, ImportError, ValueError) as e:  # also an unknown protocol, or its package missing (s3fs)
         raise UserError(f"cannot open shard {url}: {e}") from None
-    with stream:
-        end = _TarEnd(stream)
-        # at this point we have a byte stream; tar_file_expander yields members, group_by_keys samples
-        members = wds.tariterators.tar_file_expander([{"url": url, "stream": end}], handler=handler)
+    with raw:
+        stop: list[int] = []
         # each sample is held back until the next one begins (or the stream proves whole): a shard cut between a
         # sample's members ends in a partial sample, which must not be read as a whole one
         last = None
-        for sample in wds.tariterators.group_by_keys(members, handler=handler):
-            if last is not None:
-                yield last
-                read[0] += 1
-            last = sample
-        why = end.damage()
+        try:
+            stream = _TarStream(raw)
+            for sample in wds.tariterators.group_by_keys(_tar_members(url, stream, stop), handler=handler):
+                if last is not None:
+                    yield last
+                    read += 1
+                last = sample
+            why = stream.damage(stop[0])
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- tarfile's ReadError, a decompressor's EOFError, zlib.error, ...
+            raise damaged(f"unreadable tar data ({type(e).__name__}: {str(e).split(' @ ')[0]})") from None
         if why is not None:
             raise damaged(why)
         if last is not None:

@@ -412,3 +412,9 @@ def test_a_run_at_another_size_saves_the_model_it_trained(arch, flag, tmp_path, 
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "b"), "--data", str(FIXTURE / "shards"), "--workers", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 6
+    # used at another size, a checkpoint's weights are still named by its file (the size stands beside them in
+    # the fingerprint): a cache built with it as teacher at that size stays resumable across kt versions
+    from kt.checkpoints import model_fingerprint, weights_sha256
+
+    at48 = model_fingerprint(load_model(str(tmp_path / "a"), image_size=48))
+    assert at48["weights_sha256"] == weights_sha256(tmp_path / "a") and at48["image_size"] == 48

@@ -208,10 +208,12 @@ def _saved_models(monkeypatch) -> list:
     return saved
 
 
-def test_a_checkpoint_finetuned_at_another_size_is_rebuilt_for_it(seg_data, tmp_path, monkeypatch, capsys):
-    """The ASPP rates follow the grid (`aspp_rates`): from 48 px (rates 1, 2, 3) to 64 px (1, 3, 4) the model is
-    rebuilt for 64 px and its checkpoint rebuilds the model trained; to 32 px (two rates: another head) it is
-    refused in one line before the run starts."""
+def test_a_checkpoint_finetuned_at_another_size_keeps_its_head(seg_data, tmp_path, monkeypatch, capsys):
+    """A DeepLabV3 head's atrous rates are built from the grid (`aspp_rates`), but a checkpoint keeps its own at
+    any input size (its card records them): a checkpoint of 48 px (rates 1, 2, 3) finetuned at 64 px (whose grid
+    would take 1, 3, 4) or at 32 px (two rates) keeps (1, 2, 3), so the model trained is the one its checkpoint
+    rebuilds, and the teacher of a cache built before rates were recorded is the same model. A new head
+    (`--init-head new`) takes the new grid's rates."""
     import torch
 
     from kt.checkpoints import load_checkpoint
@@ -220,21 +222,28 @@ def test_a_checkpoint_finetuned_at_another_size_is_rebuilt_for_it(seg_data, tmp_
     def rates(model):
         return tuple(branch[0].dilation[0] for branch in list(model.head[0].convs)[1:-1])
 
-    first, second = tmp_path / "48", tmp_path / "64"
+    first = tmp_path / "48"
     assert finetune(seg_data, first, "--image-size", "48", "--epochs", "1") == 0
-    trained = _saved_models(monkeypatch)
-    assert finetune(seg_data, second, "--model", str(first), "--image-size", "64", "--epochs", "1",
-                    "--val-data", str(seg_data / "test")) == 0
-    loaded = load_checkpoint(second)
-    assert rates(trained[0]) == rates(loaded) == aspp_rates(8) != rates(load_checkpoint(first))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(x), trained[0].eval()(x), rtol=0, atol=0)
-    capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(second), "--data", str(seg_data / "test"), "--workers", "0"]) == 0
-    assert json.loads(capsys.readouterr().out)["miou"] == json.loads((second / "eval.json").read_text())["miou"]
-
-    out = tmp_path / "32"
-    assert_user_error(capsys, ["finetune", "--data", str(seg_data / "train"), *SEG, "--model", str(first),
-                               "--out", str(out)], "was built for 48 px")
-    assert not out.exists()
+    assert rates(load_checkpoint(first)) == aspp_rates(6) == (1, 2, 3)
+    assert json.loads((first / "checkpoint" / "card.json").read_text())["aspp_rates"] == [1, 2, 3]
+    for size in (64, 32):
+        second = tmp_path / str(size)
+        trained = _saved_models(monkeypatch)
+        assert finetune(seg_data, second, "--model", str(first), "--image-size", str(size), "--epochs", "1",
+                        "--val-data", str(seg_data / "test")) == 0
+        loaded = load_checkpoint(second)
+        assert rates(trained[0]) == rates(loaded) == (1, 2, 3) and loaded.image_size == size
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(x), trained[0].eval()(x), rtol=0, atol=0)
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(second), "--data", str(seg_data / "test"), "--workers", "0"]) == 0
+        assert json.loads(capsys.readouterr().out)["miou"] == json.loads((second / "eval.json").read_text())["miou"]
+    fresh = tmp_path / "new-head"
+    assert finetune(seg_data, fresh, "--init", str(first), "--init-head", "new", "--image-size", "32",
+                    "--epochs", "1") == 0
+    assert rates(load_checkpoint(fresh)) == aspp_rates(4) == (1, 2)
+    # a checkpoint from before rates were recorded: its card's size gives them, at any size it is used at
+    card = first / "checkpoint" / "card.json"
+    card.write_text(json.dumps({k: v for k, v in json.loads(card.read_text()).items() if k != "aspp_rates"}))
+    assert rates(load_checkpoint(first, image_size=64)) == (1, 2, 3)

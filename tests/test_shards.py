@@ -180,14 +180,88 @@ def test_a_shard_cut_short_is_refused_not_read_as_shorter(fmnist, tmp_path, cut)
         list(iter_samples([str(gz)]))
 
 
-def test_a_damaged_header_mid_shard_is_refused(fmnist, tmp_path):
-    """tarfile stops at a header it cannot parse (past the first) as if the archive ended there."""
+def test_a_damaged_header_anywhere_is_refused(fmnist, tmp_path):
+    """tarfile stops at a header it cannot parse (past the first) as if the archive ended there; it has read
+    ahead of that header by up to a 10 KiB record, so a check of only the unread bytes missed the last ones.
+    Every member's header damaged in turn, the last ones included: each is refused, none read as shorter."""
     src = fmnist["train"][0]
-    data = bytearray(open(src, "rb").read())
-    name, offset, _ = member_offsets(src)[120]
-    data[offset + 148: offset + 156] = b"garbage!"  # the header's checksum field
+    whole = open(src, "rb").read()
     shard = tmp_path / "train-000000.tar"
-    shard.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=r"damaged after 59 samples: data after the point"):
-        list(iter_samples([str(shard)]))
+    members = member_offsets(src)
+    for i, (name, offset, _) in enumerate(members):
+        data = bytearray(whole)
+        data[offset + 148: offset + 156] = b"garbage!"  # the header's checksum field
+        shard.write_bytes(bytes(data))
+        with pytest.raises(UserError, match="is damaged after") as e:
+            list(iter_samples([str(shard)]))
+        if i == 120:
+            assert "damaged after 59 samples: data after the point" in str(e.value)
+
+
+def test_a_cut_after_a_member_ending_in_zeros_is_refused(tmp_path):
+    """A shard cut right after a member whose last block is zeros (an .npy of zeros) ends in a zero block, as a
+    whole archive does: a whole archive ends in two."""
+    zeros = np.zeros(512, dtype=np.float32).tobytes()  # 2 KB of zeros
+    samples = [{"__key__": f"s{i}", "npy": zeros, "cls": b"0"} for i in range(4)]
+    src = write_shards(samples, tmp_path / "whole", prefix="z", maxcount=10)[0]
+    names = [name for name, _, _ in member_offsets(src)]
+    assert names[-1] == "s3.npy"
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(src, "rb").read()[: member_offsets(src)[-3][2]])  # after s2.npy
+    from kt.shards import _raw_members
+
+    assert [r["__key__"] for r in _raw_members(src)] == ["s0", "s1", "s2", "s3"]
+    with pytest.raises(UserError, match="damaged after 2 samples: no end-of-archive blocks"):
+        list(_raw_members(str(cut)))
+
+
+def test_compressed_shards_are_checked_to_their_end(fmnist, tmp_path):
+    """tarfile's own decompression never checks a compressed stream's end: a cut .tar.gz whose cut fell
+    between members read as a shorter archive. Every cut point of the compressed file is refused."""
+    import bz2
+    import gzip
+    import lzma
+
+    src = fmnist["train"][0]
+    data = open(src, "rb").read()
+    keys = [s.key for s in iter_samples([src], decode=False)]
+    for ext, pack in (("gz", gzip.compress), ("bz2", bz2.compress), ("xz", lzma.compress)):
+        whole = tmp_path / f"train-000000.tar.{ext}"
+        whole.write_bytes(pack(data))
+        assert [s.key for s in iter_samples([str(whole)], decode=False)] == keys
+    packed = gzip.compress(data)
+    cut = tmp_path / "cut.tar.gz"
+    for at in range(10, len(packed) - 1, max(1, len(packed) // 60)):
+        cut.write_bytes(packed[:at])
+        with pytest.raises(UserError, match="is damaged after"):
+            list(iter_samples([str(cut)], decode=False))
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar", "gnu-tar-cli"])
+def test_shards_other_tar_writers_make_read_whole(fmnist, tmp_path, fmt):
+    """The end check refuses no valid archive: tarfile's three formats, and GNU tar's own (record padding,
+    other block factors) where `tar` is installed."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    src = fmnist["train"][0]
+    keys = [s.key for s in iter_samples([src], decode=False)]
+    unpacked = tmp_path / "x"
+    with tarfile.open(src) as tar:
+        tar.extractall(unpacked, filter="data")
+        names = tar.getnames()
+    out = tmp_path / "other.tar"
+    if fmt == "gnu-tar-cli":
+        if shutil.which("tar") is None:
+            pytest.skip("no tar here")
+        for blocks in ("1", "20", "64"):
+            subprocess.run(["tar", "-b", blocks, "-cf", str(out), *names], cwd=unpacked, check=True)
+            assert [s.key for s in iter_samples([str(out)], decode=False)] == keys
+        return
+    with tarfile.open(out, "w", format={"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT,
+                                         "ustar": tarfile.USTAR_FORMAT}[fmt]) as tar:
+        for name in names:
+            tar.add(unpacked / name, arcname=name)
+    assert [s.key for s in iter_samples([str(out)], decode=False)] == keys
 
