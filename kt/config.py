@@ -104,6 +104,44 @@ def _base_type(tp: Any) -> Any:
     return origin or tp
 
 
+def _yaml_value(tp: Any, value: Any, where: str) -> Any:
+    """A YAML value as the field's type, as its flag would give it: a string goes through the flag's parser
+    (PyYAML reads `1e-3` as a string), an integral float is an int; a value of another type is refused in one
+    line (a `batch_size: 32.5` ran one 400-item batch as an "epoch", a float epoch count crashed mid-run). A
+    mapping for a text field is passed as its JSON text (`view_spec: {scale: [0.2, 1]}`, as `--view-spec`
+    takes it); a nested config (a dataclass field) takes its mapping as it is."""
+    base = _base_type(tp)
+    if value is None or dataclasses.is_dataclass(base) or base in (dict, Any):
+        return value
+    try:
+        if isinstance(value, str):
+            if base is str:
+                return value
+            return _parse_value(tp, value)
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and float(value).is_integer():
+            return int(value)
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, (dict, list)):
+            return json.dumps(value)
+        if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if base is list and isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+    except (ValueError, argparse.ArgumentTypeError):
+        pass
+    raise UserError(f"{where}: expected {_type_words(tp)}, got {value!r}")
+
+
+def _type_words(tp: Any) -> str:
+    base = _base_type(tp)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list"}.get(
+        base, getattr(base, "__name__", str(base)))
+
+
 def _parse_value(tp: Any, text: str) -> Any:
     base = _base_type(tp)
     if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
@@ -135,6 +173,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         kind = "required" if f.metadata.get("required") else f"default: {default}"
         valid = valid_range(f)
         helptext = f"{f.metadata.get('help', '')} ({kind}{'; ' + valid if valid else ''})"
+        helptext = helptext.replace("%", "%%")  # argparse formats help with %: "40% fewer" broke --help
         parse = lambda s, tp=tp: _parse_value(tp, s)  # noqa: E731
         metavar = _base_type(tp).__name__.upper()
         if f.metadata.get("positional"):
@@ -176,7 +215,8 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrid
         if unknown:
             raise UserError(f"unknown field(s) in {config_path}: {', '.join(unknown)} "
                             f"(valid: {', '.join(sorted(names))})")
-        values.update(data)
+        hints = typing.get_type_hints(cls)
+        values.update({k: _yaml_value(hints[k], v, f"{config_path}: {k}") for k, v in data.items()})
     if args is not None:
         given = {k: v for k, v in vars(args).items() if k in names and v is not _UNSET}
         for k, v in given.items():  # list flags arrive as one parsed list per word: flatten

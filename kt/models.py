@@ -274,8 +274,26 @@ def create_model(name: str, num_classes: int = 0, pretrained: str = "none", imag
     common = dict(num_classes=num_classes, image_size=image_size, task=task, pretrained=pretrained,
                   output_stride=output_stride, head_width=head_width)
     if name.startswith(OPEN_CLIP_PREFIX):
-        return _create_open_clip(name, source=pretrained, **common)
-    return _create_timm(name, source=pretrained, **common)
+        model = _create_open_clip(name, source=pretrained, **common)
+    else:
+        model = _create_timm(name, source=pretrained, **common)
+    _check_patch_multiple(model, name, image_size)
+    return model
+
+
+def _check_patch_multiple(model: TaskModel, name: str, image_size: int) -> None:
+    """A ViT cuts its input into patches: at a size that is not a multiple of the patch size, timm asserts at
+    the first forward (after a run folder or a store was made) or, with dynamic sizes, drops the edge pixels."""
+    patch = getattr(getattr(model.backbone, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        patch = getattr(model.backbone, "patch_size", None)  # open_clip's visual tower
+    if patch is None:
+        return
+    p = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    if p > 1 and image_size % p:
+        lower, upper = image_size // p * p, (image_size // p + 1) * p
+        raise UserError(f"{name} cuts images into {p} px patches: image size {image_size} is not a multiple of {p} "
+                        f"(use {lower or upper} or {upper})")
 
 
 def _unknown_name(name: str, known: list[str]) -> UserError:

@@ -90,18 +90,25 @@ class ViewSpec:
 
     def __post_init__(self) -> None:
         # Coerce so that a spec read from YAML ([0.08, 1]) has the same fingerprint as the default.
+        def number(name: str, v):  # a JSON/YAML string or null is one line, not float()'s traceback
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UserError(f"view spec: {name} must be a number, got {v!r}")
+            return float(v)
+
         for name in ("scale", "ratio"):
             v = getattr(self, name)
             if not isinstance(v, (list, tuple)) or len(v) != 2:
                 raise UserError(f"view spec: {name} must be a pair [low, high], got {v!r}")
-            object.__setattr__(self, name, (float(v[0]), float(v[1])))
+            object.__setattr__(self, name, (number(name, v[0]), number(name, v[1])))
         for name in ("hflip", "color_jitter", "randaug_magnitude", "crop_pct"):
-            object.__setattr__(self, name, float(getattr(self, name)))
+            object.__setattr__(self, name, number(name, getattr(self, name)))
         for name in ("randaug_ops", "version"):
             v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v:
+            if number(name, v) != int(v):
                 raise UserError(f"view spec: {name} must be an integer, got {v!r}")
             object.__setattr__(self, name, int(v))
+        if not isinstance(self.kind, str):
+            raise UserError(f"view spec: kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
         self._validate()
 
     def _validate(self) -> None:
@@ -167,8 +174,13 @@ VIEW_PRESETS: dict[str, ViewSpec] = {
 }
 
 
-def load_view_spec(arg: str) -> ViewSpec:
-    """A spec from a preset name, a JSON/YAML file path, or an inline JSON object string."""
+def load_view_spec(arg: str | dict) -> ViewSpec:
+    """A spec from a preset name, a JSON/YAML file path, an inline JSON object string, or a mapping."""
+    if isinstance(arg, dict):
+        return ViewSpec.from_dict(arg)
+    if not isinstance(arg, str):
+        raise UserError(f"view spec must be a preset name ({', '.join(VIEW_PRESETS)}), a file or a JSON "
+                        f"object, got {arg!r}")
     if arg in VIEW_PRESETS:
         return VIEW_PRESETS[arg]
     text = arg.strip()

@@ -22,6 +22,7 @@ Outputs in `--out`: `checkpoint/` (the student with its task head when the objec
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from kt.config import check_config, config_dict, field, write_run_record
-from kt.errors import UserError
+from kt.errors import UserError, one_line
 from kt.checkpoints import load_model, save_checkpoint
 from kt.device import check_precision, model_device, placement
 from kt.models import TaskModel, teacher_targets
@@ -221,13 +222,33 @@ def check_teacher_task(cfg: DistillConfig, teacher_task: str, what: str) -> None
                         f"{TASK_TARGETS[cfg.task]}; {what} is from a {teacher_task} teacher")
 
 
-def check_no_single_batches(spec: StreamSpec, epochs: int) -> None:
-    """Refuse a plan with a batch of one sample (a worker's last batch): the ASPP pooling branch's BatchNorm
-    cannot train on it. Arithmetic on the plan, before anything runs."""
+def single_batch_epoch(spec: StreamSpec, epochs: int) -> int | None:
+    """The first epoch whose plan has a batch of one sample (a worker's last batch), or None. Arithmetic on the
+    plan, before anything runs."""
     for epoch in range(epochs):
         if min((n for r in range(spec.world_size) for n in batch_sizes(spec, epoch, r)), default=2) < 2:
-            raise UserError(f"--task segmentation: epoch {epoch} would end with a batch of one sample (BatchNorm in "
-                            "the ASPP pooling branch needs two); change --batch-size or --workers")
+            return epoch
+    return None
+
+
+def check_no_single_batches(spec: StreamSpec, epochs: int, student: nn.Module, image_size: int,
+                            segmentation: bool) -> None:
+    """Refuse a plan with a batch of one sample where the student cannot train on one: the ASPP pooling
+    branch's BatchNorm never can; a classifier's BatchNorm cannot where its map is 1x1 (a CNN at a small input
+    size), which a forward of one blank view in training mode, on a copy, tells. It failed mid-run before."""
+    epoch = single_batch_epoch(spec, epochs)
+    if epoch is None:
+        return
+    if segmentation:
+        raise UserError(f"--task segmentation: epoch {epoch} would end with a batch of one sample (BatchNorm in "
+                        "the ASPP pooling branch needs two); change --batch-size or --workers")
+    probe = copy.deepcopy(student).train()  # training mode updates BatchNorm statistics: not the student's
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, 3, image_size, image_size))
+    except ValueError as e:  # torch: "Expected more than 1 value per channel when training"
+        raise UserError(f"epoch {epoch} would end with a batch of one sample, which {student.arch} cannot train "
+                        f"on at {image_size} px ({one_line(e)}); change --batch-size or --workers") from None
 
 
 @locks_run_folder
@@ -326,8 +347,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     per_epoch = [len(plan_epoch(spec, e)) for e in range(cfg.epochs)]
     if steps == 0:
         raise UserError("the transfer set is empty (or smaller than one batch per process)")
-    if segmentation:
-        check_no_single_batches(spec, cfg.epochs)
+    check_no_single_batches(spec, cfg.epochs, student, student.image_size, segmentation)
     if not resuming and accelerator.is_main_process:
         write_run_record(out, cfg)
 

@@ -54,7 +54,7 @@ from kt.shards import BadSamples, decode_image, expand_shards, iter_samples, loa
 from kt.render import decode_for_views, normalize, render, to_tensor, to_uint8, uint8_views
 from kt.render_tensor import images_to_tensors, render_batch, render_device_for
 from kt.views import ViewSet, ViewSpec, load_view_spec
-from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec
+from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec, split_codec_flags
 from kt.teacher_cache.device_encode import HEAVY as DEVICE_ENCODED, encode_outputs, encoders as device_encoders
 from kt.teacher_cache.lock import StoreLock
 from kt.teacher_cache.store import CacheStore, shard_id_for
@@ -261,7 +261,7 @@ def task_attributes(model: TaskModel, shapes: dict[str, tuple], image_size: int)
 
 def parse_codecs(specs: Sequence[str], targets: Sequence[str]) -> dict[str, Codec]:
     chosen = {t: DEFAULT_CODECS[t] for t in targets}
-    for item in specs:
+    for item in split_codec_flags(specs):  # as --codec splits them, for a YAML `codec` list or string too
         if "=" not in item:
             raise UserError(f"--codec takes TARGET=SPEC, got {item!r}")
         target, spec = item.split("=", 1)
@@ -276,7 +276,7 @@ def fit_default_codecs(codecs: dict[str, Codec], shapes: dict[str, tuple], overr
     refused (k exceeds the classes); there the default becomes `fp16`, exact and smaller than keeping every class
     with indices and a tail. A top-k given with --codec for more classes than the teacher has, or a PCA of more
     components than the target has channels, is refused here, before the store exists, not at the fit."""
-    given = {item.split("=", 1)[0] for item in overrides}
+    given = {item.split("=", 1)[0] for item in split_codec_flags(overrides)}
     out = dict(codecs)
     for target, codec in codecs.items():
         d = getattr(codec, "d", None)  # a PCA size, checked here too: a failed fit would leave a store behind

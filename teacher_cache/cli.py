@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from kt.config import add_config_args, build_config
 from kt.errors import cli_entry, print_json_line
+from kt.teacher_cache.codecs import split_codec_flags
 from kt.teacher_cache.inspection import (
     InfoConfig,
     PlanConfig,
@@ -66,21 +67,6 @@ def _add_codec_flag(parser: argparse.ArgumentParser) -> None:
 
 def _codec_overrides(args: argparse.Namespace) -> dict:
     return {"codec": split_codec_flags(args.codec_flags)} if args.codec_flags else {}
-
-
-def split_codec_flags(values: Sequence[str] | None) -> list[str]:
-    """`--codec` values -> ["TARGET=SPEC", ...]; a comma starts a new item only before a target name."""
-    from kt.teacher_cache.codecs import ITEM_NDIM
-
-    items: list[str] = []
-    for value in values or []:
-        for piece in value.split(","):
-            name = piece.split("=", 1)[0].strip()
-            if "=" in piece and name in ITEM_NDIM or not items:
-                items.append(piece.strip())
-            else:
-                items[-1] += "," + piece.strip()
-    return [i for i in items if i]
 
 
 # ------------------------------------------------------------------------------------------ commands

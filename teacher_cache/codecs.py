@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Sequence
 
 import numpy as np
 
@@ -587,3 +588,17 @@ def _int_arg(cls: type[Codec], target: str, kv: dict[str, str], key: str) -> int
 def _reject_args(cls: type[Codec], target: str, kv: dict[str, str], flags: list[str]) -> None:
     if kv or flags:
         raise UserError(f"codec {cls.name} for {target} takes no arguments; write {cls.usage}")
+
+
+def split_codec_flags(values: Sequence[str] | str | None) -> list[str]:
+    """`--codec` values (or a YAML `codec` string or list) -> ["TARGET=SPEC", ...]: a comma starts a new item
+    only before a target name (`logits=topk:k=5,patches=pca:d=16,int8` is two items). Idempotent."""
+    items: list[str] = []
+    for value in [values] if isinstance(values, str) else values or []:
+        for piece in str(value).split(","):
+            name = piece.split("=", 1)[0].strip()
+            if "=" in piece and name in ITEM_NDIM or not items:
+                items.append(piece.strip())
+            else:
+                items[-1] += "," + piece.strip()
+    return [i for i in items if i]

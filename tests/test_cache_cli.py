@@ -291,6 +291,28 @@ def test_bad_input_is_one_line_exit_2(built, tiny_teacher, fmnist, tmp_path, cap
     assert "cannot decode" in capsys.readouterr().out
 
 
+def test_yaml_codec_and_view_spec_read_as_their_flags(tiny_teacher, fmnist, tmp_path, capsys):  # noqa: F811
+    """`codec` in YAML (a list, or one string) splits as `--codec` does; a `view_spec` mapping is a spec; a spec
+    value of the wrong type is one line."""
+    import yaml
+
+    data = fmnist["train"][0]
+    for codec in (["logits=topk:k=5,patches=pca:d=16,int8"], "logits=topk:k=5,patches=pca:d=16,int8"):
+        y = tmp_path / "c.yaml"
+        y.write_text(yaml.safe_dump({"codec": codec, "view_spec": {"scale": [0.2, 1.0]}}))
+        out = tmp_path / f"{type(codec).__name__}.zarr"
+        assert main(build_args(tiny_teacher, data, out, "--config", str(y))) == 0
+        attrs = CacheStore.open(out).attrs
+        assert attrs["targets"]["logits"]["codec"] == "topk:k=5"
+        assert attrs["targets"]["patches"]["codec"] == "pca:d=16,int8"
+        assert attrs["view"]["spec"]["scale"] == [0.2, 1.0]
+    capsys.readouterr()
+    for spec, needle in (('{"hflip": "x"}', "hflip must be a number, got 'x'"),
+                         ('{"scale": ["a", 1]}', "scale must be a number"), ('{"hflip": null}', "hflip must be")):
+        assert needle in one_line_error(capsys, build_args(tiny_teacher, data, tmp_path / "v.zarr",
+                                                           "--view-spec", spec))
+
+
 def test_a_cut_shard_is_refused_and_the_build_resumes_once_it_is_restored(tiny_teacher, small_shards, tmp_path,
                                                                           capsys):  # noqa: F811
     """A shard cut short (a partial copy) stops the build with one line naming it; it is not marked complete,

@@ -93,3 +93,23 @@ def test_every_subcommand_is_a_config(cli):
         for action in sub._actions:
             if action.dest not in ("help", "config", "codec_flags") and action.help != argparse.SUPPRESS:
                 assert action.help and not action.help.startswith(" ("), f"{cli} {name} {action.dest}: no reason"
+        text = sub.format_help()  # what --help prints: a "%" in a reason broke `kt-student train --help`
+        assert "usage:" in text and "--config" in text, f"{cli} {name}"
+
+
+def test_yaml_values_are_typed_as_their_flags(tmp_path):
+    """A YAML value goes through its flag's parser: `1e-3` (a string to PyYAML) is a number, `'7'` an integer,
+    an integral float an integer; a value the flag would refuse is refused in one line naming file and field
+    (a float batch size ran one giant batch as an epoch; a float epoch count crashed mid-run)."""
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 1e-3\nepochs: '7'\nn: 4.0\nname: 12\ntags: a,b\n")
+    assert build_config(Cfg, parse(["--config", str(y)])) == Cfg(lr=0.001, epochs=7, name="12", n=4, tags=["a", "b"])
+    for text, needle in (("epochs: 1.5", "epochs: expected an integer, got 1.5"),
+                         ("epochs: true", "epochs: expected an integer, got True"),
+                         ("lr: fast", "lr: expected a number, got 'fast'"),
+                         ("n: [1]", "n: expected an integer, got [1]")):
+        y.write_text(text)
+        with pytest.raises(UserError, match=f"c.yaml: {needle}".replace("[", r"\[").replace("]", r"\]")):
+            build_config(Cfg, parse(["--config", str(y)]))
+    y.write_text("name: {scale: [0.2, 1]}")  # a mapping for a text field: its JSON text, as the flag takes it
+    assert json.loads(build_config(Cfg, parse(["--config", str(y)])).name) == {"scale": [0.2, 1]}

@@ -361,3 +361,26 @@ def test_uint8_views_train_the_same_student(fmnist, cache, teacher, tmp_path, mo
         runs[mode] = load_file(str(tmp_path / mode / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(runs["never"][k], runs["always"][k]) for k in runs["never"])
     assert losses(tmp_path / "never") == losses(tmp_path / "always")
+
+
+def test_a_batch_of_one_is_refused_only_where_the_student_cannot_train_on_it(fmnist, cache, tmp_path, capsys):
+    """300 samples in batches of 299 leave a last batch of one: EfficientNet at 32 px (a 1x1 map into
+    BatchNorm) cannot train on it and crashed mid-run; it is refused in one line before the run folder exists.
+    A ViT (LayerNorm) trains on it."""
+    capsys.readouterr()
+    out = tmp_path / "cnn"
+    assert train(fmnist, cache, out, "--batch-size", "299", "--epochs", "1", student="test_efficientnet") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "epoch 0 would end with a batch of one sample" in err, err
+    assert not out.exists()
+    assert train(fmnist, cache, tmp_path / "vit", "--batch-size", "299", "--epochs", "1") == 0
+    assert len(losses(tmp_path / "vit")) == 2
+
+
+def test_a_vit_size_that_is_not_a_patch_multiple_is_refused_before_the_run(fmnist, cache, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "vit40"
+    assert train(fmnist, cache, out, "--image-size", "40") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a multiple of 16 (use 32 or 48)" in err, err
+    assert not out.exists()

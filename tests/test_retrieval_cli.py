@@ -536,6 +536,6 @@ def test_embed_image_size_the_encoder_cannot_take(tmp_path, capsys):
     out = tmp_path / "v.emb"
     vit = ["embed", "--encoder", "test_vit", "--pretrained", "none", "--data", str(tmp_path / "lab"), "--out", str(out)]
     assert main([*vit, "--image-size", "30"]) == 2
-    assert "cannot embed 30 px images" in one_error_line(capsys) and not out.exists()
+    assert "image size 30 is not a multiple of 16" in one_error_line(capsys) and not out.exists()
     assert main([*vit, "--image-size", "32"]) == 0
     assert len(load_embeddings(out)) == 2
