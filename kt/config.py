@@ -215,6 +215,10 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrid
         if unknown:
             raise UserError(f"unknown field(s) in {config_path}: {', '.join(unknown)} "
                             f"(valid: {', '.join(sorted(names))})")
+        # a config whose file layout differs from its flags (a nested mapping whose knobs are also flat
+        # flags) rewrites the file's values here, before the flags, so the flags still override them
+        if hasattr(cls, "values_from_yaml"):
+            data = cls.values_from_yaml(data, config_path)
         hints = typing.get_type_hints(cls)
         values.update({k: _yaml_value(hints[k], v, f"{config_path}: {k}") for k, v in data.items()})
     if args is not None:

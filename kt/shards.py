@@ -505,6 +505,19 @@ def encode_image(image: Image.Image, ext: str = "png") -> bytes:
     return buf.getvalue()
 
 
+def check_no_shards(out_dir: str | Path, prefix: str) -> None:
+    """Refuse a folder that already holds `prefix-*.tar` shards, before a writer adds its own.
+
+    `write_shards` only adds files: shards of an earlier, longer run beside the new ones would be read as one
+    set (old samples, or keys held twice when the shard size changed). Makers call this; `write_shards`
+    itself does not, as its other callers write into folders they have already checked or just made.
+    """
+    old = sorted(Path(out_dir).glob(f"{prefix}-*.tar"))
+    if old:
+        raise UserError(f"{out_dir} already holds {len(old)} {prefix}-*.tar shards of an earlier run; choose a new "
+                        "--out or remove them first")
+
+
 def write_shards(samples: Iterable, out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000,
                  classes: list[str] | None = None) -> list[str]:
     """Write samples as webdataset tar shards `out_dir/prefix-000000.tar`, ...; returns their paths.

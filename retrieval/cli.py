@@ -61,7 +61,7 @@ def curate_command(cfg: CurateJob) -> None:
     gallery = load_embeddings(cfg.gallery)
     exclude = load_embeddings(cfg.exclude) if cfg.exclude else None
     sel = curate(queries, gallery, cfg, exclude=exclude)
-    summary = write_outputs(cfg.out, sel, queries, gallery, shards=cfg.shards)
+    summary = write_outputs(cfg.out, sel, queries, gallery, shards=cfg.shards, config=cfg)
     keys = ("strategy", "size", "gallery", "usable", "excluded", "query_copies", "duplicates", "k",
             "ivfpq_recall_at_10", "seconds")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))

@@ -77,8 +77,42 @@ class CurateJob(CurateConfig):
     rerank: int = field(ix.IVFPQConfig.rerank, "IVF-PQ candidates per neighbour re-ranked exactly (1: none)",
                         min=1)
 
+    FLAT_IVFPQ = ("nlist", "pq_m", "nprobe", "rerank")  # the IVF-PQ knobs that are flags of their own
+
     def __post_init__(self):
-        self.ivfpq = ix.IVFPQConfig(nlist=self.nlist, pq_m=self.pq_m, nprobe=self.nprobe, rerank=self.rerank)
+        # the flat fields are the four knobs' only source (flags, or YAML via `values_from_yaml`); the
+        # other IVF-PQ fields (nbits, train_size, ...) may come from a YAML `ivfpq:` mapping
+        rest = self.ivfpq if isinstance(self.ivfpq, dict) else dataclasses.asdict(self.ivfpq)
+        rest = {k: v for k, v in rest.items() if k not in self.FLAT_IVFPQ}
+        self.ivfpq = ix.IVFPQConfig(**rest, **{k: getattr(self, k) for k in self.FLAT_IVFPQ})
+
+    @classmethod
+    def values_from_yaml(cls, data: dict, path) -> dict:
+        """A YAML `ivfpq:` mapping's knobs that are also flags move to the flat fields.
+
+        Mapped rather than refused: the resolved config recorded beside a curated set holds an `ivfpq`
+        mapping, and that record should work as a `--config` file again. Moved before the flags apply,
+        so `--nlist` still overrides the file as every flag does. The same knob set twice in one file
+        with different values is refused: which one was meant cannot be known.
+        """
+        nested = data.get("ivfpq")
+        if nested is None:
+            return data
+        valid = [f.name for f in dataclasses.fields(ix.IVFPQConfig)]
+        if not isinstance(nested, dict):
+            raise UserError(f"ivfpq in {path} must be a mapping of {', '.join(valid)}")
+        unknown = sorted(set(nested) - set(valid))
+        if unknown:
+            raise UserError(f"unknown field(s) in ivfpq in {path}: {', '.join(map(str, unknown))} "
+                            f"(valid: {', '.join(valid)})")
+        data = dict(data)
+        for k in cls.FLAT_IVFPQ:
+            if k in nested:
+                if k in data and data[k] != nested[k]:
+                    raise UserError(f"{path} sets {k} twice: {data[k]!r} and ivfpq.{k} {nested[k]!r}; keep one")
+                data[k] = nested[k]
+        data["ivfpq"] = {k: v for k, v in nested.items() if k not in cls.FLAT_IVFPQ}
+        return data
 
 
 @dataclasses.dataclass

@@ -123,6 +123,10 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "auto",
     `precision` is the encoder's on CUDA: bf16 autocast or fp32 (`kt.device`; CPU always runs fp32).
     Returns this process's summary; every process returns once the whole store is committed.
     """
+    # the call as a config, before `device` and `pretrained` are resolved: the store records what was asked
+    config = EmbedConfig(encoder=encoder, pretrained=pretrained, data=data, out=out, image_size=image_size,
+                         batch_size=batch_size, normalize=normalize, resume=resume, device=device,
+                         precision=precision)
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -150,7 +154,7 @@ def embed_images(encoder: str, data: str, out: str, *, pretrained: str = "auto",
     state.wait_for_everyone()
     writer = None
     if state.is_main_process:
-        writer = StoreWriter(out, model.embedding_dim, fp, normalize, source, resume=resume)
+        writer = StoreWriter(out, model.embedding_dim, fp, normalize, source, resume=resume, config=config)
         writer.consolidate(urls)  # parts a killed run left behind
     state.wait_for_everyone()
 
@@ -250,8 +254,11 @@ def import_embeddings(embeddings: str, keys: str, encoder: str, out: str, *, pre
     check_finite(arr, key_list, embeddings, block_size)  # before the store exists: nothing half-written
     sample = np.asarray(arr[: min(len(arr), 10000)], dtype=np.float32)
     fp = encoder_fingerprint(encoder, resolve_pretrained(encoder, pretrained), "image", None)
+    config = ImportConfig(embeddings=embeddings, keys=keys, encoder=encoder, pretrained=pretrained,
+                          normalize=normalize, out=out)
     writer = StoreWriter(out, arr.shape[1], fp, normalize or is_normalized(sample),
-                         {"kind": "import", "embeddings": os.path.abspath(embeddings), "keys": os.path.abspath(keys)})
+                         {"kind": "import", "embeddings": os.path.abspath(embeddings), "keys": os.path.abspath(keys)},
+                         config=config)
     all_normalized = True
     for start in range(0, arr.shape[0], block_size):
         block = np.asarray(arr[start:start + block_size], dtype=np.float32)
@@ -364,6 +371,8 @@ def embed_text(encoder: str, classes: str, out: str, *, templates: str = "imagen
             digest.update(v.detach().cpu().numpy().tobytes())
     fp = encoder_fingerprint(encoder, pretrained, "text", {"text_weights_sha256": digest.hexdigest()})
     emb = from_arrays(l2_normalize(np.stack(rows)), names, fp, labels=np.arange(len(names)), normalized=True)
+    config = EmbedTextConfig(encoder=encoder, pretrained=pretrained, classes=classes, templates=templates,
+                             out=out, device=device)
     write_store(out, emb, {"kind": "text", "classes": os.path.abspath(classes), "templates": templates,
-                           "prompts": len(prompts)})
+                           "prompts": len(prompts)}, config=config)
     return out

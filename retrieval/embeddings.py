@@ -167,7 +167,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | Path, dim: int, encoder: dict, normalized: bool, source: dict,
-                 resume: bool = False):
+                 resume: bool = False, config: Any = None):
         import zarr
 
         self.path = str(path)
@@ -185,7 +185,8 @@ class StoreWriter:
         self.group.create_array("keys", shape=(0,), dtype=str, chunks=(CHUNK_ROWS * 4,))
         self.group.create_array("labels", shape=(0,), dtype="int64", chunks=(CHUNK_ROWS * 4,))
         self.group.create_array("shard", shape=(0,), dtype="int32", chunks=(CHUNK_ROWS * 4,))
-        record = run_record()  # command, git revision, package versions: beside every kt output
+        # command, resolved config, git revision, package versions: beside every kt output
+        record = run_record(config)
         self.group.attrs.update({"format": FORMAT, "version": VERSION, "encoder": encoder, "dim": int(dim),
                                  "normalized": bool(normalized), "source": source, "rows": 0,
                                  "shards_done": [], "run": record})
@@ -276,9 +277,10 @@ def load_shards_done(path: str | Path) -> list[str]:
     return list(zarr.open_group(str(path), mode="r").attrs.get("shards_done", []))
 
 
-def write_store(path: str | Path, emb: Embeddings, source: dict, block_size: int = 65536) -> str:
-    """Write in-memory (or another store's) embeddings as a new store."""
-    writer = StoreWriter(path, emb.dim, emb.encoder, emb.normalized, source)
+def write_store(path: str | Path, emb: Embeddings, source: dict, block_size: int = 65536,
+                config: Any = None) -> str:
+    """Write in-memory (or another store's) embeddings as a new store; `config` is recorded in its run."""
+    writer = StoreWriter(path, emb.dim, emb.encoder, emb.normalized, source, config=config)
     for start in range(0, len(emb), block_size):
         stop = min(start + block_size, len(emb))
         labels = None if emb.labels is None else emb.labels[start:stop]

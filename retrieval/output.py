@@ -14,6 +14,7 @@ import csv
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,9 @@ def check_out(out_dir: str | Path) -> None:
 
 
 def write_outputs(out_dir: str | Path, sel: Selection, queries: Embeddings, gallery: Embeddings,
-                  shards: bool = True) -> dict:
+                  shards: bool = True, config: Any = None) -> dict:
+    """`config`: the resolved config recorded in `summary.json` (`run.config`), so the IVF-PQ knobs,
+    thresholds and block size that made the set are known from the set."""
     check_out(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +157,6 @@ def write_outputs(out_dir: str | Path, sel: Selection, queries: Embeddings, gall
     plot_coverage(out / "coverage.png", cov, f"{sel.stats.get('strategy')}: {len(sel.ids)} images")
     written = copy_images(out / "shards", sel, gallery) if shards else []
     summary = {**sel.stats, "coverage": cov, "shards": [str(Path(p).name) for p in written],
-               "queries_store": queries.path, "gallery_store": gallery.path, "run": run_record()}
+               "queries_store": queries.path, "gallery_store": gallery.path, "run": run_record(config)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

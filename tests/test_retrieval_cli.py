@@ -132,6 +132,10 @@ def test_embed_resume_and_curated_shards(tmp_path):
     emb = load_embeddings(g)
     assert len(emb) == 12 and emb.normalized and list(emb.keys[:2]) == ["gal0000", "gal0001"]
     assert len(emb.source["shards"]) == 3 and emb.shard.tolist() == [0] * 5 + [1] * 5 + [2] * 2
+    import zarr
+
+    config = zarr.open_group(g, mode="r").attrs["run"]["config"]  # the resolved config, as asked
+    assert (config["image_size"], config["batch_size"], config["pretrained"]) == (32, 4, "none")
     # resume: nothing left to do, same rows; without --resume the store is protected
     assert main(["embed", *common, "--data", str(tmp_path / "gal"), "--out", g, "--resume"]) == 0
     np.testing.assert_array_equal(load_embeddings(g).read(0, 12), emb.read(0, 12))
@@ -332,6 +336,10 @@ def test_embed_text_and_text_queries(tmp_path, tiny_clip, capsys):
     emb = load_embeddings(q)
     assert len(emb) == 3 and emb.dim == 16 and emb.normalized and list(emb.keys) == ["cat", "dog", "ship"]
     np.testing.assert_allclose(np.linalg.norm(emb.read(0, 3), axis=1), 1, atol=1e-5)
+    import zarr
+
+    config = zarr.open_group(q, mode="r").attrs["run"]["config"]
+    assert config["templates"] == "simple" and config["classes"] == str(tmp_path / "classes.json")
     # text queries against an image gallery of the same CLIP model
     make_shards(tmp_path, "gal", 8)
     g = str(tmp_path / "g.emb")
@@ -539,3 +547,63 @@ def test_embed_image_size_the_encoder_cannot_take(tmp_path, capsys):
     assert "image size 30 is not a multiple of 16" in one_error_line(capsys) and not out.exists()
     assert main([*vit, "--image-size", "32"]) == 0
     assert len(load_embeddings(out)) == 2
+
+
+def test_curate_yaml_ivfpq_mapping_is_used_and_recorded(tmp_path, capsys):
+    import yaml
+
+    rng = np.random.default_rng(0)
+    q = write_npy_store(tmp_path, "q", rng.normal(size=(3, 16)))
+    g = write_npy_store(tmp_path, "g", rng.normal(size=(300, 16)))
+    cfg = tmp_path / "cur.yaml"
+    cfg.write_text(f"queries: {q}\ngallery: {g}\nsize: 10\nindex: ivfpq\nshards: false\nrecall_queries: 0\n"
+                   "ivfpq: {nlist: 4, pq_m: 4, train_size: 1000}\n")
+    out = tmp_path / "o"
+    assert main(["curate", "--config", str(cfg), "--nprobe", "3", "--out", str(out)]) == 0
+    run = json.loads((out / "summary.json").read_text())["run"]
+    # the file's mapping (nlist, pq_m, and train_size, which has no flag), then the flag, in the record
+    assert run["config"]["ivfpq"] == {"nlist": 4, "pq_m": 4, "nbits": 8, "nprobe": 3, "train_size": 1000,
+                                      "seed": 0, "rerank": 4, "rerank_rows": 131072}
+    assert (run["config"]["nlist"], run["config"]["pq_m"], run["config"]["nprobe"]) == (4, 4, 3)
+    # the recorded config is a --config file again
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump({**run["config"], "out": str(tmp_path / "o2")}))
+    capsys.readouterr()
+    assert main(["curate", "--config", str(again)]) == 0
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["run"]["config"] == {
+        **run["config"], "out": str(tmp_path / "o2")}
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ("{nlist: 4, pq: 4}", "unknown field(s) in ivfpq"),
+    ("4", "ivfpq in"),
+])
+def test_curate_yaml_ivfpq_refusals(stores, capsys, mapping, message):
+    tmp_path, q, g = stores
+    cfg = tmp_path / "cur.yaml"
+    cfg.write_text(f"queries: {q}\ngallery: {g}\nsize: 3\nindex: ivfpq\nivfpq: {mapping}\n")
+    assert main(["curate", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert message in one_error_line(capsys)
+    cfg.write_text(f"queries: {q}\ngallery: {g}\nsize: 3\nnlist: 8\nivfpq: {{nlist: 4}}\n")
+    assert main(["curate", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "sets nlist twice" in one_error_line(capsys)
+
+
+def test_curate_summary_records_the_resolved_config(stores):
+    tmp_path, q, g = stores
+    out = tmp_path / "out"
+    assert main(["curate", "--queries", q, "--gallery", g, "--size", "5", "--block-size", "7",
+                 "--exclude-threshold", "0.02", "--nlist", "9", "--rerank", "2", "--out", str(out)]) == 0
+    config = json.loads((out / "summary.json").read_text())["run"]["config"]
+    assert config["block_size"] == 7 and config["exclude_threshold"] == 0.02 and config["size"] == 5
+    assert config["copy_threshold"] == 1e-6 and config["strategy"] == "query-balanced"
+    assert config["ivfpq"]["nlist"] == 9 and config["ivfpq"]["rerank"] == 2 and config["nprobe"] == 32
+
+
+def test_stores_record_the_resolved_config(stores):
+    import zarr
+
+    tmp_path, q, _ = stores
+    run = dict(zarr.open_group(q, mode="r").attrs["run"])
+    assert run["config"]["encoder"] == "enc-a" and run["config"]["normalize"] is False
+    assert run["config"]["out"] == q

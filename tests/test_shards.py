@@ -265,3 +265,62 @@ def test_shards_other_tar_writers_make_read_whole(fmnist, tmp_path, fmt):
             tar.add(unpacked / name, arcname=name)
     assert [s.key for s in iter_samples([str(out)], decode=False)] == keys
 
+
+
+def _tiny_imagefolder(root):
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), c * 10 + i, np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("make_shards: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("first, again, split", [
+    (["photos", "--count", "4", "--size", "8", "--shard-size", "2"], ["--count", "2"], "."),
+    (["imagefolder", "--shard-size", "2"], ["--shard-size", "4"], "."),
+    (["fashion-mnist", "--limit", "4", "--shard-size", "2"], ["--shard-size", "4"], "test"),
+    (["fmnist-seg", "--train", "4", "--test", "0", "--size", "16", "--shard-size", "2"], ["--train", "2"], "train"),
+])
+def test_makers_refuse_an_out_holding_an_earlier_runs_shards(tmp_path, capsys, first, again, split):
+    """A rerun into the same --out is refused: write_shards only adds files, so the old run's extra shards
+    would be read with the new ones (old samples, or one key in two shards)."""
+    from tools.make_shards import main
+
+    out = tmp_path / "out"
+    if first[0] == "imagefolder":
+        first = [*first, "--root", str(_tiny_imagefolder(tmp_path / "tree"))]
+    assert main([*first, "--out", str(out)]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*.tar"))
+    assert before and (out / split).is_dir()
+    capsys.readouterr()
+    assert main([*first, *again, "--out", str(out)]) == 2
+    assert "already holds" in _one_error_line(capsys)
+    assert sorted(p.relative_to(out) for p in out.rglob("*.tar")) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["photos", "--size", "0"], "--size must be >= 8, got 0"),
+    (["photos", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["photos", "--count", "0"], "--count must be >= 1, got 0"),
+    (["photos", "--shard-size", "0", "--count", "10"], "--shard-size must be >= 1, got 0"),
+    (["fashion-mnist", "--limit", "-5"], "--limit must be >= 1, got -5"),
+    (["fashion-mnist", "--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+    (["imagefolder", "--root", "ROOT", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["imagefolder", "--root", "ROOT", "--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+    (["fmnist-seg", "--seed", "-1", "--train", "2", "--test", "0"], "--seed must be >= 0, got -1"),
+    (["ade20k", "--root", "ROOT", "--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+])
+def test_maker_numbers_out_of_range_are_one_line_errors(tmp_path, capsys, argv, message):
+    from tools.make_shards import main
+
+    root = str(_tiny_imagefolder(tmp_path / "tree"))
+    argv = [root if a == "ROOT" else a for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in _one_error_line(capsys)
+    assert not list(tmp_path.glob("out/**/*.tar"))  # refused before anything is written

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from kt.errors import UserError
-from kt.shards import encode_image, write_shards
+from kt.shards import check_no_shards, encode_image, write_shards
 
 BACKGROUND = "background"
 IGNORE = 255
@@ -133,9 +133,14 @@ def make_fmnist_seg(out: Path, train: int, test: int, transfer: int = 0, spec: C
                     seed: int = 0, shard_size: int = 1000,
                     garments: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, list[str]]:
     """Write `out/train`, `out/test` (image + mask) and `out/transfer` (image only); returns the shard paths."""
-    for name, n in (("--train", train), ("--test", test), ("--transfer", transfer), ("--shard-size", shard_size)):
+    for name, n in (("--train", train), ("--test", test), ("--transfer", transfer), ("--shard-size", shard_size),
+                    ("--seed", seed)):
         if n < 0 or (name == "--shard-size" and n == 0):
             raise UserError(f"{name} must be {'>= 1' if name == '--shard-size' else '>= 0'}, got {n}")
+    # every split, also one this run skips: one --out is one composite set, and a split an earlier run left
+    # (another seed or spec) would pass for part of it
+    for split in SPLITS:
+        check_no_shards(out / split, split)
     composer = Composer(spec, seed, garments)
     classes = class_names()
     written = {}

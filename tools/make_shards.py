@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from kt.errors import UserError, cli_entry
-from kt.shards import IMAGE_EXTS, encode_image, write_shards
+from kt.shards import IMAGE_EXTS, check_no_shards, encode_image, write_shards
 from tools.fmnist_seg import CompositeSpec, make_fmnist_seg
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -46,6 +46,13 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def check_min(flag: str, value: int | None, low: int) -> None:
+    """Refuse a count, size or seed below `low` in one line, before anything is written: below it numpy
+    raises a traceback, or the maker "succeeds" writing empty shards (`--shard-size 0`, `--count 0`)."""
+    if value is not None and value < low:
+        raise UserError(f"{flag} must be >= {low}, got {value}")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -69,6 +76,10 @@ def load_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.n
 
 def make_fashion_mnist(out: Path, shard_size: int = 2000, root: Path = FASHION_MNIST_DIR,
                        limit: int | None = None, splits: tuple[str, ...] = ("train", "test")) -> dict[str, list[str]]:
+    check_min("--shard-size", shard_size, 1)
+    check_min("--limit", limit, 1)
+    for split in splits:  # every split before the first is written: a refusal leaves nothing half made
+        check_no_shards(out / split, split)
     written = {}
     for split in splits:
         images, labels = load_fashion_mnist(split, root)
@@ -110,6 +121,11 @@ def bundled_photos() -> list[tuple[str, np.ndarray]]:
 
 def make_photo_crops(out: Path, count: int, size: int = 64, seed: int = 0, shard_size: int = 2000) -> list[str]:
     """`count` seeded random square crops (10%-60% of the shorter side) of the bundled photographs."""
+    check_min("--count", count, 1)
+    check_min("--size", size, 8)  # kt's smallest model input (kt-retrieve embed --image-size, fmnist-seg --size)
+    check_min("--seed", seed, 0)
+    check_min("--shard-size", shard_size, 1)
+    check_no_shards(out, "photos")
     photos = bundled_photos()
     rng = np.random.default_rng(seed)
 
@@ -154,8 +170,11 @@ def _path_hash(path: Path) -> str:
 
 def make_imagefolder(root: Path, out: Path, shard_size: int = 5000, prefix: str = "shard",
                      shuffle: bool = True, seed: int = 0) -> list[str]:
+    check_min("--shard-size", shard_size, 1)
+    check_min("--seed", seed, 0)
     if not root.is_dir():
         raise UserError(f"not a directory: {root}")
+    check_no_shards(out, prefix)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise UserError(f"{root} has no class subdirectories")
@@ -216,10 +235,13 @@ def make_ade20k(root: Path, out: Path, shard_size: int = 1000) -> dict[str, list
     (`ADE_train_00000001`, unique). Samples go in file-name order: ADE20K's numbering is not grouped by
     class, so there is nothing to shuffle away.
     """
+    check_min("--shard-size", shard_size, 1)
     if (root / "ADEChallengeData2016").is_dir():
         root = root / "ADEChallengeData2016"
     if not (root / "images").is_dir() or not (root / "annotations").is_dir():
         raise UserError(f"{root} is not an ADEChallengeData2016 tree (images/ and annotations/ expected)")
+    for name in ADE20K_SPLITS.values():
+        check_no_shards(out / name, name)
     classes = ade20k_classes(root)
     written = {}
     for split, name in ADE20K_SPLITS.items():
