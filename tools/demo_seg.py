@@ -160,6 +160,12 @@ class SegDemo:
         marker = d["root"] / "demo_seg.json"
         if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp)):
             return
+        if marker.exists():  # the demo's own data of another preset: replaced whole (the makers refuse to add
+            import shutil  # to a folder holding shards, which would mix two sets)
+
+            for path in (d["train"], d["test"], d["composites"], d["photos"]):
+                shutil.rmtree(path, ignore_errors=True)
+            marker.unlink()
         shard = max(8, p.transfer_size // 4)  # several shards, so the distillation stream mixes them
         make_fmnist_seg(d["root"], p.train_images, p.test_images, p.transfer_size, spec, p.data_seed,
                         shard_size=shard)
