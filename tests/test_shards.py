@@ -314,6 +314,7 @@ def test_makers_refuse_an_out_holding_an_earlier_runs_shards(tmp_path, capsys, f
     (["imagefolder", "--root", "ROOT", "--seed", "-1"], "--seed must be >= 0, got -1"),
     (["imagefolder", "--root", "ROOT", "--shard-size", "0"], "--shard-size must be >= 1, got 0"),
     (["fmnist-seg", "--seed", "-1", "--train", "2", "--test", "0"], "--seed must be >= 0, got -1"),
+    (["fmnist-seg", "--train", "0", "--test", "0", "--transfer", "0"], "are all 0: nothing to write"),
     (["ade20k", "--root", "ROOT", "--shard-size", "0"], "--shard-size must be >= 1, got 0"),
 ])
 def test_maker_numbers_out_of_range_are_one_line_errors(tmp_path, capsys, argv, message):

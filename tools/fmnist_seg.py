@@ -137,6 +137,8 @@ def make_fmnist_seg(out: Path, train: int, test: int, transfer: int = 0, spec: C
                     ("--seed", seed)):
         if n < 0 or (name == "--shard-size" and n == 0):
             raise UserError(f"{name} must be {'>= 1' if name == '--shard-size' else '>= 0'}, got {n}")
+    if train == test == transfer == 0:
+        raise UserError("--train, --test and --transfer are all 0: nothing to write")
     # every split, also one this run skips: one --out is one composite set, and a split an earlier run left
     # (another seed or spec) would pass for part of it
     for split in SPLITS:
