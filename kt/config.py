@@ -28,6 +28,8 @@ from kt.errors import UserError
 
 T = TypeVar("T")
 _UNSET = object()
+_BOOL_FLAGS: set[str] = set()  # every boolean flag `add_config_args` declared (`explicit_bools`)
+_BOOL_WORDS = {"1", "true", "yes", "on", "0", "false", "no", "off", "none", "null"}
 
 PACKAGES = ("kt", "torch", "torchvision", "timm", "open_clip_torch", "webdataset", "zarr", "numcodecs",
             "accelerate", "safetensors", "faiss-cpu", "numpy", "pillow")
@@ -182,6 +184,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET, nargs="+", type=parse, metavar=metavar,
                                 help=helptext)
         elif _base_type(tp) is bool:
+            _BOOL_FLAGS.add(_flag(f.name))
             parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET, nargs="?", const=True, type=parse,
                                 metavar=metavar, help=helptext)
             parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
@@ -189,6 +192,20 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         else:
             parser.add_argument(_flag(f.name), dest=f.name, default=_UNSET, type=parse, metavar=metavar,
                                 help=helptext)
+
+
+def explicit_bools(argv: Sequence[str] | None) -> list[str]:
+    """The command line with `true` after a boolean flag whose next word is not a boolean: argparse's optional
+    value takes the next word whatever it is (`kt-cache info --json STORE` took STORE for --json's value)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        out.append(word)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if word in _BOOL_FLAGS and following is not None and not following.startswith("-") \
+                and following.lower() not in _BOOL_WORDS:
+            out.append("true")
+    return out
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import json
 
-from kt.config import add_config_args, build_config
+from kt.config import add_config_args, build_config, explicit_bools
 from kt.errors import cli_entry, print_json_line
 from kt.retrieval import embed as E
 from kt.retrieval.curate import CurateJob
@@ -69,7 +69,7 @@ def curate_command(cfg: CurateJob) -> None:
 
 @cli_entry(PROG)
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(explicit_bools(argv))
     args.fn(build_config(args.cfg_class, args))
     return 0
 

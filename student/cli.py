@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from kt.config import add_config_args, build_config
+from kt.config import add_config_args, build_config, explicit_bools
 from kt.errors import cli_entry, print_json_line
 
 
@@ -69,7 +69,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 @cli_entry("kt-student")
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(explicit_bools(argv))
     commands = {"finetune": finetune_command, "train": train_command, "eval": eval_command,
                 "export": export_command}
     return commands[args.command](args)

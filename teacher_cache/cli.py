@@ -23,7 +23,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from kt.config import add_config_args, build_config
+from kt.config import add_config_args, build_config, explicit_bools
 from kt.errors import cli_entry, print_json_line
 from kt.teacher_cache.codecs import split_codec_flags
 from kt.teacher_cache.inspection import (
@@ -171,7 +171,7 @@ def _human(n: float) -> str:
 
 @cli_entry(PROG)
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(explicit_bools(argv))
     return {"build": build_command, "plan": plan_command, "info": info_command,
             "verify": verify_command}[args.command](args)
 

@@ -291,6 +291,18 @@ def test_bad_input_is_one_line_exit_2(built, tiny_teacher, fmnist, tmp_path, cap
     assert "cannot decode" in capsys.readouterr().out
 
 
+def test_a_boolean_flag_before_the_store_path_leaves_it_alone(built, capsys):
+    """`kt-cache info --json STORE` (argparse's optional value took STORE for --json's value) reads as
+    `info STORE --json`; `--json false` still takes its value."""
+    capsys.readouterr()
+    assert main(["info", "--json", str(built)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["info", str(built), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    assert main(["info", "--json", "false", str(built)]) == 0
+    assert not capsys.readouterr().out.lstrip().startswith("{")
+
+
 def test_yaml_codec_and_view_spec_read_as_their_flags(tiny_teacher, fmnist, tmp_path, capsys):  # noqa: F811
     """`codec` in YAML (a list, or one string) splits as `--codec` does; a `view_spec` mapping is a spec; a spec
     value of the wrong type is one line."""
