@@ -533,6 +533,12 @@ def normalize(x, mean: Sequence[float], std: Sequence[float]):
     return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
 
 
+def worker_tensor(view: Image.Image, mean: Sequence[float], std: Sequence[float], uint8: bool):
+    """What a DataLoader worker sends for a rendered view: its uint8 values (`uint8_views`: the consumer
+    normalises them on its device) or the normalised float view."""
+    return to_uint8(view) if uint8 else to_tensor(view, mean, std)
+
+
 def model_input(x, mean: Sequence[float], std: Sequence[float]):
     """A batch of views as the model input: uint8 views (`uint8_views`) normalised on their device, views the
     workers already normalised as they are."""

@@ -107,8 +107,6 @@ class ViewSpec:
             if number(name, v) != int(v):
                 raise UserError(f"view spec: {name} must be an integer, got {v!r}")
             object.__setattr__(self, name, int(v))
-        if not isinstance(self.kind, str):
-            raise UserError(f"view spec: kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
         self._validate()
 
     def _validate(self) -> None:

@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from kt.shards import BadSamples, Sample, iter_samples, split_urls
-from kt.render import to_uint8
-from kt.views import VIEW_PRESETS, ViewSpec, render, sample_params, to_tensor
+from kt.render import worker_tensor
+from kt.views import VIEW_PRESETS, ViewSpec, render, sample_params
 
 
 class EpochOrder(Sampler):
@@ -54,7 +54,7 @@ class LabeledViews(Dataset):
         s = self.samples[i]
         params = sample_params(self.spec, self.seed, s.key, epoch)
         view = render(s.image, params, self.image_size)
-        return s, params, to_uint8(view) if self.uint8 else to_tensor(view, self.mean, self.std)
+        return s, params, worker_tensor(view, self.mean, self.std, self.uint8)
 
     def __getitem__(self, item: tuple[int, int]):
         s, _, x = self.view(*item)
@@ -97,7 +97,7 @@ class EvalStream(IterableDataset):
         bad = BadSamples(max_fraction=1.0)
         for s in iter_samples(split_urls(self.urls, self.rank, self.world_size, wid, nw), bad=bad):
             view = render(s.image, sample_params(self.spec, 0, s.key, 0), self.image_size)
-            x = to_uint8(view) if self.uint8 else to_tensor(view, self.mean, self.std)
+            x = worker_tensor(view, self.mean, self.std, self.uint8)
             yield x, -1 if s.label is None else s.label, s.key
 
 

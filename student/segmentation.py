@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
-from kt.render import model_input, render, render_mask, to_tensor, to_uint8, uint8_views
+from kt.render import model_input, render, render_mask, uint8_views, worker_tensor
 from kt.masks import ignore_label
 from kt.shards import BadSamples, Sample, iter_samples, labeled_images, split_urls
 from kt.views import ViewSpec, sample_params
@@ -153,7 +153,7 @@ class SegEvalStream(IterableDataset):
                     yield {"bad": record}
                 reported = len(bad.bad)
                 view = render(s.image, sample_params(SEG_EVAL_VIEW, 0, s.key, 0), self.image_size)
-                x = to_uint8(view) if self.uint8 else to_tensor(view, self.mean, self.std)
+                x = worker_tensor(view, self.mean, self.std, self.uint8)
                 yield {"x": x, "mask": np.asarray(s.mask, dtype=np.int64), "key": s.key}
         except UserError as e:
             yield {"error": str(e)}

@@ -48,9 +48,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
 from kt.shards import BadSamples, decode_image, image_ext, iter_samples, split_urls
-from kt.render import decode_for_views, normalize, render_valid, to_uint8
+from kt.render import decode_for_views, normalize, render_valid, worker_tensor
 from kt.render_tensor import images_to_tensors, render_batch
-from kt.views import ViewSet, render, to_tensor
+from kt.views import ViewSet, render
 
 VIEW_POLICIES = ("cycle", "random")
 
@@ -284,8 +284,7 @@ class ReplayStream(IterableDataset):
             batch["sources"] = images_to_tensors(images, "cpu")
         else:
             def views(size: int, mean, std) -> torch.Tensor:
-                return torch.stack([to_uint8(render(img, item.params, size)) if self.uint8
-                                    else to_tensor(render(img, item.params, size), mean, std)
+                return torch.stack([worker_tensor(render(img, item.params, size), mean, std, self.uint8)
                                     for img, item in zip(images, buf)])
 
             batch["x"] = views(self.image_size, self.mean, self.std)

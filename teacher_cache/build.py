@@ -51,7 +51,7 @@ from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, decode_image, expand_shards, iter_samples, load_classes, split_urls
-from kt.render import decode_for_views, normalize, render, to_tensor, to_uint8, uint8_views
+from kt.render import decode_for_views, normalize, render, uint8_views, worker_tensor
 from kt.render_tensor import images_to_tensors, render_batch, render_device_for
 from kt.views import ViewSet, ViewSpec, load_view_spec
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec, split_codec_flags
@@ -383,7 +383,7 @@ class ShardViewBatches(IterableDataset):
                     x = source
                 else:
                     view = render(sample.image, params, self.image_size)
-                    x = to_uint8(view) if self.uint8 else to_tensor(view, self.mean, self.std)
+                    x = worker_tensor(view, self.mean, self.std, self.uint8)
                 buf.append((row, v, params, x))
                 if len(buf) == self.batch_size:
                     yield self._batch(url, buf, keys)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 
 from kt.config import add_config_args, build_config, explicit_bools
 from kt.errors import cli_entry, print_json_line
