@@ -65,7 +65,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageChops, ImageEnhance, ImageOps
 
-from kt.views import GEOMETRIC_OPS, JITTER_ORDERS, MAX_OPS, PARAM_DIM, RANDAUG_OPS, _OPS_START
+from kt.views import (_MIX, GEOMETRIC_OPS, JITTER_ORDERS, MAX_OPS, PARAM_DIM, RANDAUG_OPS, _OPS_START, base_params,
+                      mix_mode)
 
 FILL = (128, 128, 128)  # grey for pixels that rotate/shear/translate bring in from outside the image
 COMPOSE_MAX_SHRINK = 1.7  # `joined_run`; worst group MAD 0.69/255 (2.3: 0.82, 64 px views alias more)
@@ -304,7 +305,7 @@ def decode_for_views(data: bytes, params, size: int | tuple[int, int], margin: f
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG":
         # plain floats: a handful of numpy calls on 4-element rows cost 10% of a 224 px view's decode
-        rows = np.asarray(params, dtype=np.float64).reshape(-1, PARAM_DIM)[:, :4].tolist()
+        rows = np.asarray(params, dtype=np.float64)[..., :4].reshape(-1, 4).tolist()  # crop boxes, any spec
         ow, oh = out_size(size)
         W, H = img.size
         # the narrowest crop, in full-resolution pixels, over all views asked for
@@ -453,6 +454,31 @@ def render(image: Image.Image, params: np.ndarray, size: int | tuple[int, int]) 
     if keep is not None and before == len(steps):
         out = Image.composite(out, Image.new("RGB", size, FILL), keep)
     return out
+
+
+def render_view(image: Image.Image, params: np.ndarray, size: int | tuple[int, int],
+                partner: Image.Image | None = None, partner_params: np.ndarray | None = None) -> Image.Image:
+    """A view of any spec: `render` of its base view and, where it mixes (`kt.views.mix_mode`), its partner's own
+    view (`partner_params`, the partner's vector for the same view index) rendered at the same size and mixed in:
+    MixUp blends the two (PIL `Image.blend`, the sample's own view weighted lam), CutMix pastes the partner's
+    pixels inside the stored box. Both are taken at the output size, so the teacher's and the student's renders
+    of one mixed view show the same mix."""
+    p = np.asarray(params, dtype=np.float32)
+    view = render(image, base_params(p), size)
+    mode = mix_mode(p)
+    if mode == "none":
+        return view
+    if partner is None or partner_params is None:
+        raise ValueError("a mixed view needs its partner's image and view parameters")
+    other = render(partner, base_params(partner_params), size)
+    if mode == "mixup":
+        return Image.blend(other, view, float(p[_MIX + 1]))
+    w, h = out_size(size)
+    x0, y0, x1, y1 = (float(v) for v in p[_MIX + 3:_MIX + 7])
+    box = (round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h))
+    if box[2] > box[0] and box[3] > box[1]:
+        view.paste(other.crop(box), box[:2])
+    return view
 
 
 def render_mask(mask: Image.Image, params: np.ndarray, size: int | tuple[int, int], fill: int = 255) -> Image.Image:

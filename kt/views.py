@@ -34,6 +34,24 @@ Parameter layout (see `param_names()`):
     5-7   brightness, contrast, saturation factors (1 = unchanged)
     8     jitter order: index into `JITTER_ORDERS`
     9-16  MAX_OPS RandAugment slots of (op id into `RANDAUG_OPS`, op argument); unused slots have id -1
+  and, only for a spec that mixes (`mix` other than "none"), `MIX_DIM` more slots (`view_dim(spec)` in all):
+    17    mix mode: 0 none, 1 MixUp, 2 CutMix (`MIX_MODES`)
+    18    lam: the share of the view that is the sample's own (MixUp: its weight; CutMix: 1 - the box's area)
+    19    partner draw u in [0, 1): the partner is `partner_row(u, row, n)` of the sample's own input shard
+    20-23 CutMix box x0, y0, x1, y1 in normalised output coordinates (the partner's pixels there); zeros else
+
+Mixed views (MixUp, CutMix). Function matching (Beyer et al., "Knowledge distillation: a good teacher is patient
+and consistent", CVPR 2022) trains the student on the teacher's outputs for mixed images, which cover the space
+between images; a cache answers a precomputed teacher's tendency to overfit only with many distinct views. So a
+mix is a view kind like any other: the partner sample and the mixing parameters are part of the view's
+parameters, drawn from (spec, seed, key, view) like the rest, the teacher's outputs on the mixed image are
+cached, and the student replays the same mix. The partner comes from the sample's own input shard (a row of
+it, `partner_row`), so a shard's targets stay self-contained, and it shows its own view of the same index
+(its stored base parameters): both images are rendered at the output size, then mixed (`kt.render.render_view`),
+so the mix is the same at the teacher's and the student's sizes. apple/ml-dr stores the partner's id beside its
+augmentation parameters the same way; timm's Mixup draws lam from Beta(alpha, alpha) per batch, here per view.
+Specs that do not mix keep the 17-slot vector, their fields and so their fingerprint: caches built before
+mixed views existed replay unchanged.
 """
 
 from __future__ import annotations
@@ -64,13 +82,21 @@ JITTER_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (0, 2, 1), (1, 0, 
 
 _N_GEOM = 5
 _N_PHOTO = 4
-PARAM_DIM = _N_GEOM + _N_PHOTO + 2 * MAX_OPS
+PARAM_DIM = _N_GEOM + _N_PHOTO + 2 * MAX_OPS  # the base view: what `kt.render.render` draws
 _OPS_START = _N_GEOM + _N_PHOTO
 _CROP_TRIES = 10  # as torchvision's RandomResizedCrop, before falling back to a centre crop
 _N_UNIFORMS = 4 * _CROP_TRIES + 1 + 3 + 1 + 2 * MAX_OPS  # fixed draw count: one part never shifts another
+_N_MIX_UNIFORMS = 6  # mix or not, which mix, lam, partner, CutMix box centre x and y (drawn after the rest)
 _REPLAY_ATOL = 1e-5  # far below a pixel at any size, far above libm differences between machines
 
 _KINDS = ("train", "eval")
+MIXES = ("none", "mixup", "cutmix", "mixup+cutmix")
+MIX_MODES = ("none", "mixup", "cutmix")  # slot 17's values, in order
+MIX_DIM = 7
+_MIX = PARAM_DIM  # first mix slot
+# fields added after format 1 was stored: left out of `to_dict` (and so of the fingerprint) at their defaults, so
+# that every spec that does not use them keeps the fingerprint, and the views, it always had
+_LATER_FIELDS = {"mix": "none", "mix_prob": 1.0, "mixup_alpha": 1.0, "cutmix_alpha": 1.0}
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,12 @@ class ViewSpec:
     randaug_magnitude: float = 9.0  # RandAugment M out of 10, timm's "rand-m9" recipe
     crop_pct: float = 0.875  # eval view centre crop fraction, the classic 224/256
     version: int = VIEW_FORMAT_VERSION  # bumped when the meaning of a parameter slot changes
+    # mixed views (see the module docstring): none | mixup | cutmix | mixup+cutmix (each mixed view picks one,
+    # evenly, as timm's Mixup with switch_prob 0.5); "none" keeps the views every cache before them had
+    mix: str = "none"
+    mix_prob: float = 1.0  # share of views that are mixed; the rest are plain views of the sample
+    mixup_alpha: float = 1.0  # MixUp lam ~ Beta(a, a); 1 is uniform, the function-matching paper's choice
+    cutmix_alpha: float = 1.0  # CutMix lam ~ Beta(a, a) (the box covers 1 - lam), timm's default 1
 
     def __post_init__(self) -> None:
         # Coerce so that a spec read from YAML ([0.08, 1]) has the same fingerprint as the default.
@@ -100,7 +132,8 @@ class ViewSpec:
             if not isinstance(v, (list, tuple)) or len(v) != 2:
                 raise UserError(f"view spec: {name} must be a pair [low, high], got {v!r}")
             object.__setattr__(self, name, (number(name, v[0]), number(name, v[1])))
-        for name in ("hflip", "color_jitter", "randaug_magnitude", "crop_pct"):
+        for name in ("hflip", "color_jitter", "randaug_magnitude", "crop_pct", "mix_prob", "mixup_alpha",
+                     "cutmix_alpha"):
             object.__setattr__(self, name, number(name, getattr(self, name)))
         for name in ("randaug_ops", "version"):
             v = getattr(self, name)
@@ -132,10 +165,24 @@ class ViewSpec:
             raise UserError(f"view spec: randaug_magnitude must be in [0, 10], got {self.randaug_magnitude}")
         if not 0 < self.crop_pct <= 1:
             raise UserError(f"view spec: crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.mix not in MIXES:
+            raise UserError(f"view spec: mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
+        if self.mix != "none" and self.kind != "train":
+            raise UserError(f"view spec: mix {self.mix!r} needs kind train (an eval view is one fixed crop)")
+        if not 0 <= self.mix_prob <= 1:
+            raise UserError(f"view spec: mix_prob is a probability in [0, 1], got {self.mix_prob}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"view spec: {name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether views of this spec may mix two samples (their vectors then have `MIX_DIM` more slots)."""
+        return self.mix != "none"
 
     def to_dict(self) -> dict:
         """Plain JSON types (pairs as lists), as stored in cache attributes."""
-        d = dataclasses.asdict(self)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -210,27 +257,89 @@ def load_view_spec(arg: str | dict) -> ViewSpec:
     )
 
 
-def param_names() -> list[str]:
-    """Human-readable name of each slot of the parameter vector."""
+def param_names(spec: ViewSpec | None = None) -> list[str]:
+    """Human-readable name of each slot of the parameter vector (of `spec`'s views: mix slots where it mixes)."""
     names = ["crop_x0", "crop_y0", "crop_x1", "crop_y1", "flip", "brightness", "contrast", "saturation", "jitter_order"]
     for i in range(MAX_OPS):
         names += [f"op{i}_id", f"op{i}_arg"]
-    assert len(names) == PARAM_DIM
+    if spec is not None and spec.mixes:
+        names += ["mix_mode", "mix_lam", "mix_partner_u", "mix_box_x0", "mix_box_y0", "mix_box_x1", "mix_box_y1"]
+    assert len(names) == (PARAM_DIM if spec is None else view_dim(spec))
     return names
 
 
 # --- sampling ------------------------------------------------------------------------------------------
 
 
+def view_dim(spec: ViewSpec) -> int:
+    """Length of the parameter vector of `spec`'s views: `PARAM_DIM`, plus `MIX_DIM` where the spec mixes."""
+    return PARAM_DIM + (MIX_DIM if spec.mixes else 0)
+
+
+def base_params(params: np.ndarray) -> np.ndarray:
+    """The base view of one vector or of an array of them (last axis): what `kt.render.render` draws."""
+    return np.asarray(params)[..., :PARAM_DIM]
+
+
+def mix_mode(params: np.ndarray) -> str:
+    """"none", "mixup" or "cutmix": what the view does with its partner (a base vector never mixes)."""
+    p = np.asarray(params)
+    return "none" if p.shape[-1] <= PARAM_DIM else MIX_MODES[int(round(float(p[_MIX])))]
+
+
+def partner_row(params: np.ndarray, row: int, n: int) -> int | None:
+    """The row of the mixed view's partner in its input shard of `n` samples (in the cache's row order), or None
+    when the view does not mix. Never the sample itself where the shard has another."""
+    if mix_mode(params) == "none":
+        return None
+    if n <= 1:
+        return row
+    u = float(np.asarray(params)[_MIX + 2])
+    return (row + 1 + min(int(u * (n - 1)), n - 2)) % n
+
+
+def _beta_quantile(alpha: float, u: float) -> float:
+    """The u-quantile of Beta(alpha, alpha): lam from one uniform, so the draw count stays fixed (numpy's beta
+    sampler uses a variable number of draws and may change between releases)."""
+    if alpha == 1.0:
+        return u
+    from scipy.special import betaincinv  # only specs with another alpha need it
+
+    return float(betaincinv(alpha, alpha, u))
+
+
+def _mix_slots(spec: ViewSpec, u: Sequence[float]) -> np.ndarray:
+    """The `MIX_DIM` mix slots from `_N_MIX_UNIFORMS` uniforms (see the module docstring)."""
+    out = np.zeros(MIX_DIM, dtype=np.float64)
+    out[1] = 1.0
+    if u[0] >= spec.mix_prob:
+        return out
+    mode = {"mixup": 1, "cutmix": 2}.get(spec.mix) or (1 if u[1] < 0.5 else 2)
+    out[0], out[2] = mode, u[3]
+    if mode == 1:
+        out[1] = _beta_quantile(spec.mixup_alpha, u[2])
+        return out
+    # timm's rand_bbox: a box of side sqrt(1 - lam) centred anywhere, clipped to the image; lam is then
+    # corrected to the share left to the sample (timm's correct_lam)
+    cut = math.sqrt(1.0 - _beta_quantile(spec.cutmix_alpha, u[2]))
+    x0, x1 = max(0.0, u[4] - cut / 2), min(1.0, u[4] + cut / 2)
+    y0, y1 = max(0.0, u[5] - cut / 2), min(1.0, u[5] + cut / 2)
+    out[1] = 1.0 - (x1 - x0) * (y1 - y0)
+    out[3:7] = (x0, y0, x1, y1)
+    return out
+
+
 def _uniforms(spec: ViewSpec, seed: int, key: str, view: int) -> list[float]:
-    """`_N_UNIFORMS` doubles in [0, 1), a pure function of the four arguments."""
+    """`_N_UNIFORMS` doubles in [0, 1) (and `_N_MIX_UNIFORMS` more after them for a spec that mixes), a pure
+    function of the four arguments."""
     if isinstance(key, bytes):
         key = key.decode("utf-8")
     if not isinstance(key, str):
         raise TypeError(f"sample key must be str, got {type(key).__name__}")
     msg = json.dumps([spec.fingerprint(), int(seed), key, int(view)], separators=(",", ":")).encode("utf-8")
     philox_key = int.from_bytes(hashlib.blake2b(msg, digest_size=16).digest(), "little")
-    raw = np.random.Philox(key=philox_key).random_raw(_N_UNIFORMS)
+    # a counter-based stream: the mix draws come after the base ones and move none of them
+    raw = np.random.Philox(key=philox_key).random_raw(_N_UNIFORMS + (_N_MIX_UNIFORMS if spec.mixes else 0))
     # The standard 53-bit conversion, done here so it cannot change with numpy's Generator. Vectorised: a
     # 53-bit integer converts to float64 exactly and the power-of-two scale is exact, so the values are
     # bit for bit those of the former per-element Python loop.
@@ -276,8 +385,8 @@ def _op_arg(name: str, m: float, sign: float) -> float:
 
 
 def sample_params(spec: ViewSpec, seed: int, key: str, view: int) -> np.ndarray:
-    """The parameter vector of one view, float32 of shape (PARAM_DIM,); see the module docstring."""
-    p = np.zeros(PARAM_DIM, dtype=np.float64)
+    """The parameter vector of one view, float32 of shape (`view_dim(spec)`,); see the module docstring."""
+    p = np.zeros(view_dim(spec), dtype=np.float64)
     p[5:8] = 1.0
     p[_OPS_START::2] = -1.0
     if spec.kind == "eval":
@@ -299,6 +408,8 @@ def sample_params(spec: ViewSpec, seed: int, key: str, view: int) -> np.ndarray:
         sign = -1.0 if u[i + 2 * k + 1] < 0.5 else 1.0
         p[_OPS_START + 2 * k] = op
         p[_OPS_START + 2 * k + 1] = _op_arg(RANDAUG_OPS[op], m, sign)
+    if spec.mixes:
+        p[_MIX:] = _mix_slots(spec, u[_N_UNIFORMS:])
     return p.astype(np.float32)
 
 
@@ -308,7 +419,7 @@ def sample_params_batch(spec: ViewSpec, seed: int, keys: Sequence[str], views: i
         views = [int(views)] * len(keys)
     if len(views) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(views)} view indices")
-    out = np.empty((len(keys), PARAM_DIM), dtype=np.float32)
+    out = np.empty((len(keys), view_dim(spec)), dtype=np.float32)
     for n, (k, v) in enumerate(zip(keys, views)):
         out[n] = sample_params(spec, seed, k, int(v))
     return out
@@ -340,10 +451,10 @@ class ViewReplayError(UserError):
 def check_params(spec: ViewSpec, seed: int, key: str, view: int, stored: np.ndarray) -> None:
     """Raise `ViewReplayError` unless re-sampling (spec, seed, key, view) gives the stored vector."""
     stored = np.asarray(stored, dtype=np.float32)
-    if stored.shape != (PARAM_DIM,):
+    if stored.shape != (view_dim(spec),):
         raise ViewReplayError(
-            f"key {key!r} view {view}: stored view parameters have shape {stored.shape}, expected ({PARAM_DIM},) "
-            f"(view format version {VIEW_FORMAT_VERSION})"
+            f"key {key!r} view {view}: stored view parameters have shape {stored.shape}, expected "
+            f"({view_dim(spec)},) (view format version {VIEW_FORMAT_VERSION}, mix {spec.mix!r})"
         )
     fresh = sample_params(spec, seed, key, view)
     diff = np.abs(fresh.astype(np.float64) - stored.astype(np.float64))
@@ -351,7 +462,7 @@ def check_params(spec: ViewSpec, seed: int, key: str, view: int, stored: np.ndar
         slot = int(np.argmax(np.where(np.isnan(diff), np.inf, diff)))
         raise ViewReplayError(
             f"key {key!r} view {view}: stored view parameters differ from re-sampling with seed {seed} "
-            f"(first at {param_names()[slot]}: stored {stored[slot]:.6g}, re-sampled {fresh[slot]:.6g}); "
+            f"(first at {param_names(spec)[slot]}: stored {stored[slot]:.6g}, re-sampled {fresh[slot]:.6g}); "
             f"the cache was built with another view spec, seed or numpy RNG (numpy here: {np.__version__})"
         )
 

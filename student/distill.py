@@ -37,6 +37,7 @@ from kt.device import check_precision, model_device, placement
 from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, parse_classes
 from kt.views import ViewSet, load_view_spec
+from kt.student.learning import Learning
 from kt.student.losses import DistillObjective, create_objective, objective_class
 from kt.render import uint8_views
 from kt.render_tensor import render_device_for
@@ -79,6 +80,11 @@ class DistillConfig(OptimConfig):
                                 "ran slower with the GPU path, docs/benchmarks.md) | cpu | cuda (the workers "
                                 "only decode; the student's GPU renders, within 1/255 of the CPU render)",
                         choices=("auto", "cpu", "cuda"))
+    val_data: str = field("", "labeled shards (not the transfer set's) to evaluate the student on as distilled: "
+                              "top-1 (mIoU for segmentation) at the end, in OUT/learning.json beside the agreement "
+                              "with the teacher per epoch, samples seen and CPU time ('' skips it)")
+    eval_every: int = field(0, "with --val-data, also evaluate every N optimizer steps (OUT/learning.jsonl: the "
+                               "learning curve); 0: at the end only", min=0)
     shuffle_shards: int = field(8, "shards each DataLoader worker reads at once and mixes into its batches "
                                    "(memory: about this many shards' images and targets per worker)", min=1)
     out: str = field("", "run folder")
@@ -270,8 +276,12 @@ def run_distill(cfg: DistillConfig) -> dict:
         raise UserError(f"unknown --view-policy {cfg.view_policy!r}; choose from {', '.join(VIEW_POLICIES)}")
     out = Path(cfg.out)
     # the worker count is part of a distillation run: it decides the batch order (kt.student.stream)
-    resuming = check_out_dir(out, cfg, resumable=RESUMABLE_CHANGES - {"workers"})
+    resuming = check_out_dir(out, cfg, resumable=(RESUMABLE_CHANGES | {"eval_every"}) - {"workers"})
     urls = expand_shards(cfg.data)
+    val_urls = expand_shards(cfg.val_data) if cfg.val_data else None
+    if val_urls and cfg.objective != "task":
+        raise UserError(f"--val-data evaluates the student's task head, which --objective {cfg.objective} does not "
+                        "train; evaluate after `kt-student finetune --init` instead")
     needs = objective_cls.needs
     accelerator = create_accelerator(cfg, out)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -318,6 +328,13 @@ def run_distill(cfg: DistillConfig) -> dict:
                         "patches": teacher.grid_dim}
         teacher_classes = teacher.classes
 
+    if val_urls and teacher_classes:
+        from kt.student.evaluate import check_data_classes
+
+        check_data_classes(teacher_classes, val_urls, "the teacher", f"--val-data {cfg.val_data}")
+    if view_set.spec.mixes and (render_device is not None or segmentation):
+        raise UserError(f"view spec mix {view_set.spec.mix!r}: mixed views are rendered by the DataLoader workers "
+                        "(not --render cuda) for classification students")
     num_classes = teacher_dims.get("num_classes", 0) if cfg.objective == "task" else 0
     if segmentation and not num_classes:
         # a segmentation model has a head; patch-cosine does not train it (frozen below) and `finetune --init`
@@ -372,12 +389,24 @@ def run_distill(cfg: DistillConfig) -> dict:
             batch = normalize_views(batch, student.mean, student.std, teacher_norm)
         return modules(batch)
 
+    learning = Learning(out, cfg.batch_size * cfg.grad_accum * world, val_urls, cfg.eval_every, cfg.task,
+                        accelerator.is_main_process, cfg.workers)
+
+    def on_step(global_step: int, epoch: int, epoch_end: bool, metrics: dict) -> None:
+        learning.observe(epoch, metrics)
+        if epoch_end or (cfg.eval_every and val_urls and global_step % cfg.eval_every == 0):
+            learning.record(global_step, epoch, student)
+
     result = fit(cfg, model, make_loader, per_epoch, loss_fn, out, accelerator=accelerator,
                  desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True,
-                 render_flag=True)
+                 render_flag=True, on_step=on_step)
     summary = {"out": str(out), "model": cfg.model, "objective": cfg.objective, "completed": result.completed,
                "processes": world, "steps": result.global_step, "steps_per_epoch": steps,
                "last": result.last_metrics}
+    if result.completed:
+        learned = learning.finish(result.global_step, cfg.epochs - 1, student)
+        summary["learned"] = {k: learned[k] for k in ("samples", "cpu_s", "agree", "val_top1", "val_miou")
+                              if k in learned}
     if result.completed and result.is_main_process:
         from safetensors.torch import save_file
 

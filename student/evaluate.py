@@ -80,10 +80,12 @@ def check_data_classes(classes: Sequence[str] | None, urls: Sequence[str], model
 
 
 @torch.no_grad()
-def evaluate(model, urls: Sequence[str], batch_size: int = 256, workers: int = 2,
-             classes: Sequence[str] | None = None) -> dict:
-    """Classify every sample of `urls` with the eval view at the model's input size, on the device the
-    model's parameters live on (a finetuned model comes back from accelerate on its GPU)."""
+def predict(model, urls: Sequence[str], batch_size: int = 256,
+            workers: int = 2) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(predicted class, label, key) of every sample of `urls`, sorted by key: the eval view at the model's input
+    size, on the device the model's parameters live on (a finetuned model comes back from accelerate on its GPU).
+    Two models' predictions on the same shards line up sample by sample (their agreement), whatever the worker
+    count (which orders the loader's batches)."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -91,15 +93,28 @@ def evaluate(model, urls: Sequence[str], batch_size: int = 256, workers: int = 2
     if k <= 0:
         raise UserError(f"model {model.arch} has no task head to evaluate")
     place = placement(model_device(model))
-    confusion = np.zeros((k, k), dtype=np.int64)
     loader = eval_loader(urls, model.image_size, model.mean, model.std, batch_size, workers,
                          pin_memory=place.pin_memory, uint8=uint8_views(place.device))
-    for x, y, _ in tqdm(loader, desc="eval", unit="batch", mininterval=1.0, leave=False):
-        pred = model(model_input(place.to(x), model.mean, model.std)).argmax(1).cpu().numpy()
-        y = y.numpy()
-        if (y < 0).any() or (y >= k).any():
-            raise UserError(f"evaluation data has labels outside 0..{k - 1} (or none)")
-        np.add.at(confusion, (y, pred), 1)
+    preds, labels, keys = [], [], []
+    for x, y, key in tqdm(loader, desc="eval", unit="batch", mininterval=1.0, leave=False):
+        preds.append(model(model_input(place.to(x), model.mean, model.std)).argmax(1).cpu().numpy())
+        labels.append(y.numpy())
+        keys.extend(key)
+    order = np.argsort(np.array(keys, dtype=object), kind="stable") if keys else np.zeros(0, np.int64)
+    pred = np.concatenate(preds)[order] if preds else np.zeros(0, np.int64)
+    label = np.concatenate(labels)[order] if labels else np.zeros(0, np.int64)
+    if (label < 0).any() or (label >= k).any():
+        raise UserError(f"evaluation data has labels outside 0..{k - 1} (or none)")
+    return pred, label, [keys[i] for i in order]
+
+
+def evaluate(model, urls: Sequence[str], batch_size: int = 256, workers: int = 2,
+             classes: Sequence[str] | None = None) -> dict:
+    """Top-1, per-class accuracy and the confusion matrix of `predict`."""
+    k = model.num_classes
+    pred, y, _ = predict(model, urls, batch_size, workers)
+    confusion = np.zeros((max(k, 0), max(k, 0)), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
     n = int(confusion.sum())
     if n == 0:
         raise UserError("evaluation data holds no decodable samples")

@@ -145,6 +145,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     urls = expand_shards(cfg.data)
     val_urls = expand_shards(cfg.val_data) if cfg.val_data else None
     spec = load_view_spec(cfg.view)
+    if spec.mixes:  # a mixed view's label is a mix of two labels: a distillation cache's kind of view only
+        raise UserError(f"--view: mixed views (mix {spec.mix!r}) are for kt-cache build and kt-student train; "
+                        "finetune on plain views")
     classes = load_classes(urls)
     if val_urls and classes:
         check_data_classes(classes, val_urls, f"--data {cfg.data}", f"--val-data {cfg.val_data}")

@@ -203,7 +203,8 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
         steps_per_epoch: int | Sequence[int] | None,
         loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], out_dir: str | Path,
         accelerator=None, desc: str = "train", prepare_loader: bool = True,
-        loader_skips: bool = False, render_flag: bool = False) -> FitResult:
+        loader_skips: bool = False, render_flag: bool = False,
+        on_step: Callable[[int, int, bool, dict], None] | None = None) -> FitResult:
     """Train `modules` to minimise `loss_fn`; resumable from `out_dir/state`.
 
     Args:
@@ -218,6 +219,8 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
         loader_skips: `make_loader(epoch, skip)` starts the epoch at batch `skip` itself (a stream that can
             seek); otherwise accelerate skips the first batches by reading them.
         render_flag: the command has `--render cuda`, which a data-bound run's closing line then suggests.
+        on_step: called after every optimizer step with (global step, epoch, whether it ended the epoch, the mean
+            of the metrics of the step's batches), on every process (a run's learning record, `kt.student.learning`).
 
     `make_loader` may return the same loader object for every epoch (persistent workers): it is prepared once
     and told the epoch by its `set_epoch`, which must make its batches those of that epoch.
@@ -308,6 +311,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
         batch_index = skip  # saves happen between windows only, so `skip` starts a window
         skip = 0
         window = 0  # batches accumulated since the last optimizer step
+        in_window: dict[str, float] = {}  # their metrics, summed
         modules.train()
         for batch, epoch_end in _with_last(clock.batches(batches)):
             window += 1
@@ -320,6 +324,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
             metrics = {"loss": float(loss.detach()), **metrics}
             for k, v in metrics.items():
                 running[k] = running.get(k, 0.0) + v
+                in_window[k] = in_window.get(k, 0.0) + v
             n_running += 1
             if not sync:
                 continue
@@ -327,7 +332,7 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(cfg.grad_accum / window)
-            window = 0
+            window_batches, window = window, 0
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(modules.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -335,6 +340,9 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
             scheduler.step()
             global_step += 1
             bar.update(1)
+            if on_step is not None:
+                on_step(global_step, epoch, epoch_end, {k: v / window_batches for k, v in in_window.items()})
+            in_window = {}
             if global_step % cfg.log_every == 0 or epoch_end:
                 last = {k: v / n_running for k, v in running.items()}
                 last.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step=global_step)

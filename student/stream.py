@@ -48,9 +48,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kt.errors import UserError
 from kt.shards import BadSamples, decode_image, image_ext, iter_samples, split_urls
-from kt.render import decode_for_views, normalize, render_valid, worker_tensor
+from kt.render import decode_for_views, normalize, render_valid, render_view, worker_tensor
 from kt.render_tensor import images_to_tensors, render_batch
-from kt.views import ViewSet, render
+from kt.views import ViewSet, partner_row
 
 VIEW_POLICIES = ("cycle", "random")
 
@@ -92,6 +92,8 @@ class _Item:
     params: np.ndarray
     data: bytes  # encoded image, decoded when the batch is rendered
     targets: TargetsFn | None
+    partner: bytes | None = None  # a mixed view's partner (a sample of the same shard): its encoded image
+    partner_params: np.ndarray | None = None  # ... and its own parameters for the same view index
 
 
 def _rng(*parts) -> np.random.Generator:
@@ -227,22 +229,35 @@ class ReplayStream(IterableDataset):
             if start <= position + i < stop:
                 wanted.setdefault(shard, set()).add(row)
         data = {shard: self._shard(shard) for shard in wanted}
-        images = {shard: self._images(shard, data[shard], rows) for shard, rows in wanted.items()}
+        picks = []  # (shard, row, view, params, partner row or None), in the order they are taken
         for i, (shard, row) in enumerate(order):
             if not start <= position + i < stop:
                 continue
             d = data[shard]
-            key = d.keys[row]
-            v = view_index(self.policy, self.view_set.views, self.view_set.seed, self.epoch, key)
-            if d.params is None:
-                p = self.view_set.params(key, v)
-            else:
-                p = d.params[row, v]
-                self.view_set.check(key, v, p)
-            buf.append(_Item(shard, row, v, key, p, images[shard].pop(row), d.targets))
+            v = view_index(self.policy, self.view_set.views, self.view_set.seed, self.epoch, d.keys[row])
+            p = self._params(d, row, v)
+            partner = partner_row(p, row, len(d.keys)) if self.view_set.spec.mixes else None
+            if partner is not None:  # a mixed view reads its partner's image too (a row of the same shard)
+                wanted[shard].add(partner)
+            picks.append((shard, row, v, p, partner))
+        images = {shard: self._images(shard, data[shard], rows) for shard, rows in wanted.items()}
+        for shard, row, v, p, partner in picks:
+            d = data[shard]
+            mate = {} if partner is None else {"partner": images[shard][partner],
+                                               "partner_params": self._params(d, partner, v)}
+            buf.append(_Item(shard, row, v, d.keys[row], p, images[shard][row], d.targets, **mate))
             if len(buf) == self.spec.batch_size:
                 yield self._collate(buf)
                 buf.clear()
+
+    def _params(self, d: ShardData, row: int, view: int) -> np.ndarray:
+        """The view's parameters: stored ones checked against re-sampling them, or (no cache) sampled."""
+        key = d.keys[row]
+        if d.params is None:
+            return self.view_set.params(key, view)
+        p = d.params[row, view]
+        self.view_set.check(key, view, p)
+        return p
 
     def _shard(self, shard: int) -> ShardData:
         data = self.source(self.spec.urls[shard])
@@ -264,7 +279,7 @@ class ReplayStream(IterableDataset):
             if s.digest is not None and s.digest != int(data.digests[row]):
                 raise UserError(f"sample {s.key} of data shard {url} is not the image the cache was built from "
                                 "(content digest differs); pass the transfer set the cache was built from")
-            out[row] = s.raw[image_ext(s.raw)]
+            out[row] = s.raw[image_ext(s.raw)]  # a row may be taken twice (a sample and a mixed view's partner)
         missing = sorted(k for k, r in row_of.items() if r not in out)
         if missing:
             raise UserError(f"{len(missing)} cached samples are missing from data shard {url}, "
@@ -277,6 +292,8 @@ class ReplayStream(IterableDataset):
         else:  # a JPEG decodes at the reduced scale its view still allows at the larger of the two sizes
             size = max(self.image_size, self.teacher_size)
             images = [decode_for_views(item.data, item.params, size) for item in buf]
+            partners = [None if item.partner is None else decode_for_views(item.partner, item.partner_params, size)
+                        for item in buf]
         batch = {"keys": [item.key for item in buf],
                  "views": torch.tensor([item.view for item in buf]),
                  "params": torch.from_numpy(np.stack([item.params for item in buf]))}
@@ -284,8 +301,9 @@ class ReplayStream(IterableDataset):
             batch["sources"] = images_to_tensors(images, "cpu")
         else:
             def views(size: int, mean, std) -> torch.Tensor:
-                return torch.stack([worker_tensor(render(img, item.params, size), mean, std, self.uint8)
-                                    for img, item in zip(images, buf)])
+                return torch.stack([worker_tensor(render_view(img, item.params, size, mate, item.partner_params),
+                                                  mean, std, self.uint8)
+                                    for img, mate, item in zip(images, partners, buf)])
 
             batch["x"] = views(self.image_size, self.mean, self.std)
             if self.teacher_size:

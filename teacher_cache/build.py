@@ -51,9 +51,9 @@ from kt.errors import UserError
 from kt.checkpoints import load_model, model_fingerprint
 from kt.models import TARGETS, TaskModel, teacher_targets
 from kt.shards import BadSamples, decode_image, expand_shards, iter_samples, load_classes, split_urls
-from kt.render import decode_for_views, normalize, render, uint8_views, worker_tensor
+from kt.render import decode_for_views, normalize, render_view, uint8_views, worker_tensor
 from kt.render_tensor import images_to_tensors, render_batch, render_device_for
-from kt.views import ViewSet, ViewSpec, load_view_spec
+from kt.views import ViewSet, ViewSpec, load_view_spec, partner_row
 from kt.teacher_cache.codecs import DEFAULT_CODECS, Codec, parse_codec, split_codec_flags
 from kt.teacher_cache.device_encode import HEAVY as DEVICE_ENCODED, encode_outputs, encoders as device_encoders
 from kt.teacher_cache.lock import StoreLock
@@ -373,7 +373,12 @@ class ShardViewBatches(IterableDataset):
             return decode_for_views(data, views[key], self.image_size)
 
         # iter_samples refuses a key seen twice in the shard; keys across shards are checked at the end
-        for sample in iter_samples([url], bad=bad, digest=True, decode=decode):
+        samples = iter_samples([url], bad=bad, digest=True, decode=decode)
+        mixed = self.view_set.spec.mixes
+        if mixed:  # a mixed view's partner is any good sample of the shard: read the shard whole first (its
+            samples = list(samples)  # decoded images stay in memory until the shard is done)
+            shard_params = [views[s.key] for s in samples]
+        for sample in samples:
             row = len(keys)
             keys.append(sample.key)
             digests.append(sample.digest)
@@ -382,7 +387,10 @@ class ShardViewBatches(IterableDataset):
                 if self.device_render:
                     x = source
                 else:
-                    view = render(sample.image, params, self.image_size)
+                    partner = partner_row(params, row, len(samples)) if mixed else None
+                    view = render_view(sample.image, params, self.image_size,
+                                       *((samples[partner].image, shard_params[partner][v]) if partner is not None
+                                         else ()))
                     x = worker_tensor(view, self.mean, self.std, self.uint8)
                 buf.append((row, v, params, x))
                 if len(buf) == self.batch_size:
@@ -596,6 +604,9 @@ def build_cache(cfg: BuildConfig) -> dict:
     for name in ("teacher", "data", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
+    spec = load_view_spec(cfg.view_spec)
+    if spec.mixes and cfg.render == "cuda":
+        raise UserError(f"--render cuda does not render mixed views (view spec mix {spec.mix!r}); use --render cpu")
     render_device_for(cfg.render)  # a bad choice fails before anything loads
     keep_freed_memory()  # a CPU forward stops page-faulting its activations in every batch
     state = PartialState(cpu=accelerate_cpu())
@@ -604,7 +615,6 @@ def build_cache(cfg: BuildConfig) -> dict:
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise UserError(f"two input shards map to the cache shard id {dup!r}; give shards distinct names")
-    spec = load_view_spec(cfg.view_spec)
     targets = parse_targets(cfg.targets)
     codecs = parse_codecs(cfg.codec, targets)  # bad specs fail before the teacher loads
     out = urlsplit(cfg.out)
@@ -642,6 +652,9 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     model = load_model(cfg.teacher, pretrained=cfg.pretrained, image_size=cfg.image_size, seed=0,
                        what="teacher").eval()
     image_size = cfg.image_size or model.image_size
+    if spec.mixes and model.task != "classification":
+        raise UserError(f"view spec mix {spec.mix!r}: mixed views are for classification teachers (a {model.task} "
+                        "teacher's per-pixel targets of two mixed images have no mask to follow)")
     check_teacher_targets(targets, model)
     shapes = item_shapes(model, targets, image_size)
     codecs = fit_default_codecs(codecs, shapes, cfg.codec)

@@ -98,6 +98,15 @@ def _plan_table(plan: dict) -> str:
     lines.append(f"predicted size {'at most ' if plan.get('at_most') else ''}{_human(plan['total_bytes'])} "
                  f"({plan['total_bytes']:,} bytes, before zstd; "
                  f"codec state {_human(plan['codec_state_bytes'])})")
+    q = plan.get("teacher_on_views")
+    if q:
+        e = q["eval"]
+        lines.append(f"teacher on views of {e['views']} labeled images: eval view top-1 {e['top1']:.3f}, "
+                     f"confidence {e['confidence']:.3f}")
+        for name, r in q.items():
+            if name != "eval":
+                lines.append(f"  {name[:40]:<40} top-1 {r['top1']:.3f}  agrees with eval view {r['agree_eval']:.3f}  "
+                             f"confidence {r['confidence']:.3f}  ({r['views']} views)")
     d = plan.get("data_path")
     if d:
         lines.append(f"data path ({d['views']} {d['view_spec']} views at {d['image_size']} px of {d['median_source']} "

@@ -42,6 +42,10 @@ class PlanConfig:
     view_spec: str = field("train", "view preset name, JSON or file (for --measure)")
     measure: int = field(0, "views of --data's first images decoded and rendered as a build's DataLoader workers "
                             "do, to measure their CPU cost per view on these images (0: none)", min=0)
+    labeled: str = field("", "labeled shards: report the teacher's top-1, agreement with its eval-view prediction "
+                             "and confidence on views of their first --labeled-images images, for --view-spec and "
+                             "the train and light presets (how to choose a view spec: docs/results.md)")
+    labeled_images: int = field(300, "images of --labeled to render views of", min=1)
     json: bool = field(False, "print JSON instead of a table")
 
 
@@ -65,11 +69,12 @@ class VerifyConfig:
 
 # -------------------------------------------------------------------------------------------- plan
 def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_samples: int,
-                 key_bytes: float) -> dict:
+                 key_bytes: float, param_dim: int | None = None) -> dict:
     """Bytes per sample and in total for `targets` {name: (codec spec, item shape)}, before lossless
     compression (zstd takes off more; Zarr metadata adds a few KiB). PCA's size does not depend on its fit;
     `auto` chooses at build time, so before it the prediction is its `int8` fallback, an upper bound
-    (`at_most` is set), and after it (`kt-cache info`) the chosen codec's size."""
+    (`at_most` is set), and after it (`kt-cache info`) the chosen codec's size. `param_dim`: floats a view's
+    parameters take (`kt.views.view_dim`; a spec that mixes stores more)."""
     from kt.views import PARAM_DIM
     from kt.teacher_cache.codecs import AutoCodec, PcaCodec, parse_codec
 
@@ -87,7 +92,7 @@ def predict_size(targets: dict[str, tuple[str, Sequence[int]]], views: int, num_
             out["at_most"] = True
         if isinstance(codec, PcaCodec):
             state += int(item_shape[-1]) * (codec.d + 1) * 4  # float32 basis and mean
-    out["params_bytes_per_sample"] = views * PARAM_DIM * 4
+    out["params_bytes_per_sample"] = views * (param_dim or PARAM_DIM) * 4
     out["key_bytes_per_sample"] = round(float(key_bytes) + _VLEN_OVERHEAD, 2)
     out["digest_bytes_per_sample"] = 8  # uint64 content digest
     per_sample += out["params_bytes_per_sample"] + out["key_bytes_per_sample"] + out["digest_bytes_per_sample"]
@@ -119,15 +124,24 @@ def plan_cache(cfg: PlanConfig) -> dict:
     image_size = cfg.image_size or model.image_size
     shapes = item_shapes(model, names, image_size)
     codecs = fit_default_codecs(codecs, shapes, cfg.codec)
-    plan = predict_size({t: (codecs[t].spec, shapes[t]) for t in names}, cfg.views, num_samples, key_bytes)
+    from kt.views import load_view_spec, view_dim
+
+    spec = load_view_spec(cfg.view_spec)
+    plan = predict_size({t: (codecs[t].spec, shapes[t]) for t in names}, cfg.views, num_samples, key_bytes,
+                        view_dim(spec))
     out = {"teacher": model.arch, "image_size": image_size, **plan}
+    if cfg.labeled:
+        from kt.teacher_cache.view_quality import CANDIDATES, labeled_images, teacher_on_views
+        from kt.views import VIEW_PRESETS
+
+        specs = {cfg.view_spec: spec, **{c: VIEW_PRESETS[c] for c in CANDIDATES if VIEW_PRESETS[c] != spec}}
+        out["teacher_on_views"] = teacher_on_views(model, labeled_images(cfg.labeled, cfg.labeled_images), specs,
+                                                   min(cfg.views, 2), image_size)
     if cfg.measure:
         if not cfg.data:
             raise UserError("--measure needs --data: it renders views of the transfer set's own images")
-        from kt.views import load_view_spec
-
         out["data_path"] = {"view_spec": cfg.view_spec,
-                            **measure_data_path(cfg.data, load_view_spec(cfg.view_spec), cfg.views, image_size,
+                            **measure_data_path(cfg.data, spec, cfg.views, image_size,
                                                 cfg.measure, model.mean, model.std)}
     return out
 
@@ -224,8 +238,10 @@ def cache_info(url: str) -> dict:
             targets[name].update(chosen=state[0]["spec"], selection=state[0]["selection"])
     key_bytes = _mean_key_bytes(store, done)
     views = int(attrs["view"]["views_per_image"])
+    from kt.views import ViewSpec, view_dim
+
     predicted = predict_size({t: (e.get("chosen", e["codec"]), e["item_shape"]) for t, e in targets.items()},
-                             views, samples, key_bytes)
+                             views, samples, key_bytes, view_dim(ViewSpec.from_dict(attrs["view"]["spec"])))
     stored = store.nbytes_stored()
     return {
         "url": url,
@@ -309,8 +325,8 @@ def verify_cache(url: str, teacher: str | None = None, data: str | None = None, 
                         break
                 if picked[shard_id]:
                     decoded[name] = shard.get(name, np.array([r for r, _ in picked[shard_id]]))
-            cached[shard_id] = [(shard.keys[r], v, shard.params[r, v], {t: decoded[t][i, v] for t in decoded})
-                                for i, (r, v) in enumerate(picked[shard_id])]
+            cached[shard_id] = [(shard.keys[r], v, shard.params[r, v], {t: decoded[t][i, v] for t in decoded},
+                                 _partner(shard, r, v)) for i, (r, v) in enumerate(picked[shard_id])]
         except UserError as e:  # ViewReplayError, a missing array
             problems.append(f"{shard_id}: {e}")
         except Exception as e:  # noqa: BLE001 -- a corrupt chunk: report and go on
@@ -330,13 +346,21 @@ def verify_cache(url: str, teacher: str | None = None, data: str | None = None, 
     return report
 
 
+def _partner(shard, row: int, view: int) -> tuple[str, np.ndarray] | None:
+    """A mixed view's partner in its shard: (key, its parameters for the same view index); None for other views."""
+    from kt.views import partner_row
+
+    partner = partner_row(shard.params[row, view], row, len(shard.keys))
+    return None if partner is None else (shard.keys[partner], shard.params[partner, view])
+
+
 def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch_size: int):
     """Per target, codec fidelity (cached vs raw) and consistency (cached vs raw re-encoded) on replayed views."""
     import torch
 
     from kt.checkpoints import load_model, model_fingerprint
     from kt.shards import BadSamples, expand_shards, iter_samples
-    from kt.views import render, to_tensor
+    from kt.render import render_view, to_tensor
     from kt.teacher_cache.build import teacher_outputs
     from kt.teacher_cache.codecs import fidelity
     from kt.teacher_cache.store import check_compatible, shard_id_for
@@ -365,6 +389,7 @@ def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch
         if shard_id not in urls:
             raise UserError(f"no data shard for cache shard {shard_id}; pass --data with the transfer set")
         want = {key: i for i, (key, *_rest) in enumerate(items)}
+        want.update({mate[0]: -1 for *_rest, mate in items if mate is not None and mate[0] not in want})
         images = {}
         # every sample read on the way is checked against its stored content digest (not only the wanted)
         content = reader.shard(shard_id, [], check_views=False)
@@ -379,13 +404,14 @@ def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch
         if missing:
             raise UserError(f"data shard {urls[shard_id]} lacks cached keys {listing(missing)}; "
                             "is --data the transfer set the cache was built from?")
-        pairs += [(key, v, params, dec, images[key]) for key, v, params, dec in items]
+        pairs += [(key, v, params, dec, images[key], None if mate is None else (images[mate[0]], mate[1]))
+                  for key, v, params, dec, mate in items]
 
     raw_all: dict[str, list] = {t: [] for t in reader.targets}
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
-        x = torch.stack([to_tensor(render(img, params, image_size), model.mean, model.std)
-                         for _, _, params, _, img in batch])
+        x = torch.stack([to_tensor(render_view(img, params, image_size, *(mate or ())), model.mean, model.std)
+                         for _, _, params, _, img, mate in batch])
         with torch.inference_mode():
             out = teacher_outputs(model, x, reader.targets)
         for t in reader.targets:

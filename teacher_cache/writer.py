@@ -132,6 +132,12 @@ class ShardAssembler:
             stacked = stacked.reshape(n, self.views, *stacked.shape[1:])
             return stacked if all_good else stacked[keep]
 
+        if not all_good and self.batches[0].params.shape[-1] > PARAM_DIM:
+            # mixed views name their partner by row (kt.views.partner_row): dropping a row would move the partners
+            # of every row after it
+            first = end.keys[min(self.nonfinite)]
+            raise UserError(f"{end.url}: the teacher's outputs are not finite for {len(self.nonfinite)} samples (first "
+                            f"{first!r}); a cache of mixed views cannot leave samples out; check the teacher")
         params = assemble([b.params for b in self.batches])
         targets = {t: {part: assemble([b.parts[t][part] for b in self.batches]) for part in self.batches[0].parts[t]}
                    for t in self.codecs}

@@ -384,3 +384,27 @@ def test_a_vit_size_that_is_not_a_patch_multiple_is_refused_before_the_run(fmnis
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not a multiple of 16 (use 32 or 48)" in err, err
     assert not out.exists()
+
+
+def test_a_run_reports_what_the_student_learned(fmnist, cache, tmp_path, capsys):
+    """Agreement per epoch, accuracy as distilled against samples and CPU time: the curve every --eval-every steps
+    and at the end, the last record the student's own accuracy on the validation data."""
+    from kt.student.evaluate import evaluate
+
+    assert train(fmnist, cache, tmp_path / "r", "--objective", "task", "--val-data", str(fmnist["root"] / "test"),
+                 "--eval-every", "4", "--lr", "0.003") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = [json.loads(x) for x in (tmp_path / "r" / "learning.jsonl").read_text().splitlines()]
+    # every 4 steps and at each epoch end (step 10, and 20: the end)
+    assert [r["step"] for r in records] == [4, 8, 10, 12, 16, 20]
+    assert [r["samples"] for r in records][:2] == [4 * 32, 8 * 32]
+    assert all(b["cpu_s"] >= a["cpu_s"] and b["wall_s"] >= a["wall_s"] for a, b in zip(records, records[1:]))
+    learned = json.loads((tmp_path / "r" / "learning.json").read_text())
+    assert len(learned["agree_per_epoch"]) == 2 and all(0 <= a <= 1 for a in learned["agree_per_epoch"])
+    assert learned["val_top1"] == summary["learned"]["val_top1"]
+    model = load_checkpoint(tmp_path / "r" / "checkpoint")
+    assert learned["val_top1"] == round(evaluate(model, fmnist["test"], workers=0)["top1"], 4)
+    # without a task head there is nothing to evaluate: refused before the run, in one line
+    assert train(fmnist, cache, tmp_path / "p", "--objective", "patch-cosine",
+                 "--val-data", str(fmnist["root"] / "test")) == 2
+    assert "--val-data" in capsys.readouterr().err
