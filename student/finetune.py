@@ -17,6 +17,7 @@ stride 8/16/32 backbone from masks (`kt.student.segmentation` holds its data, lo
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +190,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     batch_size = min(cfg.batch_size, len(dataset))
     # steps per epoch: None lets fit count the batches accelerate gives this process (it deals the
     # batches of the labeled set out to processes), so the schedule has the same shape on any process count
+    # the student as distilled, on the same data as the finetuned one will be: a finetune that loses what distillation
+    # gave shows in its summary and eval.json (and in one line on stderr), not only against a baseline elsewhere
+    before = None
+    if cfg.init and val_urls and kept_head and accelerator.is_main_process:
+        before = _metric(model.to(accelerator.device), val_urls, seg, cfg, classes)
+        model.train()
     trained = HeadOnly(model) if cfg.train == "head" else model
     loader = labeled_loader(dataset, 0, batch_size, cfg.workers, pin_memory=pin)  # one for all epochs: set_epoch
     result = fit(cfg, trained, lambda epoch: loader, None, loss_fn, out, accelerator=accelerator,
@@ -202,16 +209,44 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     model = model.float().eval()
     save_checkpoint(model, out / CHECKPOINT_DIR, classes=classes,
                     extra={"run": config_dict(cfg), "train_keys_sha": _keys_digest(samples)})
-    if val_urls and seg:
-        metrics = segm.evaluate_segmentation(model, val_urls, batch_size=32, workers=cfg.workers, classes=classes,
-                                             max_bad_fraction=cfg.max_bad_fraction)
+    if val_urls:
+        metrics = _evaluate(model, val_urls, seg, cfg, classes)
+        name = "miou" if seg else "top1"
+        summary[name] = metrics[name]
+        if before is not None or (out / INIT_METRICS).exists():
+            if before is None:  # measured before an interruption
+                before = json.loads((out / INIT_METRICS).read_text())
+            metrics[f"init_{name}"] = summary[f"init_{name}"] = before[name]
+            if metrics[name] < before[name]:
+                print(f"finetune: {name} {metrics[name]:.4f} on {cfg.val_data} is below the distilled student's "
+                      f"{before[name]:.4f} (--init {cfg.init}); keep the distilled student, or finetune more gently "
+                      "(docs/results.md, 'A finetune that keeps what distillation gave')", file=sys.stderr)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        summary["miou"] = metrics["miou"]
-    elif val_urls:
-        metrics = evaluate(model, val_urls, batch_size=256, workers=cfg.workers, classes=classes)
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        summary["top1"] = metrics["top1"]
     return summary
+
+
+INIT_METRICS = "eval_init.json"  # the --init student's metrics before finetuning, kept for a resumed run
+
+
+def _evaluate(model, urls, seg: bool, cfg: FinetuneConfig, classes) -> dict:
+    if seg:
+        from kt.student import segmentation as segm
+
+        return segm.evaluate_segmentation(model, urls, batch_size=32, workers=cfg.workers, classes=classes,
+                                          max_bad_fraction=cfg.max_bad_fraction)
+    return evaluate(model, urls, batch_size=256, workers=cfg.workers, classes=classes)
+
+
+def _metric(model, urls, seg: bool, cfg: FinetuneConfig, classes) -> dict:
+    """The --init student's metric before any step, written to OUT/eval_init.json (once: a resumed run reads it)."""
+    out = Path(cfg.out)
+    if (out / INIT_METRICS).exists():
+        return json.loads((out / INIT_METRICS).read_text())
+    metrics = _evaluate(model, urls, seg, cfg, classes)
+    name = "miou" if seg else "top1"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INIT_METRICS).write_text(json.dumps({name: metrics[name]}))
+    return {name: metrics[name]}
 
 
 def _check_stride(model, cfg: FinetuneConfig) -> None:

@@ -408,3 +408,31 @@ def test_a_run_reports_what_the_student_learned(fmnist, cache, tmp_path, capsys)
     assert train(fmnist, cache, tmp_path / "p", "--objective", "patch-cosine",
                  "--val-data", str(fmnist["root"] / "test")) == 2
     assert "--val-data" in capsys.readouterr().err
+
+
+def test_finetune_from_a_distilled_student_reports_it_beside_the_finetuned_one(fmnist, cache, tmp_path, capsys):
+    """The as-distilled student's accuracy on --val-data sits beside the finetuned one (summary and eval.json), is
+    the kept head's own (evaluated before any step), and a finetune that ends below it says so on stderr."""
+    from kt.student.evaluate import evaluate
+
+    assert train(fmnist, cache, tmp_path / "d", "--objective", "task", "--epochs", "1", "--lr", "0.003") == 0
+    before = evaluate(load_checkpoint(tmp_path / "d" / "checkpoint"), fmnist["test"], workers=0)["top1"]
+    capsys.readouterr()
+    # lr 0.5 wrecks the student: the finetuned one ends below the distilled one
+    assert main(["finetune", "--init", str(tmp_path / "d"), "--data", str(fmnist["root"] / "train"),
+                 "--val-data", str(fmnist["root"] / "test"), "--labels-per-class", "2", "--epochs", "2",
+                 "--lr", "0.5", "--image-size", "32", "--batch-size", "10", "--workers", "0",
+                 "--out", str(tmp_path / "f")]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    metrics = json.loads((tmp_path / "f" / "eval.json").read_text())
+    assert summary["init_top1"] == metrics["init_top1"] == before
+    assert summary["top1"] == metrics["top1"]
+    assert ("below the distilled student" in captured.err) == (summary["top1"] < before)
+    # the head alone at lr 0 trains nothing (BatchNorm statistics stay as loaded): the distilled student, exactly
+    assert main(["finetune", "--init", str(tmp_path / "d"), "--data", str(fmnist["root"] / "train"),
+                 "--val-data", str(fmnist["root"] / "test"), "--labels-per-class", "2", "--epochs", "1",
+                 "--lr", "0", "--train", "head", "--image-size", "32", "--batch-size", "10", "--workers", "0",
+                 "--out", str(tmp_path / "g")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["top1"] == summary["init_top1"] == before
