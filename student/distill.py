@@ -23,6 +23,8 @@ Outputs in `--out`: `checkpoint/` (the student with its task head when the objec
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +49,23 @@ from kt.student.loop import (CHECKPOINT_DIR, RESUMABLE_CHANGES, OptimConfig, che
                              locks_run_folder)
 
 
+# The peak learning rate that distilled a random-init student fastest at 64 samples a step (docs/results.md,
+# "Distillation that converges": Lite0 at 32 px from an 88.8% teacher, 120,000 samples: 79.5% at 2e-3, 82.0 at 5e-3,
+# 84.6 at 1e-2). Other global batches scale it by sqrt(batch / 64), as timm scales Adam-family learning rates.
+DISTILL_LR_AT_64 = 1e-2
+
+
+def distill_lr(cfg: "DistillConfig", processes: int) -> float:
+    """`--lr`, or the measured default for this run's global batch (see `DISTILL_LR_AT_64`)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return DISTILL_LR_AT_64 * math.sqrt(cfg.batch_size * cfg.grad_accum * processes / 64)
+
+
 @dataclass
 class DistillConfig(OptimConfig):
+    lr: float | None = field(None, "AdamW peak learning rate after warm-up; None: 1e-2 x sqrt(global batch / 64), "
+                                   "what distilled a random-init student fastest (docs/results.md)", min=0)
     model: str = field("mobilevitv2_050", "the student: any timm name")
     task: str = field("classification", "what the student learns: classification (logits) | segmentation "
                                         "(per-pixel logits on a restrided backbone, DeepLabV3 head)",
@@ -397,11 +414,12 @@ def run_distill(cfg: DistillConfig) -> dict:
         if epoch_end or (cfg.eval_every and val_urls and global_step % cfg.eval_every == 0):
             learning.record(global_step, epoch, student)
 
-    result = fit(cfg, model, make_loader, per_epoch, loss_fn, out, accelerator=accelerator,
+    lr = distill_lr(cfg, world)
+    result = fit(dataclasses.replace(cfg, lr=lr), model, make_loader, per_epoch, loss_fn, out, accelerator=accelerator,
                  desc=f"distill {cfg.model} ({cfg.objective})", prepare_loader=False, loader_skips=True,
                  render_flag=True, on_step=on_step)
     summary = {"out": str(out), "model": cfg.model, "objective": cfg.objective, "completed": result.completed,
-               "processes": world, "steps": result.global_step, "steps_per_epoch": steps,
+               "processes": world, "lr": lr, "steps": result.global_step, "steps_per_epoch": steps,
                "last": result.last_metrics}
     if result.completed:
         learned = learning.finish(result.global_step, cfg.epochs - 1, student)
