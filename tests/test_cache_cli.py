@@ -27,6 +27,7 @@ from kt.shards import write_shards
 from kt.teacher_cache.cli import main, split_codec_flags
 from kt.teacher_cache.store import CacheStore, shard_id_for
 from tests.test_reader import build_args, tiny_teacher  # noqa: F401 -- the fixture
+from tools.kill_soak import store_arrays as arrays, store_differences  # noqa: F401 -- arrays: other tests' import
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,26 +58,8 @@ def one_line_error(capsys, argv) -> str:
     return lines[0]
 
 
-def arrays(url) -> dict[str, np.ndarray]:
-    """Every array of every shard, plus the codec state: what "the same store" compares."""
-    store = CacheStore.open(str(url))
-    out = {}
-    for sid, marker in store.completed().items():
-        for path in marker["checksums"]:
-            out[f"{sid}/{path}"] = store.group[f"shards/{sid}/{path}"][...]
-        out[f"{sid}/checksums"] = np.array(sorted(marker["checksums"].items()))
-    for target in store.attrs["targets"]:
-        state = store.read_codec_state(target)
-        for name, value in (state[1] if state else {}).items():
-            out[f"codecs/{target}/{name}"] = value
-    return out
-
-
 def assert_same_store(a, b) -> None:
-    x, y = arrays(a), arrays(b)
-    assert sorted(x) == sorted(y)
-    for path in x:
-        assert x[path].dtype == y[path].dtype and np.array_equal(x[path], y[path]), path
+    assert store_differences(a, b) == []
 
 
 def single_thread_build(argv) -> None:
@@ -369,14 +352,14 @@ def test_killed_build_resumes_to_the_same_arrays(tiny_teacher, small_shards, tmp
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list((out / "complete").glob("*.json")) if (out / "complete").exists() else True:
+    while not list((out / "complete").glob("*/zarr.json")) if (out / "complete").exists() else True:
         assert proc.poll() is None, "the build ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.02)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.15))  # somewhere in a later shard
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    complete = len(list((out / "complete").glob("*.json")))
+    complete = len(list((out / "complete").glob("*/zarr.json")))
     assert 1 <= complete <= len(small_shards)
     result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
                             check=False)
