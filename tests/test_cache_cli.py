@@ -43,6 +43,18 @@ def small_shards(fmnist, tmp_path_factory) -> list[str]:
                         classes=FASHION_MNIST_CLASSES)
 
 
+#: how the kill/resume, multi-process and s3:// builds build, so that they all compare with `one_process_build`
+RESUME_BUILD = ("--batch-size", "4", "--codec", "patches=pca:d=16,int8")
+
+
+@pytest.fixture(scope="module")
+def one_process_build(tiny_teacher, small_shards, tmp_path_factory):  # noqa: F811
+    """The uninterrupted one-process local build of `small_shards` that s3:// and multi-node builds must equal."""
+    out = tmp_path_factory.mktemp("one-process") / "cache.zarr"
+    single_thread_build(build_args(tiny_teacher, small_shards, out, *RESUME_BUILD))
+    return out
+
+
 @pytest.fixture(scope="module")
 def built(tiny_teacher, fmnist, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("built") / "cache.zarr"

@@ -31,13 +31,13 @@ from kt.checkpoints import load_checkpoint  # noqa: E402
 from kt.teacher_cache.cli import main  # noqa: E402
 from kt.teacher_cache.lock import StoreLock  # noqa: E402
 from kt.teacher_cache.store import CacheStore  # noqa: E402
-from tests.test_cache_cli import assert_same_store, single_thread_build, small_shards  # noqa: E402,F401
+from tests.test_cache_cli import RESUME_BUILD as BUILD, assert_same_store, single_thread_build  # noqa: E402
+from tests.test_cache_cli import one_process_build, small_shards  # noqa: E402,F401
 from tests.test_reader import build_args, tiny_teacher  # noqa: E402,F401
-from tools.kill_soak import store_differences, wait_for  # noqa: E402
+from tools.kill_soak import wait_for  # noqa: E402
 from tools.s3_server import S3Server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = ("--batch-size", "4", "--codec", "patches=pca:d=16,int8")  # as the local kill/resume tests build
 TRAIN = ["train", "--model", "test_vit", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
          "--objective", "task", "--workers", "2"]
 
@@ -75,14 +75,6 @@ def upload(s3, paths, prefix: str = "shards") -> str:
     return f"{s3.url}/{prefix}/{{{names}}}"
 
 
-@pytest.fixture(scope="module")
-def local_build(tiny_teacher, small_shards, tmp_path_factory):  # noqa: F811
-    """The uninterrupted one-process local build every s3 build is compared with."""
-    out = tmp_path_factory.mktemp("local") / "cache.zarr"
-    single_thread_build(build_args(tiny_teacher, small_shards, out, *BUILD))
-    return out
-
-
 def one_line(capsys, rc: int, prog: str = "kt-cache") -> str:
     assert rc == 2
     err = capsys.readouterr().err
@@ -102,7 +94,7 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- end to end
-def test_s3_build_info_verify_train_equal_local(s3, tiny_teacher, small_shards, local_build, tmp_path,  # noqa: F811
+def test_s3_build_info_verify_train_equal_local(s3, tiny_teacher, small_shards, one_process_build, tmp_path,  # noqa: F811
                                                 capsys):
     """Shards on s3://, the cache built into s3://, info and verify on it, then a student trained from both with
     two DataLoader workers (a reader opened before the fork serves the workers: each opens its own filesystem)
@@ -110,7 +102,7 @@ def test_s3_build_info_verify_train_equal_local(s3, tiny_teacher, small_shards, 
     data = upload(s3, small_shards)
     store = f"{s3.url}/cache.zarr"
     single_thread_build(build_args(tiny_teacher, data, store, *BUILD))
-    assert_same_store(local_build, store)
+    assert_same_store(one_process_build, store)
     capsys.readouterr()
     assert main(["info", store, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -121,23 +113,23 @@ def test_s3_build_info_verify_train_equal_local(s3, tiny_teacher, small_shards, 
     from kt.student.cli import main as student
 
     assert student([*TRAIN, "--cache", store, "--data", data, "--out", str(tmp_path / "s3")]) == 0
-    assert student([*TRAIN, "--cache", str(local_build), "--data", "::".join(small_shards),
+    assert student([*TRAIN, "--cache", str(one_process_build), "--data", "::".join(small_shards),
                     "--out", str(tmp_path / "local")]) == 0
     assert_same_tensors(checkpoint_tensors(tmp_path / "s3"), checkpoint_tensors(tmp_path / "local"))
 
 
-def test_zarr_sees_no_foreign_objects_in_a_cache(local_build):
+def test_zarr_sees_no_foreign_objects_in_a_cache(one_process_build):
     """Completion markers are Zarr nodes: zarr's own walk of the hierarchy finds nothing it does not recognise
     (format 2 kept them as plain objects: "Object at complete is not recognized as a component ...")."""
     import zarr
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        members = dict(zarr.open_group(str(local_build), mode="r").members(max_depth=None))
+        members = dict(zarr.open_group(str(one_process_build), mode="r").members(max_depth=None))
     assert "complete/small-000000" in members and "shards/small-000000/keys" in members
 
 
-def test_format_2_cache_reads_and_resumes_as_format_3(tiny_teacher, small_shards, local_build, tmp_path,  # noqa: F811
+def test_format_2_cache_reads_and_resumes_as_format_3(tiny_teacher, small_shards, one_process_build, tmp_path,  # noqa: F811
                                                       capsys):
     """A cache written with format 2's markers (plain complete/<id>.json objects) still reads; a build resumed on
     it moves the markers to their nodes, raises the format, and redoes nothing."""
@@ -146,7 +138,7 @@ def test_format_2_cache_reads_and_resumes_as_format_3(tiny_teacher, small_shards
     import zarr
 
     old = tmp_path / "old.zarr"
-    shutil.copytree(local_build, old)
+    shutil.copytree(one_process_build, old)
     for node in sorted((old / "complete").iterdir()):  # back to format 2's layout
         if node.is_dir():
             marker = json.loads((node / "zarr.json").read_text())["attributes"]
@@ -155,14 +147,14 @@ def test_format_2_cache_reads_and_resumes_as_format_3(tiny_teacher, small_shards
     (old / "complete" / "zarr.json").unlink()
     zarr.open_group(str(old), mode="r+").attrs["kt_cache_format"] = 2
     assert CacheStore.open(str(old)).attrs["kt_cache_format"] == 2
-    assert_same_store(local_build, old)
+    assert_same_store(one_process_build, old)
     capsys.readouterr()
     assert main(build_args(tiny_teacher, small_shards, old, *BUILD)) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["shards_skipped"] == 4 and summary["shards_written"] == 0
     assert CacheStore.open(str(old)).attrs["kt_cache_format"] == 3
     assert [p.name for p in (old / "complete").glob("*.json")] == ["zarr.json"]  # the group's own, no old marker
-    assert_same_store(local_build, old)
+    assert_same_store(one_process_build, old)
 
 
 def test_retrieve_embeds_s3_shards_as_local_ones(s3, tmp_path):
@@ -296,7 +288,7 @@ def test_missing_protocol_package_names_the_extra(tmp_path):
 # ----------------------------------------------------------------------------------------- killed builds
 @pytest.mark.slow
 def test_build_killed_mid_shard_on_s3_reruns_to_the_local_build(s3, tiny_teacher, small_shards,  # noqa: F811
-                                                                 local_build):
+                                                                 one_process_build):
     """SIGKILL once the first shard is complete (so inside a later one), rerun: the s3:// store equals the
     uninterrupted local build array for array; the rerun found the killed build's lock stale and took it."""
     data = upload(s3, small_shards)
@@ -324,5 +316,5 @@ def test_build_killed_mid_shard_on_s3_reruns_to_the_local_build(s3, tiny_teacher
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["shards_skipped"] == len(done) and summary["shards_written"] == 4 - len(done)
-    assert_same_store(local_build, store)
+    assert_same_store(one_process_build, store)
     assert not fs.exists(f"{s3.name}/cache.zarr.lock")

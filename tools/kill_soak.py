@@ -20,6 +20,7 @@ with a c10d rendezvous on 127.0.0.1 (as `srun torchrun ...` starts one per node)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -94,13 +95,13 @@ def free_port() -> int:
 
 def torchrun_nodes(args: list[str], nodes: int = 2, environ: dict | None = None, log: Path | None = None,
                    run_id: str = "kt") -> list[subprocess.Popen]:
-    """One `torchrun --nnodes N --nproc-per-node 1` launcher per node, joined by a c10d rendezvous on 127.0.0.1:
+    """One `torchrun --nnodes N --nproc-per-node 1` launcher (`python -m torch.distributed.run`) per node, joined by a c10d rendezvous on 127.0.0.1:
     the first launcher hosts the rendezvous store, as the first node of a SLURM job would. Each launcher leads
     its own process group (its workers included), so killing the group is losing the node."""
     port = free_port()
     procs = []
     for node in range(nodes):
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nnodes", str(nodes), "--nproc-per-node", "1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
                "--rdzv-conf", f"is_host={int(node == 0)}", "--max-restarts", "0", *args]
         out = open(f"{log}.node{node}", "ab") if log else subprocess.DEVNULL
@@ -110,12 +111,25 @@ def torchrun_nodes(args: list[str], nodes: int = 2, environ: dict | None = None,
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    """Kill a launcher and everything it started (its process group), as losing its node would."""
+    """Kill a process and everything it started, as losing its node would: its process group and every descendant
+    (torchrun starts each rank in a session of its own, so the group alone would leave the ranks running)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)  # before the kill: orphans lose their parent
+    except psutil.NoSuchProcess:
+        family = []
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+    for child in family:
+        try:
+            child.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    psutil.wait_procs(family, timeout=30)
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
@@ -215,7 +229,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True)
     log = out / "soak.log"
     teacher, urls = make_inputs(out)
-    server = None
+    server, here = None, contextlib.nullcontext()
     environ = env()
     if args.store == "s3":
         import fsspec
@@ -224,7 +238,8 @@ def main(argv=None) -> int:
 
         server = S3Server(log=out / "s3server.log").start()
         environ = env(**server.env())
-        os.environ.update(server.env())
+        here = server.environ()  # this process compares the stores there
+        here.__enter__()
         server.make_bucket("soak")
         fsspec.filesystem("s3").put(urls, "soak/shards/")
         names = ",".join(Path(u).name for u in urls)
@@ -250,6 +265,7 @@ def main(argv=None) -> int:
                                     args.kills, train_s, rng, environ, log)
     finally:
         if server is not None:
+            here.__exit__(None, None, None)
             server.stop()
     ok = all(not summary[k]["rounds_differing"] for k in ("build", "train") if k in summary)
     summary["ok"] = ok

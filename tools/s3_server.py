@@ -23,6 +23,7 @@ the test's GIL, a test can SIGKILL clients freely, and its settings (auth) are i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -138,6 +139,20 @@ class S3Server:
         """The standard AWS variables a user's job sets to reach this endpoint (boto, s3fs and the AWS CLI read
         them), with test credentials; `override` replaces any of them."""
         return {"AWS_ENDPOINT_URL": self.url, **CREDENTIALS, **override}
+
+    @contextlib.contextmanager
+    def environ(self):
+        """This process's environment set to reach the server (`env()`) for the block, restored after it."""
+        before = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            yield
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def client(self, **credentials):
         """A boto3 S3 client of this server (test setup: buckets, policies); `credentials` replace the defaults."""
