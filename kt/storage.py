@@ -30,6 +30,9 @@ T = TypeVar("T")
 PROTOCOL_PACKAGES = {"s3": "pip install 'kt[s3]'", "s3a": "pip install 'kt[s3]'", "gs": "pip install gcsfs",
                      "gcs": "pip install gcsfs", "az": "pip install adlfs", "abfs": "pip install adlfs"}
 
+#: protocols whose first path component is a bucket (a missing one is named as such)
+BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs"}
+
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "ExpiredToken",
            "InvalidToken", "403"}
 
@@ -73,8 +76,9 @@ def error_code(error: BaseException) -> str | None:
     return None
 
 
-def bucket_of(url: str) -> str:
-    return urlsplit(str(url)).netloc
+def bucket_of(url: str) -> str | None:
+    """The bucket of an object-store URL (s3://bucket/key -> bucket), None for other URLs and paths."""
+    return urlsplit(str(url)).netloc if protocol(url) in BUCKET_PROTOCOLS else None
 
 
 def storage_error(url: str, error: BaseException, doing: str = "open") -> UserError:
@@ -82,7 +86,8 @@ def storage_error(url: str, error: BaseException, doing: str = "open") -> UserEr
     code = error_code(error)
     if isinstance(error, ImportError):
         return UserError(missing_package(url, error))
-    if code == "NoSuchBucket" or (isinstance(error, FileNotFoundError) and is_remote(url) and not _bucket_exists(url)):
+    missing = isinstance(error, FileNotFoundError) and bucket_of(url) and not _bucket_exists(url)
+    if code == "NoSuchBucket" or missing:
         return UserError(f"cannot {doing} {url}: bucket {bucket_of(url)!r} does not exist (create it, or check the URL "
                          "and the endpoint: AWS_ENDPOINT_URL)")
     if isinstance(error, FileNotFoundError):

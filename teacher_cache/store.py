@@ -31,16 +31,16 @@ costs a handful of storage objects per target (one per part), not one per sample
 Completion: a shard is complete only when its marker node `complete/<shard_id>/zarr.json` exists and its
 attributes are a marker {shard_id, url, n_samples, n_bad, bad: [{key, reason}], checksums: {array path:
 sha256}, written_at, rank}. The marker is written last, after all arrays, in one atomic step (a local store
-writes a temporary file and renames it; an object store gets the object in one PUT, and never shows a
-partial object), and it is removed before a shard's arrays are rewritten. So a job killed at any moment leaves nothing a reader would take
-for complete, and a rerun simply rewrites every shard without a marker. Markers are separate objects,
-not root attributes, because ranks writing different shards concurrently would race on one attribute
-document. Checksums cover what was written (dtype, shape and C-order bytes; keys as UTF-8 JSON) and are
-recomputed by `verify_shard`. Markers are Zarr group nodes (format 3) so that they are part of the
+writes a temporary file and renames it; an object store gets the object in one PUT, and never shows a partial
+object), and it is removed before a shard's arrays are rewritten. So a job killed at any moment leaves nothing
+a reader would take for complete, and a rerun simply rewrites every shard without a marker. Markers are
+separate objects, not root attributes, because ranks writing different shards concurrently would race on one
+attribute document. Checksums cover what was written (dtype, shape and C-order bytes; keys as UTF-8 JSON) and
+are recomputed by `verify_shard`. Markers are Zarr group nodes (format 3) so that they are part of the
 hierarchy: zarr's own walks (`members`, `tree`, `consolidate_metadata`) see groups there; format 2 kept them
 as plain `complete/<shard_id>.json` objects, which zarr reported as "not recognized as a component of a Zarr
-hierarchy". kt writes the node document itself, not through zarr's attribute update, because the write must
-be one atomic step (see above).
+hierarchy". kt writes the node document itself, not through zarr's attribute update, because the write must be
+one atomic step (see above).
 
 Where it lives: a local folder or any fsspec URL; the zarr store and the filesystem are opened again in each
 process that uses them (`kt.storage.PerProcess`), so a reader made before a DataLoader forks serves its workers.
@@ -77,7 +77,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from kt.config import git_revision, package_versions, utc_now
 from kt.errors import UserError
-from kt.storage import PerProcess, filesystem, storage_error
+from kt.storage import PerProcess, bucket_of, filesystem, storage_error
 from kt.teacher_cache.codecs import Codec, parse_codec
 
 FORMAT_VERSION = 3
@@ -178,8 +178,8 @@ class CacheStore:
         zstore, fs, root, local = _resolve(url, read_only=mode == "r", storage_options=storage_options)
         group = _existing_group(zstore, url)
         if group is None:
-            if not local:  # a missing bucket reads as a missing object: say which
-                _remote_call(url, "open", fs.info, root.split("/", 1)[0])
+            if bucket_of(url):  # a missing bucket reads as a missing object: say which
+                _remote_call(url, "open", fs.info, bucket_of(url))
             raise UserError(f"no kt cache at {url}")
         if "kt_cache_format" not in group.attrs:
             raise UserError(f"{url} is a Zarr group but not a kt cache")

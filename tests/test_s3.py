@@ -94,8 +94,8 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- end to end
-def test_s3_build_info_verify_train_equal_local(s3, tiny_teacher, small_shards, one_process_build, tmp_path,  # noqa: F811
-                                                capsys):
+def test_s3_build_info_verify_train_equal_local(s3, tiny_teacher, small_shards, one_process_build,  # noqa: F811
+                                                tmp_path, capsys):
     """Shards on s3://, the cache built into s3://, info and verify on it, then a student trained from both with
     two DataLoader workers (a reader opened before the fork serves the workers: each opens its own filesystem)
     equals the student trained from the local cache and shards, tensor for tensor."""
@@ -129,8 +129,8 @@ def test_zarr_sees_no_foreign_objects_in_a_cache(one_process_build):
     assert "complete/small-000000" in members and "shards/small-000000/keys" in members
 
 
-def test_format_2_cache_reads_and_resumes_as_format_3(tiny_teacher, small_shards, one_process_build, tmp_path,  # noqa: F811
-                                                      capsys):
+def test_format_2_cache_reads_and_resumes_as_format_3(tiny_teacher, small_shards, one_process_build,  # noqa: F811
+                                                      tmp_path, capsys):
     """A cache written with format 2's markers (plain complete/<id>.json objects) still reads; a build resumed on
     it moves the markers to their nodes, raises the format, and redoes nothing."""
     import shutil

@@ -95,9 +95,9 @@ def free_port() -> int:
 
 def torchrun_nodes(args: list[str], nodes: int = 2, environ: dict | None = None, log: Path | None = None,
                    run_id: str = "kt") -> list[subprocess.Popen]:
-    """One `torchrun --nnodes N --nproc-per-node 1` launcher (`python -m torch.distributed.run`) per node, joined by a c10d rendezvous on 127.0.0.1:
-    the first launcher hosts the rendezvous store, as the first node of a SLURM job would. Each launcher leads
-    its own process group (its workers included), so killing the group is losing the node."""
+    """One `torchrun --nnodes N --nproc-per-node 1` launcher (`python -m torch.distributed.run`) per node, joined by a
+    c10d rendezvous on 127.0.0.1: the first launcher hosts the rendezvous store, as the first node of a SLURM job
+    would. Each launcher leads a process group of its own; `kill_group` on it is losing the node."""
     port = free_port()
     procs = []
     for node in range(nodes):
