@@ -37,12 +37,6 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAc
            "InvalidToken", "403"}
 
 
-def is_remote(url: str) -> bool:
-    """True for an fsspec URL other than file://."""
-    url = str(url)
-    return "://" in url and urlsplit(url).scheme not in ("", "file")
-
-
 def protocol(url: str) -> str:
     return urlsplit(str(url)).scheme if "://" in str(url) else "file"
 
