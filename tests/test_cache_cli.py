@@ -157,7 +157,7 @@ def test_verify_clean_then_damaged(built, tiny_teacher, tmp_path, capsys):  # no
     shutil.copytree(built, damaged)
     sid = min(CacheStore.open(str(damaged)).completed())
     zarr.open_group(str(damaged), mode="r+")[f"shards/{sid}/targets/embedding/values"][0, 0, :4] = 7.0
-    os.remove(damaged / "complete" / f"{sorted(CacheStore.open(str(damaged)).completed())[1]}.json")
+    os.remove(damaged / "complete" / sorted(CacheStore.open(str(damaged)).completed())[1] / "zarr.json")
     assert main(["verify", str(damaged), "--samples", "0"]) == 1
     out = capsys.readouterr().out
     assert "checksum mismatch in targets/embedding/values" in out and "1 of 2 input shards incomplete" in out

@@ -203,6 +203,7 @@ def soak(argv_for, differences, kills: int, duration: float, rng: random.Random,
                     kill_group(proc)
                     made += 1
                     reruns += 1
+                    print(f"kill {made} of {kills} after {delay:.1f} s (round {rounds})", file=sys.stderr, flush=True)
                     continue
             if proc.returncode != 0:
                 raise RuntimeError(f"a rerun failed ({proc.returncode}): {log.read_text()[-2000:]}")
@@ -210,6 +211,8 @@ def soak(argv_for, differences, kills: int, duration: float, rng: random.Random,
         diff = differences(rounds)
         if diff:
             differing.append({"round": rounds, "differences": diff[:10]})
+        print(f"round {rounds} ended after {made} kills in all: {'DIFFERS' if diff else 'equal'} to the reference",
+              file=sys.stderr, flush=True)
         rounds += 1
     return {"kills": made, "rounds": rounds, "reruns": reruns, "rounds_differing": differing}
 
