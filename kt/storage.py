@@ -41,23 +41,23 @@ def protocol(url: str) -> str:
     return urlsplit(str(url)).scheme if "://" in str(url) else "file"
 
 
-def filesystem(url: str, storage_options: dict | None = None):
+def filesystem(url: str, storage_options: dict | None = None, doing: str = "open"):
     """(fsspec filesystem, path on it) for `url`; a missing protocol package or an unknown protocol is a
-    one-line `UserError` naming what to install."""
+    one-line `UserError` ("cannot `doing` URL: ...") naming what to install."""
     import fsspec
 
     try:
         return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     except ImportError as e:
-        raise UserError(missing_package(url, e)) from None
+        raise UserError(missing_package(url, e, doing)) from None
     except ValueError as e:  # fsspec: "Protocol not known: x"
-        raise UserError(f"cannot open {url}: {one_line(e)}") from None
+        raise UserError(f"cannot {doing} {url}: {one_line(e)}") from None
 
 
-def missing_package(url: str, error: ImportError) -> str:
+def missing_package(url: str, error: ImportError, doing: str = "open") -> str:
     proto = protocol(url)
     install = PROTOCOL_PACKAGES.get(proto)
-    return (f"cannot open {url}: {proto}:// needs a package that is not installed"
+    return (f"cannot {doing} {url}: {proto}:// needs a package that is not installed"
             + (f" ({install})" if install else f" ({one_line(error)})"))
 
 
@@ -79,7 +79,7 @@ def storage_error(url: str, error: BaseException, doing: str = "open") -> UserEr
     """One line for what a store refused while `doing` something with `url` (see the module docstring)."""
     code = error_code(error)
     if isinstance(error, ImportError):
-        return UserError(missing_package(url, error))
+        return UserError(missing_package(url, error, doing))
     missing = isinstance(error, FileNotFoundError) and bucket_of(url) and not _bucket_exists(url)
     if code == "NoSuchBucket" or missing:
         return UserError(f"cannot {doing} {url}: bucket {bucket_of(url)!r} does not exist (create it, or check the URL "

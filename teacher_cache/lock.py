@@ -60,7 +60,7 @@ class StoreLock:
             path = os.path.abspath(split.path if split.scheme == "file" else self.url)
             self.fs, self.path, self.local = fsspec.filesystem("file"), path + SUFFIX, True
         else:
-            self.fs, root = filesystem(self.url, storage_options)  # one line for a missing protocol package
+            self.fs, root = filesystem(self.url, storage_options, "write")  # one line for a missing package
             self.path, self.local = root + SUFFIX, False
         self.owner = {"host": platform.node(), "pid": os.getpid(), "created": utc_now(),
                       "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
