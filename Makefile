@@ -12,11 +12,11 @@ ARGS ?=
 $(PY):
 	python3 -m venv $(VENV)
 
-# torch first, pinned (pip takes these from the local disk here); then kt with its test and asset extras
+# torch first, pinned (pip takes these from the local disk here); then kt with its test, asset and s3 extras
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,assets]'
+	$(PY) -m pip install -q -e '.[test,assets,s3]'
 	touch $@
 
 assets:

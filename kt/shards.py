@@ -44,6 +44,7 @@ from PIL import Image
 
 from kt.errors import UserError
 from kt.masks import MASK_EXT, decode_mask, encoded_size
+from kt.storage import error_code, filesystem, storage_error
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 CLASSES_FILE = "classes.json"
@@ -92,11 +93,10 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 
 def open_binary(url: str):
-    """Open a local path or fsspec URL for reading bytes."""
+    """Open a local path or fsspec URL for reading bytes (a filesystem of this process: `kt.storage`)."""
     if is_url(url):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
+        fs, path = filesystem(url)
+        return fs.open(path, "rb")
     return open(_local(url), "rb")
 
 
@@ -276,7 +276,11 @@ def _raw_members(url: str) -> Iterator[dict]:
 
     try:
         raw = open_binary(url)
-    except (OSError, ImportError, ValueError) as e:  # also an unknown protocol, or its package missing (s3fs)
+    except (PermissionError, FileNotFoundError) as e:
+        if is_url(url):  # no bucket, denied credentials: what to check
+            raise storage_error(url, e, "read shard") from None
+        raise UserError(f"cannot open shard {url}: {e}") from None
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot open shard {url}: {e}") from None
     with raw:
         stop: list[int] = []
@@ -350,16 +354,16 @@ def load_classes(urls: Sequence[str]) -> list[str] | None:
     """Class names from `classes.json` beside the first shard (local shards only), else None."""
     first = urls[0]
     if is_url(first):
-        import fsspec
-
         path = first.rsplit("/", 1)[0] + "/" + CLASSES_FILE
+        fs, p = filesystem(path)
         try:
-            fs, p = fsspec.core.url_to_fs(path)
-            if not fs.exists(p):
-                return None
-            data = fs.cat(p)
-        except (OSError, ImportError, ValueError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
+            data = fs.cat_file(p)
+        except FileNotFoundError as e:
+            if error_code(e) == "NoSuchBucket":
+                raise storage_error(path, e, "read") from None
+            return None
+        except OSError as e:
+            raise storage_error(path, e, "read") from None
         return parse_classes(data, path)
     path = Path(_local(first)).parent / CLASSES_FILE
     if not path.exists():

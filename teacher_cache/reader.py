@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from kt.errors import UserError
+from kt.storage import PerProcess
 from kt.views import ViewSet, ViewSpec, check_params_batch
 from kt.teacher_cache.codecs import Codec
 from kt.teacher_cache.store import DIGESTS_SINCE, CacheStore, check_compatible, shard_id_for
@@ -79,7 +80,7 @@ class CacheReader:
         self.classes: list[str] | None = teacher.get("classes")
         self._codecs: dict[str, Codec] | None = None
         self._index: dict[str, tuple[str, int]] | None = None
-        self._arrays: dict[tuple[str, str], object] = {}
+        self._arrays: PerProcess[dict] = PerProcess(dict)  # zarr handles on this process's store (kt.storage)
 
     # -- what the cache is ----------------------------------------------------------------------
     @property
@@ -204,9 +205,10 @@ class CacheReader:
             raise UserError(f"view {view} out of range: cache {self.url} has {self.views_per_image} views per image")
 
     def _array(self, shard_id: str, path: str):
-        handle = self._arrays.get((shard_id, path))
+        arrays = self._arrays.get()
+        handle = arrays.get((shard_id, path))
         if handle is None:
-            handle = self._arrays[(shard_id, path)] = self.store.array(shard_id, path)
+            handle = arrays[(shard_id, path)] = self.store.array(shard_id, path)
         return handle
 
     def __repr__(self) -> str:

@@ -21,26 +21,36 @@ Layout::
                                     `kt.shards.content_digest`): targets belong to these bytes
         params                      (N, V, P) float32 view parameters
         targets/<name>/<part>       (N, V, ...) the codec's parts (see kt.teacher_cache.codecs)
-    complete/<shard_id>.json        completion marker (plain JSON object, not a Zarr node)
+    complete/                       group of completion markers (format 3)
+        <shard_id>/zarr.json        one shard's completion marker: a Zarr group whose attributes are the marker
 
 Every array is written with Zarr's sharding codec, one shard spanning the whole array, with ~1 MiB inner
 chunks compressed by zstd (inside blosc with byte shuffle for multi-byte numbers), so an input shard
 costs a handful of storage objects per target (one per part), not one per sample.
 
-Completion: a shard is complete only when `complete/<shard_id>.json` exists and parses into a marker
-{shard_id, url, n_samples, n_bad, bad: [{key, reason}], checksums: {array path: sha256}, written_at,
-rank}. The marker is written last, after all arrays, in one atomic step (a local store writes a
-temporary file and renames it; an fsspec store puts the object in one request), and it is removed
-before a shard's arrays are rewritten. So a job killed at any moment leaves nothing a reader would take
-for complete, and a rerun simply rewrites every shard without a marker. Markers are separate objects,
-not root attributes, because ranks writing different shards concurrently would race on one attribute
-document. Checksums cover what was written (dtype, shape and C-order bytes; keys as UTF-8 JSON) and are
-recomputed by `verify_shard`.
+Completion: a shard is complete only when its marker node `complete/<shard_id>/zarr.json` exists and its
+attributes are a marker {shard_id, url, n_samples, n_bad, bad: [{key, reason}], checksums: {array path:
+sha256}, written_at, rank}. The marker is written last, after all arrays, in one atomic step (a local store
+writes a temporary file and renames it; an object store gets the object in one PUT, and never shows a partial
+object), and it is removed before a shard's arrays are rewritten. So a job killed at any moment leaves nothing
+a reader would take for complete, and a rerun simply rewrites every shard without a marker. Markers are
+separate objects, not root attributes, because ranks writing different shards concurrently would race on one
+attribute document. Checksums cover what was written (dtype, shape and C-order bytes; keys as UTF-8 JSON) and
+are recomputed by `verify_shard`. Markers are Zarr group nodes (format 3) so that they are part of the
+hierarchy: zarr's own walks (`members`, `tree`, `consolidate_metadata`) see groups there; format 2 kept them
+as plain `complete/<shard_id>.json` objects, which zarr reported as "not recognized as a component of a Zarr
+hierarchy". kt writes the node document itself, not through zarr's attribute update, because the write must be
+one atomic step (see above).
 
-Formats: 2 adds `digests`. A format-1 cache (built before) stays readable; its shards have no digests,
-so readers match data by key only and say so once (`CacheReader`); a build refuses to resume it (its
-new shards would be checked and its old ones not), so it is rebuilt with --overwrite or finished by the
-kt that started it.
+Where it lives: a local folder or any fsspec URL; the zarr store and the filesystem are opened again in each
+process that uses them (`kt.storage.PerProcess`), so a reader made before a DataLoader forks serves its workers.
+
+Formats: 2 adds `digests`; 3 moves the completion markers into the hierarchy. Older caches stay readable. A
+format-1 cache's shards have no digests, so readers match data by key only and say so once (`CacheReader`);
+a build refuses to resume it (its new shards would be checked and its old ones not), so it is rebuilt with
+--overwrite or finished by the kt that started it. A format-2 cache is resumed: its markers are moved to
+format 3's place first, then its format is raised (a kt too old for format 3 then refuses it, rather than
+finding no markers).
 
 Concurrency: create the cache on one process (`CacheStore.create`), then open it on the others with
 `CacheStore.open(url, mode="r+")`; ranks then write disjoint shards without further coordination.
@@ -49,11 +59,13 @@ Concurrency: create the cache on one process (`CacheStore.create`), then open it
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import uuid
 from urllib.parse import urlsplit
 
@@ -65,10 +77,12 @@ from zarr.storage import FsspecStore, LocalStore
 
 from kt.config import git_revision, package_versions, utc_now
 from kt.errors import UserError
+from kt.storage import PerProcess, bucket_of, filesystem, storage_error
 from kt.teacher_cache.codecs import Codec, parse_codec
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DIGESTS_SINCE = 2  # the first format whose shards store content digests
+MARKER_NODES_SINCE = 3  # the first format whose completion markers are Zarr nodes (complete/<id>/zarr.json)
 
 #: fields of the root attributes that decide whether a cache serves a caller, in the order they are checked
 TEACHER_FIELDS = ("arch", "weights_sha256", "task", "num_classes", "classes", "image_size", "mean", "std")
@@ -88,9 +102,24 @@ _SHARD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 class CacheStore:
     """A teacher cache opened for reading, or for writing shards (`create`, or `open(mode="r+")`)."""
 
-    def __init__(self, url: str, group: zarr.Group, fs: fsspec.AbstractFileSystem, root: str, local: bool):
-        self.url, self.group, self._fs, self._root, self._local = url, group, fs, root, local
+    def __init__(self, url: str, group: zarr.Group, fs: fsspec.AbstractFileSystem, root: str, local: bool,
+                 mode: str = "r", storage_options: dict | None = None):
+        self.url, self._root, self._local = url, root, local
+        # the zarr group and the filesystem of this process; a forked DataLoader worker opens its own
+        self._handles = PerProcess(functools.partial(_reopen, url, mode, storage_options), (group, fs))
         self.attrs: dict = group.attrs.asdict()
+
+    @property
+    def group(self) -> zarr.Group:
+        return self._handles.get()[0]
+
+    @property
+    def _fs(self) -> fsspec.AbstractFileSystem:
+        return self._handles.get()[1]
+
+    @property
+    def _markers_are_nodes(self) -> bool:
+        return self.attrs["kt_cache_format"] >= MARKER_NODES_SINCE
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -122,9 +151,12 @@ class CacheStore:
                 have, want = existing.attrs.get("input_shards") or {}, attrs.get("input_shards") or {}
                 if any(have.get(k) != v for k, v in want.items()):
                     existing.attrs.update({"input_shards": {**have, **want}})
-                return cls(url, existing, fs, root, local)
-            fs.rm(root, recursive=True)
-        elif fs.exists(root) and fs.ls(root, detail=False):
+                store = cls(url, existing, fs, root, local, "r+", storage_options)
+                if existing.attrs["kt_cache_format"] < MARKER_NODES_SINCE:
+                    store._move_markers_to_nodes()
+                return store
+            _remote_call(url, "replace", fs.rm, root, recursive=True)
+        elif _remote_call(url, "write", lambda: fs.exists(root) and fs.ls(root, detail=False)):
             raise UserError(f"{url} exists and is not a kt cache; choose another output path")
         full = {
             "kt_cache_format": FORMAT_VERSION,
@@ -133,10 +165,10 @@ class CacheStore:
             "git_revision": attrs.get("git_revision") or git_revision(),
             "created": attrs.get("created") or utc_now(),
         }
-        group = zarr.open_group(zstore, mode="w", attributes=full, zarr_format=3)
-        group.require_group("shards")
-        group.require_group("codecs")
-        return cls(url, group, fs, root, local)
+        group = _remote_call(url, "write", zarr.open_group, zstore, mode="w", attributes=full, zarr_format=3)
+        for name in ("shards", "codecs", "complete"):
+            group.require_group(name)
+        return cls(url, group, fs, root, local, "r+", storage_options)
 
     @classmethod
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "CacheStore":
@@ -146,11 +178,13 @@ class CacheStore:
         zstore, fs, root, local = _resolve(url, read_only=mode == "r", storage_options=storage_options)
         group = _existing_group(zstore, url)
         if group is None:
+            if bucket_of(url):  # a missing bucket reads as a missing object: say which
+                _remote_call(url, "open", fs.info, bucket_of(url))
             raise UserError(f"no kt cache at {url}")
         if "kt_cache_format" not in group.attrs:
             raise UserError(f"{url} is a Zarr group but not a kt cache")
         _check_format(group.attrs.asdict(), url)
-        return cls(url, group, fs, root, local)
+        return cls(url, group, fs, root, local, mode, storage_options)
 
     # -- codec state -------------------------------------------------------------------------------
     def write_codec_state(self, target: str, attrs: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -269,18 +303,29 @@ class CacheStore:
 
     def completed(self) -> dict[str, dict]:
         """shard_id -> marker, for every shard with a valid completion marker."""
-        try:
-            names = self._fs.ls(self._path("complete"), detail=False)
-        except FileNotFoundError:
-            return {}
         out = {}
+        for shard_id in self._marker_ids():
+            marker = self._read_marker(shard_id)
+            if marker is not None:
+                out[marker["shard_id"]] = marker
+        return out
+
+    def _marker_ids(self, nodes: bool | None = None) -> list[str]:
+        """Shard ids that have something at their marker's place (`nodes`: of format 3, or of format 2 objects)."""
+        nodes = self._markers_are_nodes if nodes is None else nodes
+        path = self._path("complete")
+        self._fs.invalidate_cache(path)  # other ranks add markers: an object store's listing cache would miss them
+        try:
+            names = self._fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        ids = []
         for name in sorted(names):
             base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.endswith(".json") and _SHARD_ID.fullmatch(base[: -len(".json")]):
-                marker = self._read_marker(base[: -len(".json")])
-                if marker is not None:
-                    out[marker["shard_id"]] = marker
-        return out
+            shard_id = base if nodes else base[: -len(".json")] if base.endswith(".json") else ""
+            if base != "zarr.json" and _SHARD_ID.fullmatch(shard_id):
+                ids.append(shard_id)
+        return ids
 
     def shards_present(self) -> list[str]:
         """Every shard that has a group, complete or not (a killed write leaves one without a marker)."""
@@ -349,14 +394,21 @@ class CacheStore:
     def _path(self, *parts: str) -> str:
         return "/".join((self._root.rstrip("/"),) + parts)
 
-    def _marker_path(self, shard_id: str) -> str:
+    def _marker_path(self, shard_id: str, node: bool | None = None) -> str:
+        if self._markers_are_nodes if node is None else node:
+            return self._path("complete", shard_id, "zarr.json")
         return self._path("complete", f"{shard_id}.json")
 
-    def _read_marker(self, shard_id: str) -> dict | None:
+    def _read_marker(self, shard_id: str, node: bool | None = None) -> dict | None:
+        node = self._markers_are_nodes if node is None else node
         try:
-            marker = json.loads(self._fs.cat_file(self._marker_path(shard_id)))
+            marker = json.loads(self._fs.cat_file(self._marker_path(shard_id, node)))
         except (FileNotFoundError, ValueError, UnicodeDecodeError):
             return None  # missing or torn: the shard is not complete
+        if node:  # a Zarr group document whose attributes are the marker
+            if not isinstance(marker, dict) or marker.get("node_type") != "group":
+                return None
+            marker = marker.get("attributes")
         if not isinstance(marker, dict) or marker.get("shard_id") != shard_id:
             return None
         for field, kind in _MARKER_FIELDS.items():
@@ -366,9 +418,11 @@ class CacheStore:
             return None
         return marker
 
-    def _write_marker(self, shard_id: str, marker: dict) -> None:
+    def _write_marker(self, shard_id: str, marker: dict, node: bool | None = None) -> None:
+        if self._markers_are_nodes if node is None else node:
+            marker = {"zarr_format": 3, "node_type": "group", "attributes": marker}
         data = json.dumps(marker, indent=1, sort_keys=True).encode()
-        path = self._marker_path(shard_id)
+        path = self._marker_path(shard_id, node)
         if self._local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = os.path.join(os.path.dirname(path), f".{shard_id}.{uuid.uuid4().hex}.tmp")
@@ -380,11 +434,26 @@ class CacheStore:
         else:
             self._fs.pipe_file(path, data)  # one PUT: object stores never show a partial object
 
-    def _remove_marker(self, shard_id: str) -> None:
+    def _remove_marker(self, shard_id: str, node: bool | None = None) -> None:
+        node = self._markers_are_nodes if node is None else node
         try:
-            self._fs.rm_file(self._marker_path(shard_id))
+            self._fs.rm_file(self._marker_path(shard_id, node))
         except FileNotFoundError:
             pass
+        if node and self._local:  # a folder left without its zarr.json would be an unknown object to zarr
+            shutil.rmtree(os.path.dirname(self._marker_path(shard_id, node)), ignore_errors=True)
+
+    def _move_markers_to_nodes(self) -> None:
+        """Resume of a format-2 cache: each marker is written at its format-3 place, its old object removed, then
+        the format raised. A kill in between leaves shards without a marker of the format in force: rebuilt."""
+        for shard_id in self._marker_ids(nodes=False):
+            marker = self._read_marker(shard_id, node=False)
+            if marker is not None:
+                self._write_marker(shard_id, marker, node=True)
+            self._remove_marker(shard_id, node=False)
+        self.group.require_group("complete")
+        self.group.attrs["kt_cache_format"] = MARKER_NODES_SINCE
+        self.attrs["kt_cache_format"] = MARKER_NODES_SINCE
 
     def _require_complete(self, shard_id: str) -> dict:
         marker = self._read_marker(shard_id)
@@ -504,12 +573,26 @@ def _resolve(url: str, read_only: bool, storage_options: dict | None):
         if read_only and not os.path.isdir(root):
             raise UserError(f"no kt cache at {url}")
         return LocalStore(root, read_only=read_only), fsspec.filesystem("file"), root, True
+    fs, root = filesystem(url, storage_options)
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         zstore = FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
     except (ImportError, ValueError) as e:
         raise UserError(f"cannot open {url}: {e}") from None
     return zstore, fs, root, False
+
+
+def _reopen(url: str, mode: str, storage_options: dict | None) -> tuple[zarr.Group, fsspec.AbstractFileSystem]:
+    """The store's zarr group and filesystem, opened in this process (`CacheStore._handles`)."""
+    zstore, fs, _, _ = _resolve(url, read_only=mode == "r", storage_options=storage_options)
+    return zarr.open_group(zstore, mode="r" if mode == "r" else "r+", zarr_format=3), fs
+
+
+def _remote_call(url: str, doing: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, with what an object store refuses (no bucket, denied) as a one-line `UserError`."""
+    try:
+        return fn(*args, **kwargs)
+    except (PermissionError, FileNotFoundError) as e:
+        raise storage_error(url, e, doing) from None
 
 
 def _existing_group(zstore, url: str) -> zarr.Group | None:
@@ -518,6 +601,8 @@ def _existing_group(zstore, url: str) -> zarr.Group | None:
         return zarr.open_group(zstore, mode="r" if zstore.read_only else "r+", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
+    except PermissionError as e:  # an object store that denies the credentials
+        raise storage_error(url, e) from None
     except zarr.errors.ContainsArrayError:
         raise UserError(f"{url} holds a Zarr array, not a kt cache") from None
     except (FileExistsError, NotADirectoryError):

@@ -27,6 +27,7 @@ from kt.shards import write_shards
 from kt.teacher_cache.cli import main, split_codec_flags
 from kt.teacher_cache.store import CacheStore, shard_id_for
 from tests.test_reader import build_args, tiny_teacher  # noqa: F401 -- the fixture
+from tools.kill_soak import store_arrays as arrays, store_differences  # noqa: F401 -- arrays: other tests' import
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,18 @@ def small_shards(fmnist, tmp_path_factory) -> list[str]:
     return write_shards(((f"s-{i:05d}", Image.fromarray(images[i], mode="L"), int(labels[i])) for i in range(48)),
                         tmp_path_factory.mktemp("small"), prefix="small", maxcount=12,
                         classes=FASHION_MNIST_CLASSES)
+
+
+#: how the kill/resume, multi-process and s3:// builds build, so that they all compare with `one_process_build`
+RESUME_BUILD = ("--batch-size", "4", "--codec", "patches=pca:d=16,int8")
+
+
+@pytest.fixture(scope="module")
+def one_process_build(tiny_teacher, small_shards, tmp_path_factory):  # noqa: F811
+    """The uninterrupted one-process local build of `small_shards` that s3:// and multi-node builds must equal."""
+    out = tmp_path_factory.mktemp("one-process") / "cache.zarr"
+    single_thread_build(build_args(tiny_teacher, small_shards, out, *RESUME_BUILD))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +70,8 @@ def one_line_error(capsys, argv) -> str:
     return lines[0]
 
 
-def arrays(url) -> dict[str, np.ndarray]:
-    """Every array of every shard, plus the codec state: what "the same store" compares."""
-    store = CacheStore.open(str(url))
-    out = {}
-    for sid, marker in store.completed().items():
-        for path in marker["checksums"]:
-            out[f"{sid}/{path}"] = store.group[f"shards/{sid}/{path}"][...]
-        out[f"{sid}/checksums"] = np.array(sorted(marker["checksums"].items()))
-    for target in store.attrs["targets"]:
-        state = store.read_codec_state(target)
-        for name, value in (state[1] if state else {}).items():
-            out[f"codecs/{target}/{name}"] = value
-    return out
-
-
 def assert_same_store(a, b) -> None:
-    x, y = arrays(a), arrays(b)
-    assert sorted(x) == sorted(y)
-    for path in x:
-        assert x[path].dtype == y[path].dtype and np.array_equal(x[path], y[path]), path
+    assert store_differences(a, b) == []
 
 
 def single_thread_build(argv) -> None:
@@ -162,7 +157,7 @@ def test_verify_clean_then_damaged(built, tiny_teacher, tmp_path, capsys):  # no
     shutil.copytree(built, damaged)
     sid = min(CacheStore.open(str(damaged)).completed())
     zarr.open_group(str(damaged), mode="r+")[f"shards/{sid}/targets/embedding/values"][0, 0, :4] = 7.0
-    os.remove(damaged / "complete" / f"{sorted(CacheStore.open(str(damaged)).completed())[1]}.json")
+    os.remove(damaged / "complete" / sorted(CacheStore.open(str(damaged)).completed())[1] / "zarr.json")
     assert main(["verify", str(damaged), "--samples", "0"]) == 1
     out = capsys.readouterr().out
     assert "checksum mismatch in targets/embedding/values" in out and "1 of 2 input shards incomplete" in out
@@ -369,14 +364,14 @@ def test_killed_build_resumes_to_the_same_arrays(tiny_teacher, small_shards, tmp
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list((out / "complete").glob("*.json")) if (out / "complete").exists() else True:
+    while not list((out / "complete").glob("*/zarr.json")) if (out / "complete").exists() else True:
         assert proc.poll() is None, "the build ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.02)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.15))  # somewhere in a later shard
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    complete = len(list((out / "complete").glob("*.json")))
+    complete = len(list((out / "complete").glob("*/zarr.json")))
     assert 1 <= complete <= len(small_shards)
     result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
                             check=False)

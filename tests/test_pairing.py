@@ -8,6 +8,7 @@ outputs were cached as they were.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import torch
@@ -114,14 +115,15 @@ def test_format_1_cache_reads_with_a_warning_and_is_not_resumed(tiny_teacher, tw
     out = tmp_path / "old.zarr"
     args = build_args(tiny_teacher, twin_sets[0], out, "--codec", "patches=fp16", views=1)
     assert cache_main(args) == 0
-    # make it what format 1 wrote: no digests array, none in the marker, format 1 in the attributes
+    # make it what format 1 wrote: no digests array, none in the marker, the marker a plain object, format 1
     group = zarr.open_group(str(out), mode="r+")
     sid = shard_id_for(twin_sets[0][0])
     del group[f"shards/{sid}/digests"]
-    marker_path = out / "complete" / f"{sid}.json"
-    marker = json.loads(marker_path.read_text())
+    marker = json.loads((out / "complete" / sid / "zarr.json").read_text())["attributes"]
     del marker["checksums"]["digests"]
-    marker_path.write_text(json.dumps(marker))
+    shutil.rmtree(out / "complete")
+    (out / "complete").mkdir()
+    (out / "complete" / f"{sid}.json").write_text(json.dumps(marker))
     group.attrs["kt_cache_format"] = 1
     capsys.readouterr()
 

@@ -183,7 +183,7 @@ def test_incomplete_store_is_refused(tiny_teacher, fmnist, tmp_path):
     out = tmp_path / "cache.zarr"
     assert main(build_args(tiny_teacher, fmnist["train"][:2], out, "--codec", "patches=fp16", views=1)) == 0
     shutil.copytree(out, src)
-    (out / "complete" / f"{shard_id_for(fmnist['train'][1])}.json").unlink()  # as a killed build leaves it
+    (out / "complete" / shard_id_for(fmnist['train'][1]) / "zarr.json").unlink()  # as a killed build leaves it
     reader = CacheReader(str(out))
     with pytest.raises(UserError) as e:
         reader.require_complete(fmnist["train"][:2] + ["/x/train-000009.tar"])

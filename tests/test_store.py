@@ -65,7 +65,7 @@ def test_write_read_round_trip(cache):
     cache.write_shard("train-000000", "/data/train-000000.tar", keys, params, targets, bad, digests=digests)
     reopened = CacheStore.open(cache.url)
     assert reopened.attrs["teacher"]["classes"] == ["cat", "dog", "owl"]
-    assert reopened.attrs["kt_cache_format"] == 2 and "numpy" in reopened.attrs["versions"]
+    assert reopened.attrs["kt_cache_format"] == 3 and "numpy" in reopened.attrs["versions"]
     out = reopened.read_shard("train-000000")
     assert out["keys"] == keys
     np.testing.assert_array_equal(out["digests"], digests)
@@ -108,7 +108,7 @@ def test_empty_shard_of_only_bad_samples(cache):
 
 def test_arrays_without_marker_are_incomplete(cache, tmp_path):
     cache.write_shard("train-000000", "train-000000.tar", *_shard(5), bad=[])
-    os.remove(tmp_path / "cache.zarr" / "complete" / "train-000000.json")  # as if killed before the marker
+    os.remove(tmp_path / "cache.zarr" / "complete" / "train-000000" / "zarr.json")  # as if killed before the marker
     assert not cache.is_complete("train-000000")
     assert "train-000000" not in cache.completed()
     assert cache.shards_present() == ["train-000000"]
@@ -124,7 +124,7 @@ def test_arrays_without_marker_are_incomplete(cache, tmp_path):
 @pytest.mark.parametrize("content", [b"", b'{"shard_id": "train-000000", "url": "x', b"[]", b'{"shard_id": "x"}'])
 def test_torn_or_invalid_marker_is_incomplete(cache, tmp_path, content):
     cache.write_shard("train-000000", "train-000000.tar", *_shard(5), bad=[])
-    (tmp_path / "cache.zarr" / "complete" / "train-000000.json").write_bytes(content)
+    (tmp_path / "cache.zarr" / "complete" / "train-000000" / "zarr.json").write_bytes(content)
     assert not cache.is_complete("train-000000") and cache.completed() == {}
     with pytest.raises(UserError, match="not complete"):
         cache.read_shard("train-000000")
@@ -134,21 +134,22 @@ def test_marker_is_written_last_and_leaves_no_temporary_files(cache, tmp_path, m
     written = []
     original = CacheStore._write_marker
 
-    def spy(self, shard_id, marker):
+    def spy(self, shard_id, marker, node=None):
         written.append(sorted(_files(tmp_path / "cache.zarr")))
-        original(self, shard_id, marker)
+        original(self, shard_id, marker, node)
 
     monkeypatch.setattr(CacheStore, "_write_marker", spy)
     cache.write_shard("train-000000", "train-000000.tar", *_shard(5), bad=[])
     assert any(f.endswith("targets/patches/scale/c/0/0/0/0") for f in written[0])  # arrays were already there
-    assert not any(f.startswith("complete") for f in written[0])
-    assert [f for f in _files(tmp_path / "cache.zarr") if f.startswith("complete")] == ["complete/train-000000.json"]
+    assert not any(f.startswith("complete/train") for f in written[0])
+    assert sorted(f for f in _files(tmp_path / "cache.zarr") if f.startswith("complete")) == \
+        ["complete/train-000000/zarr.json", "complete/zarr.json"]
 
 
 def test_rewriting_a_complete_shard_removes_its_marker_first(cache, monkeypatch):
     cache.write_shard("train-000000", "train-000000.tar", *_shard(5), bad=[])
 
-    def killed(self, shard_id, marker):
+    def killed(self, shard_id, marker, node=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(CacheStore, "_write_marker", killed)
@@ -165,10 +166,10 @@ def test_shard_id_collision_is_refused(cache):
 
 def test_verify_detects_tampering(cache, tmp_path):
     cache.write_shard("train-000000", "train-000000.tar", *_shard(5), bad=[], digests=_digests(5))
-    path = tmp_path / "cache.zarr" / "complete" / "train-000000.json"
-    marker = json.loads(path.read_text())
-    marker["checksums"]["params"] = "0" * 64
-    path.write_text(json.dumps(marker))
+    path = tmp_path / "cache.zarr" / "complete" / "train-000000" / "zarr.json"
+    node = json.loads(path.read_text())
+    node["attributes"]["checksums"]["params"] = "0" * 64
+    path.write_text(json.dumps(node))
     assert cache.verify_shard("train-000000") == ["train-000000: checksum mismatch in params"]
     # a corrupt shard object fails to decode
     obj = tmp_path / "cache.zarr" / "shards" / "train-000000" / "targets" / "logits" / "values" / "c" / "0" / "0" / "0"
@@ -199,7 +200,7 @@ def test_create_refuses_other_attrs_reopens_same_and_overwrites(tmp_path):
     wiped = CacheStore.create(url, _attrs(view__seed=1), overwrite=True)
     assert wiped.attrs["view"]["seed"] == 1
     assert wiped.completed() == {} and wiped.shards_present() == []
-    assert not os.path.exists(tmp_path / "cache.zarr" / "complete")
+    assert [p.name for p in (tmp_path / "cache.zarr" / "complete").iterdir()] == ["zarr.json"]
 
 
 def test_create_and_open_refuse_what_is_not_a_cache(tmp_path):

@@ -1,5 +1,5 @@
 """Benchmarks, one entry point: `python -m tools.bench NAME [--json]` (NAME: cache, distill, retrieval, export, gpu,
-seg-models, seg-codecs, pipeline, finetune, channels-last).
+seg-models, seg-codecs, pipeline, finetune, channels-last, s3).
 
     python -m tools.bench cache --json          # teacher cache: build overhead, bytes, fidelity, reader
     python -m tools.bench distill --json        # student distillation from the cache
@@ -11,6 +11,7 @@ seg-models, seg-codecs, pipeline, finetune, channels-last).
     python -m tools.bench pipeline --json       # data path: render views/s per core, writer, build + stream ceilings
     python -m tools.bench finetune --json       # small labeled sets: an epoch's cost beyond its steps
     python -m tools.bench channels-last --json  # NCHW vs channels_last weights: train / inference images/s
+    python -m tools.bench s3 --json             # a student step reading cache and shards from s3://: requests, bytes
 
 Each benchmark lives in `tools/bench_<name>.py` with `build_parser()` and `run(args)`; it is imported only
 when asked for, so one benchmark's heavy imports never slow another. Results are recorded with their
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "pipeline": "tools.bench_pipeline",
     "finetune": "tools.bench_finetune",
     "channels-last": "tools.bench_channels_last",
+    "s3": "tools.bench_s3",
 }
 
 
