@@ -121,7 +121,7 @@ def test_codecs_are_fitted_on_the_builds_own_views(tiny_teacher, small_shards, t
 
     model = load_model(tiny_teacher, image_size=32).eval()
     fitted = {"patches": parse_codec("pca:d=16,int8", "patches")}
-    build.fit_codecs(model, fitted, small_shards, ViewSet(load_view_spec("train"), 0, 2), 32, 5, 40)
+    build.fit_codecs(model, fitted, small_shards, ViewSet(load_view_spec("light"), 0, 2), 32, 5, 40)
     _, stored = CacheStore.open(str(out)).read_codec_state("patches")
     _, expected = fitted["patches"].state()
     assert sorted(stored) == sorted(expected)

@@ -344,10 +344,10 @@ def test_a_cut_shard_is_refused_and_the_build_resumes_once_it_is_restored(tiny_t
 def test_overwrite_replaces_a_cache_of_another_view_spec(tiny_teacher, small_shards, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "cache.zarr"
     assert main(build_args(tiny_teacher, small_shards[0], out, "--codec", "patches=fp16", views=1)) == 0
-    argv = build_args(tiny_teacher, small_shards[0], out, "--codec", "patches=fp16", "--view-spec", "light", views=1)
-    assert "view.spec" in one_line_error(capsys, argv)
+    argv = build_args(tiny_teacher, small_shards[0], out, "--codec", "patches=fp16", "--view-spec", "train", views=1)
+    assert "view.spec" in one_line_error(capsys, argv)  # built with the default, light
     assert main(argv + ["--overwrite", "true"]) == 0
-    assert CacheStore.open(str(out)).attrs["view"]["spec"]["randaug_ops"] == 0
+    assert CacheStore.open(str(out)).attrs["view"]["spec"]["randaug_ops"] == 2
 
 
 # ------------------------------------------------------------------------------------ resume, ranks

@@ -124,7 +124,7 @@ def test_reader_api(fp16_cache, tiny_teacher, fmnist):
     urls = fmnist["train"][:2]
     reader = CacheReader(fp16_cache, targets=["logits"])
     assert reader.views_per_image == 2 and reader.seed == 0 and reader.num_classes == 10
-    assert reader.classes == CLASSES and reader.view_spec == load_view_spec("train")
+    assert reader.classes == CLASSES and reader.view_spec == load_view_spec("light")  # the build default
     reader.require_complete(urls)
     shard = reader.shard(urls[1])
     assert list(shard.targets) == ["logits"] and shard.params.shape == (100, 2, shard.params.shape[2])
@@ -147,7 +147,7 @@ def test_reader_api(fp16_cache, tiny_teacher, fmnist):
 def test_reader_expect_accepts_the_right_teacher_and_view(fp16_cache, tiny_teacher):
     model = load_checkpoint(tiny_teacher)
     CacheReader(fp16_cache, expect={"teacher": model_fingerprint(model), "classes": CLASSES,
-                                    "view": {"spec": load_view_spec("train"), "seed": 0, "views_per_image": 2},
+                                    "view": {"spec": load_view_spec("light"), "seed": 0, "views_per_image": 2},
                                     "targets": ["logits", "patches"]})
 
 
