@@ -2,7 +2,10 @@
 
 A shard spec is a string or a list of strings. Each string may hold several entries separated by
 `::` (webdataset's own convention), each entry a brace pattern (`train-{000000..000009}.tar`), a glob,
-a directory (all `*.tar` inside, sorted) or an fsspec URL (`s3://bucket/train-{0..9}.tar`).
+a directory (all `*.tar` inside, sorted) or an fsspec URL (`s3://bucket/train-{0..9}.tar`). A glob in a URL
+(`s3://bucket/train-*.tar`) is listed by that filesystem's own glob (an object store has no directories to walk;
+s3fs lists the prefix before the first wildcard) and sorted like a local one; http(s) URLs are taken as they are
+(no listing, and `?` starts their query).
 
 Samples come out in shard order, then member order, with the webdataset key (`__key__`) as the sample
 key. The key is what views, caches and retrieval manifests are keyed by, so shard makers must keep
@@ -44,13 +47,16 @@ from PIL import Image
 
 from kt.errors import UserError
 from kt.masks import MASK_EXT, decode_mask, encoded_size
-from kt.storage import error_code, filesystem, storage_error
+from kt.storage import error_code, filesystem, protocol, storage_error
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 CLASSES_FILE = "classes.json"
 
 
 # ---------------------------------------------------------------------------------------- shard specs
+_GLOB_CHARS = frozenset("*?[")
+
+
 def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -70,7 +76,8 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
                 continue
             for item in braceexpand.braceexpand(part):
                 if is_url(item):
-                    urls.append(item)
+                    globbed = _GLOB_CHARS.intersection(item) and protocol(item) not in ("http", "https")
+                    urls.extend(_glob_url(item) if globbed else [item])
                     continue
                 item = _local(item)
                 if os.path.isdir(item):
@@ -78,7 +85,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
                     if not found:
                         raise UserError(f"no .tar shards in directory {item}")
                     urls.extend(found)
-                elif any(c in item for c in "*?["):
+                elif _GLOB_CHARS.intersection(item):
                     found = sorted(glob.glob(item))
                     if not found:
                         raise UserError(f"no shards match {item}")
@@ -90,6 +97,18 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     if not urls:
         raise UserError(f"empty shard spec: {spec!r}")
     return urls
+
+
+def _glob_url(pattern: str) -> list[str]:
+    """The objects an fsspec URL glob matches, as sorted URLs; a store's refusal is one line."""
+    fs, path = filesystem(pattern, doing="list shards")
+    try:
+        found = fs.glob(path)
+    except (OSError, ImportError) as e:
+        raise storage_error(pattern, e, "list shards") from None
+    if not found:
+        raise UserError(f"no shards match {pattern}")
+    return sorted(fs.unstrip_protocol(p) for p in found)
 
 
 def open_binary(url: str):

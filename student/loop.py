@@ -111,22 +111,63 @@ def _read_progress(out_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def _state_paths(out_dir: Path) -> tuple[Path, Path, Path]:
+    """The saved state, the save being written, the save being replaced."""
+    return out_dir / STATE_DIR, out_dir / (STATE_DIR + ".tmp"), out_dir / (STATE_DIR + ".old")
+
+
+def _complete(state: Path) -> bool:
+    """Whether a saved state folder is whole. Its progress.json is written last, after a barrier that every
+    rank's files precede, and a kill mid-write leaves a prefix of a JSON object, which never parses: a
+    progress.json that parses proves the folder complete."""
+    try:
+        return isinstance(json.loads((state / "progress.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _discard(state: Path) -> None:
+    """Remove a state folder, its progress.json first, so a kill mid-removal never leaves one that looks whole."""
+    if state.exists():
+        (state / "progress.json").unlink(missing_ok=True)
+        shutil.rmtree(state)
+
+
+def _recover_state(out_dir: Path) -> None:
+    """Leave the newest complete save in `state/`, whichever step of `_save_state` a kill interrupted.
+
+    A save writes `state.tmp` (progress.json last), renames `state` to `state.old`, renames `state.tmp` to
+    `state`, then removes `state.old`. A kill between the two renames left only `state.old` and a whole
+    `state.tmp`, and the rerun started from step 0; a kill before the first left `state` one save behind a
+    whole `state.tmp`. A whole `state.tmp` is always the newest save; else `state`; else `state.old`."""
+    final, tmp, old = _state_paths(out_dir)
+    if _complete(tmp):
+        _discard(final)
+        os.replace(tmp, final)
+    elif not _complete(final) and _complete(old):
+        _discard(final)
+        os.replace(old, final)
+    _discard(tmp)
+    _discard(old)
+
+
 def _save_state(accelerator, out_dir: Path, progress: dict) -> None:
-    """Save to a fresh folder, then swap it in, so a kill during the save keeps the previous state."""
+    """Save to a fresh folder, then swap it in, so a kill during the save keeps the previous state (and a kill
+    during the swap keeps one of the two: `_recover_state`)."""
     accelerator.wait_for_everyone()
-    final, tmp = out_dir / STATE_DIR, out_dir / (STATE_DIR + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    final, tmp, old = _state_paths(out_dir)
+    if accelerator.is_main_process:
+        _discard(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's files are written before progress.json marks the save whole
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps(progress))
-        old = out_dir / (STATE_DIR + ".old")
+        _discard(old)  # a kill mid-removal left it; a folder in the way fails the rename
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
+        _discard(old)
     accelerator.wait_for_everyone()
 
 
@@ -258,6 +299,9 @@ def fit(cfg: OptimConfig, modules: nn.Module, make_loader: Callable[..., Iterabl
     # the scheduler steps once per optimizer update on every process; registered so save_state keeps it
     accelerator.register_for_checkpointing(scheduler)
 
+    if accelerator.is_main_process:
+        _recover_state(out_dir)
+    accelerator.wait_for_everyone()
     progress = _read_progress(out_dir)
     start_epoch, skip, global_step = 0, 0, 0
     if progress is not None:

@@ -39,6 +39,43 @@ def test_resume_mid_epoch_equals_uninterrupted(fmnist, tmp_path, capsys):
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
 
 
+
+class Killed(BaseException):
+    """A SIGKILL stand-in: nothing in kt catches it."""
+
+
+@pytest.mark.parametrize("rename", [1, 2], ids=["before-first-rename", "between-renames"])
+def test_resume_after_a_kill_inside_the_state_swap(fmnist, tmp_path, capsys, monkeypatch, rename):
+    """A save swaps state.tmp in by two renames (state -> state.old, state.tmp -> state); a kill before either
+    keeps a whole newer save in state.tmp, which the rerun resumes from (between the renames no `state` is left,
+    and the rerun started from step 0)."""
+    import os
+
+    import kt.student.loop as loop
+
+    assert finetune(fmnist, tmp_path / "a") == 0
+    replace, renames = os.replace, []
+
+    def killed_at_the_swap(src, dst):
+        if os.path.basename(os.fspath(dst)) in ("state", "state.old"):
+            renames.append(dst)
+            # the second save (step 4): its `rename`-th rename is never made
+            if len(renames) == 1 + rename:
+                raise Killed
+        return replace(src, dst)
+
+    monkeypatch.setattr(loop.os, "replace", killed_at_the_swap)
+    with pytest.raises(Killed):
+        finetune(fmnist, tmp_path / "b", "--save-every", "2", "--stop-after-steps", "4")
+    monkeypatch.undo()
+    assert (tmp_path / "b" / "state.tmp").exists() and (tmp_path / "b" / "state").exists() == (rename == 1)
+    capsys.readouterr()
+    assert finetune(fmnist, tmp_path / "b", "--save-every", "2") == 0
+    assert "resuming at epoch 1, batch 1, step 4" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "b").glob("state*")) == ["state"]
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
 def test_finetune_eval_and_aggregate(fmnist, tmp_path, capsys):
     runs = []
     for seed in (0, 1):

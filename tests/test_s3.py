@@ -171,6 +171,23 @@ def test_retrieve_embeds_s3_shards_as_local_ones(s3, tmp_path):
     assert list(a.keys) == list(b.keys) and np.array_equal(a.read(0, len(a)), b.read(0, len(b)))
 
 
+def test_a_glob_of_s3_shards_lists_the_bucket_as_a_local_glob_lists_a_folder(s3, tmp_path):
+    """`s3://bucket/prefix/train-*.tar` is listed by s3fs and sorted, as `train-*.tar` is globbed locally;
+    nothing matching is one line naming the pattern."""
+    from kt.errors import UserError
+    from kt.shards import expand_shards
+    from tests.test_retrieval_cli import make_shards
+
+    make_shards(tmp_path, "gal", 12, per_shard=4)
+    local = sorted(str(p) for p in (tmp_path / "gal").glob("*.tar"))
+    upload(s3, local, "gal")
+    found = expand_shards(f"{s3.url}/gal/*.tar")
+    assert [u.rsplit("/", 1)[1] for u in found] == [Path(p).name for p in expand_shards(str(tmp_path / "gal" / "*.tar"))]
+    assert all(u.startswith(f"{s3.url}/gal/") for u in found) and len(found) == len(local) > 1
+    with pytest.raises(UserError, match="no shards match"):
+        expand_shards(f"{s3.url}/gal/nothing-*.tar")
+
+
 # ----------------------------------------------------------------------------------------- one writer
 def test_second_build_into_an_s3_store_is_refused(s3, tiny_teacher, small_shards, capsys):  # noqa: F811
     """A lock object held by a build on another host: one line naming the object to remove, exit 2; nothing of
