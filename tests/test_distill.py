@@ -60,7 +60,7 @@ def test_each_objective_trains_from_cache(fmnist, cache, tmp_path, objective, ca
 
 def test_student_view_replays_what_the_teacher_saw(fmnist, cache, teacher):
     """Stream batches carry the stored params; rendered at the teacher's size they give the cached targets."""
-    from kt.student.distill import CacheSource
+    from kt.student.dataset import CacheSource
     from kt.student.stream import ReplayStream, StreamSpec
 
     reader = CacheReader(str(cache))

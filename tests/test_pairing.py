@@ -84,7 +84,7 @@ def test_student_refuses_other_pixels_under_the_same_keys(twin_cache, twin_sets,
 def test_stream_checks_content_as_it_reads(twin_cache, twin_sets, workers):
     """The stream's own check (the data may change after the up-front one), also from a DataLoader worker."""
     from kt.errors import user_message
-    from kt.student.distill import CacheSource
+    from kt.student.dataset import CacheSource
     from kt.student.stream import ReplayStream, StreamSpec, stream_loader
 
     reader = CacheReader(str(twin_cache))

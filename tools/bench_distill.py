@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from kt.shards import BadSamples, expand_shards, iter_samples
 from kt.views import VIEW_PRESETS, ViewSet
-from kt.student.distill import CacheSource, Distiller, FreshSource
+from kt.student.dataset import CacheSource
+from kt.student.distill import Distiller, FreshSource
 from kt.student.losses import create_objective
 from kt.student.stream import ReplayStream, ShardData, StreamSpec, stream_loader
 from kt.teacher_cache.build import BuildConfig, build_cache

@@ -172,7 +172,8 @@ def distill_steps(cfg: dict, cache: Path, urls, teacher, device, workers: int) -
     rounds."""
     from kt.device import placement
     from kt.models import create_model
-    from kt.student.distill import CacheSource, Distiller, FreshSource
+    from kt.student.dataset import CacheSource
+    from kt.student.distill import Distiller, FreshSource
     from kt.student.losses import create_objective
     from kt.student.stream import ReplayStream, StreamSpec, render_sources, stream_loader
     from kt.teacher_cache.reader import CacheReader

@@ -494,7 +494,7 @@ def bench_shard_read(url: str, repeats: int = 7) -> dict:
 
 # --------------------------------------------------------------------------------------------- stream
 def bench_stream(args, urls, cache: str) -> dict:
-    from kt.student.distill import CacheSource
+    from kt.student.dataset import CacheSource
     from kt.student.stream import ReplayStream, StreamSpec, stream_loader
     from kt.teacher_cache.reader import CacheReader
 
