@@ -5,7 +5,9 @@ STAMP := $(VENV)/.kt-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+RECIPE ?= demo
 ARGS ?=
+RECIPE ?= demo
 
 .PHONY: setup assets test test-slow test-all gpu-check demo clean
 
@@ -39,8 +41,9 @@ gpu-check: setup
 	$(PY) -m pytest -q -m gpu $$(grep -l "mark.gpu" tests/test_*.py) $(PYTEST_ARGS)
 	$(PY) -m tools.bench gpu --json
 
+# `make demo` runs recipes/demo.yaml; `make demo RECIPE=full` (or paper, seg, ...) another recipe, `ARGS="--only ..."`
 demo: setup
-	$(PY) -m tools.demo $(ARGS)
+	$(PY) -m kt.recipe.cli run recipes/$(RECIPE).yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

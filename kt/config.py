@@ -20,7 +20,7 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
@@ -73,23 +73,26 @@ def valid_range(f: dataclasses.Field) -> str:
     return " and ".join(parts)
 
 
-def check_config(cfg: Any) -> None:
-    """Raise `UserError` naming the first field whose value is outside its declared range or choices."""
+def check_config(cfg: Any, name: Callable[[str], str] | None = None) -> None:
+    """Raise `UserError` naming the first field whose value is outside its declared range or choices.
+
+    The field is named by its flag (`--epochs`), or by `name(field)` when given (a recipe names its own fields)."""
     for f in dataclasses.fields(cfg):
         value, m = getattr(cfg, f.name), f.metadata
         if dataclasses.is_dataclass(value):  # a nested config (curate's IVF-PQ knobs) has its own ranges
-            check_config(value)
+            check_config(value, None if name is None else lambda n, outer=f.name: name(f"{outer}.{n}"))
         if value is None or not ({"min", "max", "gt", "choices"} & set(m)):
             continue
+        items = value if isinstance(value, list) else [value]  # a list's bounds are each item's
         if "choices" in m:
-            bad = any(v not in m["choices"] for v in (value if isinstance(value, list) else [value]))
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            bad = True
+            bad = any(v not in m["choices"] for v in items)
         else:
-            bad = (value != value or ("min" in m and value < m["min"]) or ("max" in m and value > m["max"])
-                   or ("gt" in m and value <= m["gt"]))
+            bad = any(isinstance(v, bool) or not isinstance(v, (int, float)) or v != v
+                      or ("min" in m and v < m["min"]) or ("max" in m and v > m["max"]) or ("gt" in m and v <= m["gt"])
+                      for v in items)
         if bad:
-            where = f.name.upper() if m.get("positional") else _flag(f.name)
+            where = name(f.name) if name is not None else f.name.upper() if m.get("positional") \
+                else _flag(f.name)
             raise UserError(f"{where} {value!r}: must be {valid_range(f)}")
 
 
@@ -106,7 +109,7 @@ def _base_type(tp: Any) -> Any:
     return origin or tp
 
 
-def _yaml_value(tp: Any, value: Any, where: str) -> Any:
+def yaml_value(tp: Any, value: Any, where: str) -> Any:
     """A YAML value as the field's type, as its flag would give it: a string goes through the flag's parser
     (PyYAML reads `1e-3` as a string), an integral float is an int; a value of another type is refused in one
     line (a `batch_size: 32.5` ran one 400-item batch as an "epoch", a float epoch count crashed mid-run). A
@@ -237,7 +240,7 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, **overrid
         if hasattr(cls, "values_from_yaml"):
             data = cls.values_from_yaml(data, config_path)
         hints = typing.get_type_hints(cls)
-        values.update({k: _yaml_value(hints[k], v, f"{config_path}: {k}") for k, v in data.items()})
+        values.update({k: yaml_value(hints[k], v, f"{config_path}: {k}") for k, v in data.items()})
     if args is not None:
         given = {k: v for k, v in vars(args).items() if k in names and v is not _UNSET}
         for k, v in given.items():  # list flags arrive as one parsed list per word: flatten

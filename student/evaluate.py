@@ -3,6 +3,7 @@ checkpoint is evaluated by mIoU instead (`kt.student.segmentation`): the task co
 
     kt-student eval --checkpoint runs/ft/checkpoint --data data/fashion-mnist/test
     kt-student eval --runs runs/ft-seed0 runs/ft-seed1 runs/ft-seed2
+    kt-student eval --checkpoint runs/distill --data data/fashion-mnist/test --out runs/distill-eval/eval.json
 """
 
 from __future__ import annotations
@@ -37,10 +38,26 @@ class EvalConfig:
     channels_last: bool = field(False, CHANNELS_LAST_HELP)
     max_bad_fraction: float = field(0.01, "segmentation: fail when more than this fraction of samples is bad "
                                           "(undecodable, mask missing or of another size)", min=0, max=1)
+    out: str = field("", "also write the metrics to this JSON file, complete or not at all (a recipe's eval stage "
+                         "reads it as a finetune's eval.json); '' prints only")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    """What `kt-student eval` prints: the metrics of `cfg.checkpoint` on `cfg.data`, or the aggregate of `cfg.runs`."""
+    """What `kt-student eval` prints: the metrics of `cfg.checkpoint` on `cfg.data`, or the aggregate of `cfg.runs`;
+    also written to `cfg.out` when given."""
+    if cfg.out and Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a directory; give the JSON file to write")
+    metrics = _eval(cfg)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(out)  # a reader never sees half a file: its presence says the evaluation finished
+    return metrics
+
+
+def _eval(cfg: EvalConfig) -> dict:
     if cfg.runs:
         return aggregate([load_run_metrics(r) for r in cfg.runs])
     if not cfg.checkpoint or not cfg.data:

@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from pathlib import Path
 from typing import Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -64,6 +65,11 @@ from kt.teacher_cache.writer import ShardEnd, TeacherBatch, Writer, finite_rows
 class BuildConfig:
     teacher: str = field("", "teacher: run folder, checkpoint folder (finetuned) or a model name (with --pretrained)")
     pretrained: str = field("none", "weights when --teacher is a model name: none | package | hub | PATH")
+    output_stride: int | None = field(None, "a teacher given by model name is built as a segmentation backbone at "
+                                            "this output stride (8 | 16 | 32), so `patches` is its stride-N grid "
+                                            "(the task-agnostic target of a segmentation student); its head is "
+                                            "untrained, so only patches are cached from it. None: as named; a "
+                                            "checkpoint keeps its own stride", choices=(8, 16, 32))
     data: str = field("", "transfer-set shards (shard spec)")
     out: str = field("", "cache store: local path or fsspec URL")
     views: int = field(4, "views per image; students cycle through them across epochs", min=1)
@@ -237,6 +243,26 @@ def parse_targets(targets: Sequence[str] | str) -> list[str]:
 
 # the task target each task's head gives: the other task's target is refused before anything runs
 TASK_TARGETS = {"classification": "logits", "segmentation": "seg_logits"}
+
+
+def load_teacher(teacher: str, pretrained: str, image_size: int, output_stride: int | None,
+                 targets: Sequence[str], urls: Sequence[str]) -> TaskModel:
+    """The teacher a build names, random init seeded (the same on every rank, rerun and `verify`); with
+    `output_stride`, a model name built as a segmentation backbone at that stride, its untrained head sized to
+    the transfer set's classes where it names them (one output otherwise)."""
+    if output_stride is None:
+        return load_model(teacher, pretrained=pretrained, image_size=image_size, seed=0, what="teacher").eval()
+    if Path(teacher).expanduser().exists():
+        raise UserError(f"--output-stride is for a teacher given by model name; {teacher} is a checkpoint and keeps "
+                        "its own")
+    untrained = [t for t in targets if t != "patches"]
+    if untrained:
+        raise UserError(f"--output-stride builds {teacher} with an untrained head: cache patches from it, not "
+                        f"{', '.join(untrained)}")
+    classes = load_classes(urls)
+    return load_model(teacher, num_classes=len(classes) if classes else 1, pretrained=pretrained,
+                      image_size=image_size, task="segmentation", seed=0, what="teacher",
+                      output_stride=output_stride).eval()
 
 
 def check_teacher_targets(names: Sequence[str], model: TaskModel) -> None:
@@ -652,8 +678,7 @@ def _build_locked(cfg: BuildConfig, state, urls: Sequence[str], spec: ViewSpec, 
     place = placement(state.device, cfg.teacher_precision)
     render_device = render_device_for(cfg.render, place.device)
     # a random init is seeded: one teacher per cache, the same on every rank and every rerun
-    model = load_model(cfg.teacher, pretrained=cfg.pretrained, image_size=cfg.image_size, seed=0,
-                       what="teacher").eval()
+    model = load_teacher(cfg.teacher, cfg.pretrained, cfg.image_size, cfg.output_stride, targets, urls)
     image_size = cfg.image_size or model.image_size
     if spec.mixes and model.task != "classification":
         raise UserError(f"view spec mix {spec.mix!r}: mixed views are for classification teachers (a {model.task} "

@@ -358,10 +358,10 @@ def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch
     """Per target, codec fidelity (cached vs raw) and consistency (cached vs raw re-encoded) on replayed views."""
     import torch
 
-    from kt.checkpoints import load_model, model_fingerprint
+    from kt.checkpoints import model_fingerprint
     from kt.shards import BadSamples, expand_shards, iter_samples
     from kt.render import render_view, to_tensor
-    from kt.teacher_cache.build import teacher_outputs
+    from kt.teacher_cache.build import load_teacher, teacher_outputs
     from kt.teacher_cache.codecs import fidelity
     from kt.teacher_cache.store import check_compatible, shard_id_for
 
@@ -370,16 +370,17 @@ def _fidelity(reader, cached: dict, teacher: str | None, data: str | None, batch
     path = teacher or build_cfg.get("teacher")
     if not path:
         raise UserError("the cache does not record its teacher; pass --teacher (or --samples 0)")
-    model = load_model(path, pretrained=build_cfg.get("pretrained", "none"), image_size=build_cfg.get("image_size", 0),
-                       seed=0, what="teacher").eval()
-    try:
-        check_compatible(attrs, {"teacher": model_fingerprint(model)})
-    except UserError as e:
-        raise UserError(f"teacher {path} is not the cache's teacher: {e}") from None
     if data:
         urls = {shard_id_for(u): u for u in expand_shards(data)}
     else:
         urls = dict(attrs.get("input_shards") or {})
+    # as the build loaded it (a model name built at an output stride takes the transfer set's classes)
+    model = load_teacher(path, build_cfg.get("pretrained", "none"), build_cfg.get("image_size", 0),
+                         None if teacher else build_cfg.get("output_stride"), ["patches"], list(urls.values()))
+    try:
+        check_compatible(attrs, {"teacher": model_fingerprint(model)})
+    except UserError as e:
+        raise UserError(f"teacher {path} is not the cache's teacher: {e}") from None
     image_size = attrs["view"].get("image_size") or model.image_size
 
     pairs = []  # (key, view, params, cached targets, image)

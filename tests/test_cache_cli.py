@@ -447,3 +447,27 @@ def test_default_patch_codec_is_chosen_on_the_fit_views(tiny_teacher, small_shar
     assert CacheReader(str(out)).codecs["patches"].spec == attrs["spec"]
     assert main(build_args(tiny_teacher, small_shards[:1], out)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards_skipped"] == 1
+
+
+def test_a_model_name_teacher_at_an_output_stride_caches_its_grid(tiny_teacher, small_shards, tmp_path, capsys):  # noqa: F811
+    """`--output-stride 8` builds a named teacher as a segmentation backbone, so `patches` is its stride-8 grid (a
+    segmentation student's task-agnostic target); verify reloads the same teacher and matches its fresh outputs."""
+    from kt.teacher_cache.reader import CacheReader
+
+    out = tmp_path / "grid.zarr"
+    assert main(["build", "--teacher", "test_vit", "--output-stride", "8", "--image-size", "32", "--data",
+                 small_shards[0], "--out", str(out), "--views", "1", "--targets", "patches", "--codec",
+                 "patches=fp16", "--workers", "0"]) == 0
+    reader = CacheReader(str(out))
+    task = reader.attrs["task"]
+    assert task["task"] == "segmentation" and task["output_stride"] == 8 and task["num_classes"] == 10
+    assert list(reader.attrs["targets"]["patches"]["item_shape"][:2]) == task["grid"] == [4, 4]
+    capsys.readouterr()
+    assert main(["verify", str(out), "--samples", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fidelity"]["patches"]["cosine_min"] > 0.999
+    assert "cache patches from it, not logits" in one_line_error(capsys, [
+        "build", "--teacher", "test_vit", "--output-stride", "8", "--image-size", "32", "--data", small_shards[0],
+        "--out", str(tmp_path / "x.zarr"), "--targets", "logits,patches", "--workers", "0"])
+    assert "is a checkpoint and keeps its own" in one_line_error(capsys, [
+        "build", "--teacher", tiny_teacher, "--output-stride", "8", "--data", small_shards[0],
+        "--out", str(tmp_path / "y.zarr"), "--targets", "patches", "--workers", "0"])

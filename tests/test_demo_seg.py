@@ -1,113 +1,97 @@
-"""`python -m tools.demo --preset seg`: the grid's commands, their order, and the whole pipeline at toy scale."""
+"""recipes/seg.yaml: the segmentation grid's commands and their order, and a segmentation recipe end to end at toy
+scale (prepare steps, two stages at a time as subprocesses)."""
 
 from __future__ import annotations
 
 import json
-import threading
+import math
+from pathlib import Path
 
 import pytest
+import yaml
 
-from tools.demo import main as demo_main
-from tools.demo_seg import PRESETS, SegDemo
+from kt.recipe.cli import main
 
-
-def planned(tmp_path, preset="seg"):
-    demo = SegDemo(PRESETS[preset], tmp_path / "out", jobs=2, data_root=tmp_path / "data")
-    demo.grid_teacher = lambda: str(tmp_path / "grid-teacher")  # no model built: only the plan is checked
-    return demo, demo.plan()
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_plan_is_the_table(tmp_path):
-    demo, cells = planned(tmp_path)
-    p = PRESETS["seg"]
-    per_budget = 3 + 2 * len(p.transfer_sets)  # teacher, labels, IM-Pretrain; two transfer rows per set
-    assert len(cells) == len(p.budgets) * per_budget
-    assert all(len(c["runs"]) == len(p.teacher_seeds if c["group"] == "teacher" else p.seeds) for c in cells)
-    runs = [r for c in cells for r in c["runs"]]
+def test_the_seg_recipe_is_the_table(monkeypatch):
+    from kt.recipe.plan import load_plan
+
+    monkeypatch.chdir(ROOT)
+    plan = load_plan("recipes/seg.yaml")
+    stages, rows = plan.stages, plan.rows
+    flags = {n: s.values for n, s in stages.items()}
+    per_budget = 3 + 2 * 2  # teacher, labels, IM-Pretrain; two transfer rows per transfer set
+    assert len([r for r in rows if r.table == "student mobilevitv2_050"]) == 2 * per_budget
+    assert all(len(r.runs) == (1 if r.group == "teacher" else 3) for r in rows)
+    runs = [n for r in rows for n in r.runs]
     assert len(set(runs)) == len(runs)  # no finetune shared between cells
-    names = set(demo.graph)
-    assert all(a in names for j in demo.graph.values() for a in j.after)
-    # task-oriented: finetune <- distillation <- cache <- the first seed's teacher of the same budget
-    job = demo.graph["runs/task-composites-n50-s1"]
-    assert job.after == ["distill/task-n50-composites"]
-    assert demo.graph["distill/task-n50-composites"].after == ["cache/task-n50-composites"]
-    assert demo.graph["cache/task-n50-composites"].after == ["runs/teacher-n50-s0"]
-    cmd = demo.graph["cache/agnostic-photos"].cmd
-    assert cmd[cmd.index("--targets") + 1] == "patches" and cmd[cmd.index("--data") + 1].endswith("photos")
-    ft = demo.graph["runs/labels-n200-s2"].cmd
-    assert ft[ft.index("--labeled-images") + 1] == "200" and ft[ft.index("--subset-seed") + 1] == "2"
-    assert "--task" in ft and ft[ft.index("--task") + 1] == "segmentation"
-    # scratch students finetune at the scratch lr; distilled inits at the pretrained-init lr, like IM-Pretrain
-    lr = {n: demo.graph[n].cmd[demo.graph[n].cmd.index("--lr") + 1] for n in
-          ("runs/labels-n50-s0", "runs/task-photos-n50-s0", "runs/agnostic-composites-n200-s1",
-           "runs/im-pretrain-n50-s0")}
-    assert lr == {"runs/labels-n50-s0": str(p.lr), "runs/task-photos-n50-s0": str(p.distilled_lr),
-                  "runs/agnostic-composites-n200-s1": str(p.distilled_lr), "runs/im-pretrain-n50-s0": str(p.teacher_lr)}
-    assert p.distilled_lr != p.lr
-    # the first budget's jobs rank before the second's, whatever the order they were declared in
-    assert {demo.graph[r].rank for c in cells if c["labeled_images"] == p.budgets[0] for r in c["runs"]} == {0}
-    assert demo.graph["runs/teacher-n200-s0"].rank == demo.graph["runs/labels-n200-s0"].rank == 1
-
-
-def test_execute_respects_dependencies_and_resumes(tmp_path, monkeypatch):
-    demo, _ = planned(tmp_path)
-    demo.jobs = 1  # one at a time: the start order is the priority order
-    started, lock = [], threading.Lock()
-
-    def fake_run(job):
-        with lock:
-            assert all(a in started for a in job.after)
-            started.append(job.name)
-        job.done.parent.mkdir(parents=True, exist_ok=True)
-        job.done.write_text("{}")
-
-    monkeypatch.setattr(demo, "run_job", fake_run)
-    demo.execute()
-    assert sorted(started) == sorted(demo.graph)
-    # teachers, caches and distillations first: the finetunes wait on them
-    assert all(demo.graph[n].first for n in started[:2])
-    for rank in (0, 1):  # budget by budget, seed by seed: an interrupted demo has a run in every cell first
-        seeds = [demo.graph[n].seed for n in started if demo.graph[n].rank == rank and not demo.graph[n].first]
-        assert seeds == sorted(seeds) and len(set(seeds)) == 3
-    assert [demo.graph[n].rank for n in started] == sorted(demo.graph[n].rank for n in started)
-    started.clear()
-    demo.execute()  # everything done: nothing runs again
-    assert started == []
-
-
-def test_codec_rows_distill_the_first_budget_from_caches_in_each_codec(tmp_path):
-    from dataclasses import replace
-
-    demo = SegDemo(replace(PRESETS["seg"], codecs=["fp16", "pixel-topk:k=3"]), tmp_path / "out", jobs=2,
-                   data_root=tmp_path / "data")
-    demo.grid_teacher = lambda: str(tmp_path / "grid-teacher")
-    cells = [c for c in demo.plan() if "codec" in c["row"]]
-    assert [(c["row"], c["transfer"], c["labeled_images"], len(c["runs"])) for c in cells] == [
-        ("Task-oriented, cache codec fp16", "composites", 50, 3),
-        ("Task-oriented, cache codec pixel-topk:k=3", "composites", 50, 3)]
-    build = demo.graph["cache/task-n50-composites-fp16"]
-    assert build.after == ["runs/teacher-n50-s0"]
-    assert build.cmd[build.cmd.index("--codec") + 1] == "seg_logits=fp16"
-    assert "--codec" not in demo.graph["cache/task-n50-composites"].cmd  # the main row: build's default codec
-    assert demo.graph["runs/task-n50-composites-pixel-topk-k3-s2"].after == ["distill/task-n50-composites-pixel-topk-k3"]
-    # every student row has the preset's student head width (distilled ones through --init)
-    for name in ("distill/task-n50-composites-fp16", "runs/labels-n200-s0"):
-        cmd = demo.graph[name].cmd
-        assert cmd[cmd.index("--head-width") + 1] == str(PRESETS["seg"].student_head_width)
+    # task-oriented: finetune <- distillation <- cache <- the budget's teacher
+    finetune = "runs/mobilevitv2-050-task-composites-n50-s1"
+    assert "distill/mobilevitv2-050-task-n50-composites" in stages[finetune].needs
+    assert "cache/task-n50-composites" in stages["distill/mobilevitv2-050-task-n50-composites"].needs
+    assert "teacher/n50-s0" in stages["cache/task-n50-composites"].needs
+    assert flags["cache/task-n50-composites"]["targets"] == ["seg_logits"]
+    # task-agnostic: the pretrained Lite2 built at the teacher's output stride, its grid cached; one per transfer set
+    features = flags["cache/features-photos"]
+    assert features["teacher"] == "tf_efficientnet_lite2" and features["pretrained"] == "package"
+    assert features["targets"] == ["patches"] and features["output_stride"] == 8
+    assert features["data"] == "data/seg-photos-48" and "teacher/n50-s0" not in stages["cache/features-photos"].needs
+    # each finetune the steps its preset gave it, in epochs of batches of 16: teacher 200, students 150, IM 120
+    for budget in (50, 200):
+        per_epoch = max(1, budget // 16)
+        for run, steps in ((f"teacher/n{budget}-s0", 200), (f"runs/mobilevitv2-050-labels-n{budget}-s2", 150),
+                           (f"runs/mobilevitv2-050-patch-cosine-photos-n{budget}-s0", 150),
+                           (f"runs/im-pretrain-tf-efficientnet-lite0-n{budget}-s1", 120)):
+            assert flags[run]["epochs"] == math.ceil(steps / per_epoch), run
+            assert flags[run]["labeled_images"] == budget and flags[run]["task"] == "segmentation"
+    # scratch students at 2e-3; distilled inits, the teacher and IM-Pretrain at 1e-3; every head 128 wide
+    lr = {n: flags[n]["lr"] for n in ("runs/mobilevitv2-050-labels-n50-s0", "runs/mobilevitv2-050-task-photos-n50-s0",
+                                      "runs/im-pretrain-tf-efficientnet-lite0-n200-s1", "teacher/n50-s0")}
+    assert lr == {"runs/mobilevitv2-050-labels-n50-s0": 0.002, "runs/mobilevitv2-050-task-photos-n50-s0": 0.001,
+                  "runs/im-pretrain-tf-efficientnet-lite0-n200-s1": 0.001, "teacher/n50-s0": 0.001}
+    assert {v["head_width"] for n, v in flags.items() if stages[n].kind in ("finetune", "distill")} == {128}
+    assert plan.recipe.jobs == 2
+    # the first budget's stages before the second's
+    order = list(stages)
+    assert max(order.index(n) for n in order if "-n50-" in n) < min(order.index(n) for n in order if "-n200-" in n)
 
 
 @pytest.mark.slow
-def test_seg_smoke_end_to_end(tmp_path):
-    out = tmp_path / "seg"
-    assert demo_main(["--preset", "seg-smoke", "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
-    groups = [(r["group"], r["transfer"]) for r in results["rows"]]
-    assert groups == [("teacher", ""), ("labels", ""), ("im-pretrain", ""), ("task-agnostic", "photos"),
-                      ("task-oriented", "photos"), ("task-agnostic", "composites"), ("task-oriented", "composites")]
-    assert all(0.0 <= r["miou_mean"] <= 1.0 and r["runs"] == 1 for r in results["rows"])
-    report = (out / "report.md").read_text()
-    assert "task-related transfer (composites)" in report and (out / "report.png").stat().st_size > 0
-    assert "What the scratch student needed here: garments 0.5-0.9" in report  # the issue asks the report to say
-    # a rerun resumes: every step's output exists, nothing runs again
-    assert demo_main(["--preset", "seg-smoke", "--out", str(out)]) == 0
-    assert json.loads((out / "results.json").read_text())["steps"] == []
+def test_a_seg_recipe_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the prepare steps run `python -m tools.make_shards` from the checkout
+    data = tmp_path / "data"
+    recipe = {
+        "out": str(tmp_path / "out"), "task": "segmentation", "jobs": 2,
+        "prepare": [
+            {"creates": str(data / "seg"), "command": f"python -m tools.make_shards fmnist-seg --out {data / 'seg'} "
+                                                      "--train 16 --test 8 --transfer 16 --size 32 --shard-size 8"},
+            {"creates": str(data / "photos"), "command": f"python -m tools.make_shards photos --out {data / 'photos'} "
+                                                         "--count 16 --size 32 --shard-size 8"}],
+        "data": {"labeled": str(data / "seg" / "train"), "test": str(data / "seg" / "test"),
+                 "transfer": {"photos": str(data / "photos"), "composites": str(data / "seg" / "transfer")}},
+        "budgets": [8], "seeds": [0],
+        "teacher": {"model": "test_vit", "image_size": 32,
+                    "finetune": {"head_width": 16, "batch_size": 4, "epochs": 1, "workers": 0}},
+        "cache": {"views": 1, "batch_size": 8, "workers": 0},
+        "students": [{"model": "test_vit", "image_size": 32, "objectives": ["patch-cosine", "task"]}],
+        "distill": {"head_width": 16, "epochs": 1, "batch_size": 8, "workers": 0},
+        "finetune": {"head_width": 16, "batch_size": 4, "epochs": 1, "workers": 0},
+        "baselines": {"im_pretrain": [{"model": "test_vit", "pretrained": "none", "image_size": 32}]},
+        "report": {"note": "Numbers meaningless at this scale."},
+    }
+    path = tmp_path / "seg.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path)]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["row"] for r in results["rows"]] == [
+        "labels only (random init)", "IM-Pretrain (test_vit)", "task-agnostic (patch-cosine), photos",
+        "task-agnostic (patch-cosine), composites", "task-oriented, photos", "task-oriented, composites",
+        "teacher (test_vit, finetuned)"]
+    assert all(0.0 <= r["miou_mean"] <= 1.0 and r["runs"] == 1 for r in results["rows"]) and not results["missing"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Test mIoU (%)" in report and "Numbers meaningless at this scale." in report
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0  # a rerun runs nothing, prepare steps included
+    assert all("done before" in line for line in capsys.readouterr().out.splitlines()[:-1])

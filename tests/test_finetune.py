@@ -85,8 +85,11 @@ def test_finetune_eval_and_aggregate(fmnist, tmp_path, capsys):
     capsys.readouterr()
     card = json.loads((tmp_path / "s0" / "checkpoint" / "card.json").read_text())
     assert card["arch"] == "test_efficientnet" and card["classes"][0] == "T-shirt/top"
-    assert main(["eval", "--checkpoint", runs[0], "--data", str(fmnist["root"] / "test"), "--workers", "0"]) == 0
+    written = tmp_path / "e" / "eval.json"  # --out: the printed metrics, also as a file (a recipe's eval stage)
+    assert main(["eval", "--checkpoint", runs[0], "--data", str(fmnist["root"] / "test"), "--workers", "0",
+                 "--out", str(written)]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert json.loads(written.read_text()) == result
     saved = json.loads((tmp_path / "s0" / "eval.json").read_text())
     assert result["top1"] == saved["top1"] and result["n"] == 100
     assert sum(map(sum, result["confusion_matrix"])) == 100

@@ -1,5 +1,6 @@
 """The layout's one-way dependencies: kt <- kt.teacher_cache <- kt.student (through the reader only), kt <-
-kt.retrieval; nothing installed imports tools/."""
+kt.retrieval; kt.recipe above them all (it runs their commands) and imported by none; nothing installed imports
+tools/."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"kt": "kt", "teacher_cache": "kt.teacher_cache", "student": "kt.student", "retrieval": "kt.retrieval"}
+FOLDERS = {"kt": "kt", "teacher_cache": "kt.teacher_cache", "student": "kt.student", "retrieval": "kt.retrieval",
+           "recipe": "kt.recipe"}
 # what each installed package must not import
 FORBIDDEN = {
-    "kt": ("kt.teacher_cache", "kt.student", "kt.retrieval", "tools"),
-    "kt.teacher_cache": ("kt.student", "kt.retrieval", "tools"),
-    "kt.student": ("kt.retrieval", "tools"),
-    "kt.retrieval": ("kt.teacher_cache", "kt.student", "tools"),
+    "kt": ("kt.teacher_cache", "kt.student", "kt.retrieval", "kt.recipe", "tools"),
+    "kt.teacher_cache": ("kt.student", "kt.retrieval", "kt.recipe", "tools"),
+    "kt.student": ("kt.retrieval", "kt.recipe", "tools"),
+    "kt.retrieval": ("kt.teacher_cache", "kt.student", "kt.recipe", "tools"),
+    "kt.recipe": ("tools",),
 }
 
 
