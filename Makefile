@@ -7,7 +7,6 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 RECIPE ?= demo
 ARGS ?=
-RECIPE ?= demo
 
 .PHONY: setup assets test test-slow test-all gpu-check demo clean
 

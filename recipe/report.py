@@ -10,6 +10,7 @@ placed by the samples the student saw (transfer images x cached views x epochs).
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from kt.recipe.plan import Plan
@@ -129,15 +130,15 @@ def figure(plan: Plan, res: dict, path: Path) -> None:
                 bars.append(r)
         per_budget.append(bars)
     panels = len(budgets) + bool(curve)
-    height = 0.4 * max([len(b) for b in per_budget] + [4]) + 1.8
+    height = 0.5 * max([len(b) for b in per_budget] + [4]) + 1.8
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, height), squeeze=False)
     for ax, b, bars in zip(axes[0], budgets, per_budget):
         if not bars:
             ax.axis("off")
             continue
         prefix = len(tables) > 1
-        labels = [(r["table"].replace("student ", "") + ": " if prefix and r["group"] not in ("teacher",) else "")
-                  + r["row"] for r in bars]
+        labels = [textwrap.fill((r["table"].replace("student ", "") + ": " if prefix and r["group"] not in ("teacher",)
+                                 else "") + r["row"], 44) for r in bars]  # long rows wrap, never run off the edge
         ax.barh(labels, [100 * r["mean"] for r in bars], xerr=[100 * r["std"] for r in bars],
                 color=[GROUP_COLORS[r["group"]] for r in bars], capsize=3)
         ax.invert_yaxis()
@@ -167,5 +168,5 @@ def figure(plan: Plan, res: dict, path: Path) -> None:
         ax.set_title("transfer-growth curve")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the canvas grows to hold every label (docs/paper.png cut them)
     plt.close(fig)

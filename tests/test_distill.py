@@ -180,12 +180,25 @@ def test_finetune_init_keeps_the_distilled_task_head(fmnist, cache, tmp_path, ca
     assert init_from_run(str(tmp_path / "patch"), 10, 32, "auto")[1] is False
     with pytest.raises(UserError, match="head has 0 outputs"):
         init_from_run(str(tmp_path / "patch"), 10, 32, "keep")
-    # the command keeps it by default and says so
+    # the command keeps it by default, says so, and (--train auto) trains only that head: the distilled
+    # backbone comes out exactly as it went in
     capsys.readouterr()
-    assert main(["finetune", "--init", str(tmp_path / "task"), "--data", str(fmnist["root"] / "train"),
-                 "--labels-per-class", "2", "--epochs", "1", "--image-size", "32", "--batch-size", "10",
-                 "--workers", "0", "--out", str(tmp_path / "f")]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["init_head"] == "kept"
+    finetune = ["finetune", "--data", str(fmnist["root"] / "train"), "--labels-per-class", "2", "--epochs", "1",
+                "--image-size", "32", "--batch-size", "10", "--workers", "0", "--lr", "0.01"]
+    assert main([*finetune, "--init", str(tmp_path / "task"), "--out", str(tmp_path / "f")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["init_head"] == "kept" and summary["train"] == "head"
+    tuned = load_checkpoint(tmp_path / "f" / "checkpoint")
+    torch.testing.assert_close(tuned.backbone.state_dict(), distilled.backbone.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(tuned.head.weight, distilled.head.weight)
+    # a new head (or --train all) trains every weight
+    for run, extra in (("patch", []), ("task", ["--train", "all"]), ("task", ["--init-head", "new"])):
+        out = tmp_path / f"f-{run}-{len(extra) and extra[0]}"
+        assert main([*finetune, "--init", str(tmp_path / run), *extra, "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train"] == "all"
+        start = load_checkpoint(tmp_path / run / "checkpoint").backbone.state_dict()
+        moved = load_checkpoint(out / "checkpoint").backbone.state_dict()
+        assert any(not torch.equal(start[k], moved[k]) for k in start)
 
 
 def refuse(capsys, argv, pattern):
@@ -420,10 +433,10 @@ def test_finetune_from_a_distilled_student_reports_it_beside_the_finetuned_one(f
     assert train(fmnist, cache, tmp_path / "d", "--objective", "task", "--epochs", "1", "--lr", "0.003") == 0
     before = evaluate(load_checkpoint(tmp_path / "d" / "checkpoint"), fmnist["test"], workers=0)["top1"]
     capsys.readouterr()
-    # lr 0.5 wrecks the student: the finetuned one ends below the distilled one
+    # lr 0.5 on every weight wrecks the student: the finetuned one ends below the distilled one
     assert main(["finetune", "--init", str(tmp_path / "d"), "--data", str(fmnist["root"] / "train"),
                  "--val-data", str(fmnist["root"] / "test"), "--labels-per-class", "2", "--epochs", "2",
-                 "--lr", "0.5", "--image-size", "32", "--batch-size", "10", "--workers", "0",
+                 "--lr", "0.5", "--train", "all", "--image-size", "32", "--batch-size", "10", "--workers", "0",
                  "--out", str(tmp_path / "f")]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])

@@ -103,7 +103,7 @@ def mixed_cache(fmnist, teacher, tmp_path_factory):
 
 
 def test_cached_targets_are_the_teachers_outputs_on_the_mixed_view_the_student_replays(fmnist, mixed_cache, teacher):
-    from kt.student.distill import CacheSource
+    from kt.student.dataset import CacheSource
     from kt.student.stream import ReplayStream, StreamSpec
 
     reader = CacheReader(str(mixed_cache))

@@ -176,7 +176,8 @@ def costs(args) -> None:
     from kt.checkpoints import load_model
     from kt.device import set_channels_last
     from kt.shards import expand_shards
-    from kt.student.distill import CacheSource, Distiller
+    from kt.student.dataset import CacheSource
+    from kt.student.distill import Distiller
     from kt.student.losses import create_objective
     from kt.student.stream import ReplayStream, StreamSpec
     from kt.teacher_cache.reader import CacheReader
