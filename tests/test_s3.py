@@ -35,7 +35,7 @@ from tests.test_cache_cli import RESUME_BUILD as BUILD, assert_same_store, singl
 from tests.test_cache_cli import one_process_build, small_shards  # noqa: E402,F401
 from tests.test_reader import build_args, tiny_teacher  # noqa: E402,F401
 from tools.kill_soak import wait_for  # noqa: E402
-from tools.s3_server import S3Server  # noqa: E402
+from tools.s3_server import S3Server, forget_s3_filesystems  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["train", "--model", "test_vit", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
@@ -51,6 +51,7 @@ def s3_server(tmp_path_factory):
 def _bucket(server, monkeypatch) -> SimpleNamespace:
     for key, value in server.env().items():  # in-process CLI calls read them as any boto client does
         monkeypatch.setenv(key, value)
+    forget_s3_filesystems()  # none made for another server (the kill soak's) answers for this one
     name = f"kt-{uuid.uuid4().hex[:12]}"
     server.make_bucket(name)
     env = {**os.environ, **server.env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

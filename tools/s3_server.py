@@ -145,6 +145,7 @@ class S3Server:
         """This process's environment set to reach the server (`env()`) for the block, restored after it."""
         before = {k: os.environ.get(k) for k in self.env()}
         os.environ.update(self.env())
+        forget_s3_filesystems()
         try:
             yield
         finally:
@@ -153,6 +154,7 @@ class S3Server:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            forget_s3_filesystems()
 
     def client(self, **credentials):
         """A boto3 S3 client of this server (test setup: buckets, policies); `credentials` replace the defaults."""
@@ -184,6 +186,18 @@ class S3Server:
         import urllib.request
 
         urllib.request.urlopen(urllib.request.Request(f"{self.url}/_kt/enforce-auth", method="POST"), timeout=10)
+
+
+def forget_s3_filesystems() -> None:
+    """Drop the s3fs instances fsspec caches in this process. fsspec keys its instance cache on the constructor's
+    arguments, not on the endpoint and credentials read from the environment: a filesystem made for one server
+    would otherwise answer for the next one started in the same process (a test session's), at a dead port."""
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+    except ImportError:  # no s3fs: nothing cached
+        pass
 
 
 def main(argv=None) -> int:
