@@ -56,8 +56,9 @@ class FinetuneConfig(OptimConfig):
                            choices=INIT_HEADS)
     train: str = field("auto", "all: every weight trains; head: only the classification layer (the rest frozen, "
                                "BatchNorm statistics included), the paper's linear-probe results; auto: head when "
-                               "--init keeps a distilled classification head, all otherwise (docs/results.md: "
-                               "full finetuning on few labels lost 0.3-3.9 points of a distilled student)",
+                               "--init keeps a distilled classification head and the labels are no more than its "
+                               "teacher was finetuned on, all otherwise (docs/results.md: on the teacher's labels "
+                               "full finetuning lost 0.2-3.9 points of a distilled student; on 5x more it gained 3.2)",
                        choices=TRAIN_MODES)
     data: str = field("", "labeled training shards (shard spec)")
     val_data: str = field("", "shards evaluated after training ('' skips evaluation)")
@@ -104,18 +105,49 @@ class HeadOnly(nn.Module):
         return self.model(x)
 
 
-def resolve_train(train: str, kept_head: bool, seg: bool) -> str:
+def resolve_train(train: str, kept_head: bool, seg: bool, labeled: int, teacher_labeled: int | None) -> str:
     """`--train auto`: only the head when the student comes from `--init` with its distilled classification head
-    kept, every weight otherwise (a new head, a pretrained or random model, segmentation).
+    kept and the finetune has no more labeled images than its teacher was finetuned on (the method's own workflow:
+    the same labels), every weight otherwise (more labels than the teacher saw, a new head, a pretrained or random
+    model, segmentation). A teacher whose labeled count is unknown (`teacher_labeled` None) counts as having seen
+    the labels.
 
-    Measured (docs/results.md, "A finetune that keeps it"): from a task-distilled Lite0 on 10 labels per class,
-    finetuning every weight at the old default recipe lost up to 3.9 points of what distillation gave, gentler
-    learning rates 0.2-0.9, the head alone nothing (within a seed's spread). The distilled features already
-    encode the teacher, which the few labels trained; the paper's Table 1 takes the head-only result where full
-    finetuning hurt. Segmentation keeps `all`: no measurement of kt's says otherwise for a DeepLabV3 head."""
+    Measured (docs/results.md, "A finetune that keeps it"): on the teacher's own 10 labels per class, finetuning
+    every weight lost up to 3.9 points of what distillation gave, gentler lrs 0.2-0.9, the head alone nothing
+    (within a seed's spread): the distilled features already encode the teacher those labels trained. With 50
+    labels per class under a teacher finetuned on 10, every weight trained gave +3.2 over the head alone: labels
+    the teacher never saw carry what the distilled student lacks. Segmentation keeps `all`: no measurement of
+    kt's says otherwise for a DeepLabV3 head."""
     if train != "auto":
         return train
-    return "head" if kept_head and not seg else "all"
+    if not kept_head or seg:
+        return "all"
+    return "all" if teacher_labeled is not None and labeled > teacher_labeled else "head"
+
+
+def teacher_labeled_images(model) -> int | None:
+    """How many labeled images the teacher of a distilled student was finetuned on, read along the chain the
+    files record: the student's card names its cache, the cache its teacher, the teacher's card its finetune.
+    None where a link is missing (a moved or remote cache unreachable, a teacher given by model name)."""
+    from kt.checkpoints import checkpoint_folder
+    from kt.teacher_cache.reader import CacheReader
+
+    cache = (((model.card or {}).get("extra") or {}).get("run") or {}).get("cache")
+    try:
+        teacher = CacheReader(str(cache)).attrs["build_config"]["teacher"] if cache else None
+        folder = checkpoint_folder(teacher) if teacher else None
+        card = json.loads((folder / "card.json").read_text()) if folder else None
+    except (UserError, OSError, KeyError, TypeError, ValueError):
+        return None
+    extra = (card or {}).get("extra") or {}
+    if "labeled_images" in extra:  # written by finetune since issue 22
+        return int(extra["labeled_images"])
+    run = extra.get("run") or {}
+    if run.get("labeled_images"):
+        return int(run["labeled_images"])
+    if run.get("labels_per_class") and card.get("num_classes"):
+        return int(run["labels_per_class"]) * int(card["num_classes"])  # at most: a class may hold fewer
+    return None
 
 
 def classification_loss(label_smoothing: float):
@@ -212,7 +244,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if cfg.init and val_urls and kept_head and accelerator.is_main_process:
         before = _metric(model.to(accelerator.device), val_urls, seg, cfg, classes)
         model.train()
-    train = resolve_train(cfg.train, kept_head, seg)
+    teacher_labeled = teacher_labeled_images(model) if cfg.train == "auto" and kept_head and not seg else None
+    train = resolve_train(cfg.train, kept_head, seg, len(samples), teacher_labeled)
     trained = HeadOnly(model) if train == "head" else model
     loader = labeled_loader(dataset, 0, batch_size, cfg.workers, pin_memory=pin)  # one for all epochs: set_epoch
     result = fit(cfg, trained, lambda epoch: loader, None, loss_fn, out, accelerator=accelerator,
@@ -221,11 +254,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                "steps": result.global_step, "bad_samples": len(bad.bad), "train": train}
     if cfg.init:
         summary["init_head"] = "kept" if kept_head else "new"
+    if teacher_labeled is not None:
+        summary["teacher_labeled_images"] = teacher_labeled
     if not result.completed or not result.is_main_process:
         return summary
     model = model.float().eval()
     save_checkpoint(model, out / CHECKPOINT_DIR, classes=classes,
-                    extra={"run": config_dict(cfg), "train_keys_sha": _keys_digest(samples)})
+                    extra={"run": config_dict(cfg), "train_keys_sha": _keys_digest(samples),
+                           "labeled_images": len(samples)})
     if val_urls:
         metrics = _evaluate(model, val_urls, seg, cfg, classes)
         name = "miou" if seg else "top1"

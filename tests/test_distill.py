@@ -187,10 +187,14 @@ def test_finetune_init_keeps_the_distilled_task_head(fmnist, cache, tmp_path, ca
                 "--image-size", "32", "--batch-size", "10", "--workers", "0", "--lr", "0.01"]
     assert main([*finetune, "--init", str(tmp_path / "task"), "--out", str(tmp_path / "f")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["init_head"] == "kept" and summary["train"] == "head"
+    assert summary["init_head"] == "kept" and summary["train"] == "head" and summary["teacher_labeled_images"] == 30
     tuned = load_checkpoint(tmp_path / "f" / "checkpoint")
     torch.testing.assert_close(tuned.backbone.state_dict(), distilled.backbone.state_dict(), rtol=0, atol=0)
     assert not torch.equal(tuned.head.weight, distilled.head.weight)
+    # more labels than the teacher was finetuned on (its 30, read through the run's cache): every weight trains
+    assert main([*finetune, "--init", str(tmp_path / "task"), "--labels-per-class", "5", "--out", str(tmp_path / "m")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["train"] == "all" and summary["teacher_labeled_images"] == 30
     # a new head (or --train all) trains every weight
     for run, extra in (("patch", []), ("task", ["--train", "all"]), ("task", ["--init-head", "new"])):
         out = tmp_path / f"f-{run}-{len(extra) and extra[0]}"

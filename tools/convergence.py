@@ -62,6 +62,17 @@ def predictions(checkpoint: str, test: str, workers: int = 1) -> tuple[np.ndarra
     return predict(model, expand_shards(test), workers=workers)[:2]
 
 
+def teacher_predictions(out: Path, teacher: str, test: str):
+    """The teacher's (pred, label) on the test set, computed once per teacher and test set (one file shared by
+    every teacher scored later teachers' students against the first)."""
+    digest = hashlib.sha256(f"{Path(teacher).resolve()}|{test}".encode()).hexdigest()[:10]
+    path = out / f"teacher_test_{digest}.npz"
+    if not path.exists():
+        pred, label = predictions(teacher, test)
+        np.savez(path, pred=pred, label=label)
+    return np.load(path)
+
+
 def build(args, cache_flags: str) -> tuple[Path, dict]:
     digest = hashlib.sha256(f"{args.teacher}|{args.transfer}|{cache_flags}".encode()).hexdigest()[:10]
     store = Path(args.out) / "cache" / f"{digest}.zarr"
@@ -87,11 +98,7 @@ def run(args) -> None:
     if args.name in done:
         print(f"{args.name}: done")
         return
-    teacher_pred = out / "teacher_test.npz"
-    if not teacher_pred.exists():
-        pred, label = predictions(args.teacher, args.test)
-        np.savez(teacher_pred, pred=pred, label=label)
-    teacher = np.load(teacher_pred)
+    teacher = teacher_predictions(out, args.teacher, args.test)
     store, cache = build(args, args.cache)
     run_dir = out / "runs" / args.name
     cpu, wall = run_command("kt.student.cli", ["train", "--cache", str(store), "--data", args.transfer,
@@ -102,7 +109,7 @@ def run(args) -> None:
     pred, label = predictions(str(run_dir), args.test)
     assert (label == teacher["label"]).all()
     record = {
-        "name": args.name, "cache": args.cache, "train": args.train,
+        "name": args.name, "teacher": str(args.teacher), "cache": args.cache, "train": args.train,
         "samples": int(steps[-1]["step"]) * int(config.get("batch_size", 64)) if steps else None,
         "steps": int(steps[-1]["step"]) if steps else None,
         "train_agree_last": steps[-1]["agree"] if steps else None,
@@ -115,6 +122,23 @@ def run(args) -> None:
     with results.open("a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
+
+
+def rescore(args) -> None:
+    """Recompute a recorded run's teacher top-1 and test agreement against the teacher given (records written
+    while `run` shared one teacher file between teachers)."""
+    out = Path(args.out)
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    teacher = teacher_predictions(out, args.teacher, args.test)
+    for r in rows:
+        if r["name"] == args.name:
+            pred, label = predictions(str(out / "runs" / args.name), args.test)
+            assert (label == teacher["label"]).all()
+            r.update(teacher=str(args.teacher), teacher_top1=float((teacher["pred"] == teacher["label"]).mean()),
+                     test_agree=float((pred == teacher["pred"]).mean()), test_top1=float((pred == label).mean()))
+            print(json.dumps(r))
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def labeled_union(out: Path, data: str, budget: int, seeds: list[int]) -> str:
@@ -246,7 +270,8 @@ def report(args) -> None:
         for (init, recipe, budget, base), tops in groups.items():
             t = np.array(tops) * 100
             std = t.std(ddof=1) if len(t) > 1 else 0.0
-            print(f"| {init} | {100 * base:.2f} | {recipe} | {budget} | {t.mean():.2f} ± {std:.2f} | {len(t)} |")
+            shown = "-" if base is None else f"{100 * base:.2f}"  # a run not measured by `run` (no test top-1)
+            print(f"| {init} | {shown} | {recipe} | {budget} | {t.mean():.2f} ± {std:.2f} | {len(t)} |")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,6 +291,45 @@ def report(args) -> None:
     axes[1].set(xlabel="samples seen", ylabel="agreement with the teacher on test images")
     fig.tight_layout()
     fig.savefig(out / "convergence.png", dpi=110)
+
+
+def strength(args) -> None:
+    """The teacher-strength figure: each named distillation's student (as distilled, and finetuned with `--recipe`
+    on `--budget` labels/class, mean ± std over seeds) against its teacher's test top-1, the student = teacher
+    diagonal, and the rows that do not depend on the teacher as horizontal lines (`--line LABEL=MEAN`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    runs = {r["name"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    fts = [json.loads(line) for line in (out / "finetunes.jsonl").read_text().splitlines()]
+    points = []
+    for name in args.runs:
+        r = runs[name]
+        tops = [f["top1"] for f in fts if Path(f["init"]).name == name and f["recipe"] == args.recipe
+                and f["budget"] == args.budget]
+        points.append((100 * r["teacher_top1"], 100 * r["test_top1"], 100 * np.mean(tops) if tops else np.nan,
+                       100 * np.std(tops, ddof=1) if len(tops) > 1 else 0.0))
+        print(json.dumps({"run": name, "teacher": points[-1][0], "as_distilled": points[-1][1],
+                          "finetuned": points[-1][2], "std": points[-1][3], "seeds": len(tops)}))
+    points.sort()
+    t, d, f, e = (np.array(x) for x in zip(*points))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    lo, hi = min(t.min(), d.min()) - 8, max(t.max(), d.max()) + 3
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls=":", label="student = teacher")
+    ax.plot(t, d, "o-", color="tab:green", label="task-oriented student, as distilled")
+    ax.errorbar(t, f, yerr=e, fmt="s-", color="tab:blue", capsize=3,
+                label=f"the same, finetuned ({args.recipe}, {args.budget} labels/class)")
+    colors = ["tab:red", "tab:orange", "tab:purple", "tab:brown"]
+    for (label, value), color in zip((x.split("=", 1) for x in args.line), colors):
+        ax.axhline(float(value), color=color, ls="--", lw=1, label=label)
+    ax.set(xlabel="teacher test top-1 (%)", ylabel="student test top-1 (%)", xlim=(lo, hi),
+           title="Student against teacher strength (Fashion-MNIST, Lite0 at 32 px)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(args.png, dpi=110, bbox_inches="tight")
 
 
 def main(argv=None) -> int:
@@ -297,8 +361,21 @@ def main(argv=None) -> int:
     c.add_argument("--steps", type=int, default=20)
     q = sub.add_parser("report")
     q.add_argument("--out", required=True)
+    x = sub.add_parser("rescore")
+    x.add_argument("--out", required=True)
+    x.add_argument("--name", required=True)
+    x.add_argument("--teacher", required=True)
+    x.add_argument("--test", default="data/fashion-mnist/test")
+    t = sub.add_parser("strength")
+    t.add_argument("--out", required=True)
+    t.add_argument("--runs", nargs="+", required=True, help="distillations, one per teacher")
+    t.add_argument("--recipe", default="head_lr2e-3", help="the finetune recipe plotted")
+    t.add_argument("--budget", type=int, default=10)
+    t.add_argument("--line", action="append", default=[], help="LABEL=MEAN, a row that does not depend on the teacher")
+    t.add_argument("--png", required=True)
     args = p.parse_args(argv)
-    {"run": run, "finetune": finetune, "costs": costs, "report": report}[args.cmd](args)
+    {"run": run, "finetune": finetune, "costs": costs, "report": report, "strength": strength,
+     "rescore": rescore}[args.cmd](args)
     return 0
 
 
