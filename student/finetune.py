@@ -266,9 +266,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         metrics = _evaluate(model, val_urls, seg, cfg, classes)
         name = "miou" if seg else "top1"
         summary[name] = metrics[name]
-        if before is not None or (out / INIT_METRICS).exists():
-            if before is None:  # measured before an interruption
-                before = json.loads((out / INIT_METRICS).read_text())
+        if before is not None:  # a resumed run read it from OUT/eval_init.json (`_metric`)
             metrics[f"init_{name}"] = summary[f"init_{name}"] = before[name]
             if metrics[name] < before[name]:
                 print(f"finetune: {name} {metrics[name]:.4f} on {cfg.val_data} is below the distilled student's "

@@ -448,6 +448,17 @@ def test_finetune_from_a_distilled_student_reports_it_beside_the_finetuned_one(f
     assert summary["init_top1"] == metrics["init_top1"] == before
     assert summary["top1"] == metrics["top1"]
     assert ("below the distilled student" in captured.err) == (summary["top1"] < before)
+    # killed after a step and rerun: the as-distilled figure is the one measured before that step (eval_init.json)
+    again = ["finetune", "--init", str(tmp_path / "d"), "--data", str(fmnist["root"] / "train"),
+             "--val-data", str(fmnist["root"] / "test"), "--labels-per-class", "2", "--epochs", "2",
+             "--lr", "0.5", "--train", "all", "--image-size", "32", "--batch-size", "10", "--workers", "0",
+             "--save-every", "1", "--out", str(tmp_path / "r")]
+    assert main([*again, "--stop-after-steps", "1"]) == 0
+    assert json.loads((tmp_path / "r" / "eval_init.json").read_text()) == {"top1": before}
+    capsys.readouterr()
+    assert main(again) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["init_top1"] == json.loads((tmp_path / "r" / "eval.json").read_text())["init_top1"] == before
     # the head alone at lr 0 trains nothing (BatchNorm statistics stay as loaded): the distilled student, exactly
     assert main(["finetune", "--init", str(tmp_path / "d"), "--data", str(fmnist["root"] / "train"),
                  "--val-data", str(fmnist["root"] / "test"), "--labels-per-class", "2", "--epochs", "1",

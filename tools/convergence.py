@@ -73,6 +73,14 @@ def teacher_predictions(out: Path, teacher: str, test: str):
     return np.load(path)
 
 
+def scores(run_dir: Path, test: str, teacher) -> dict:
+    """A distilled student's test top-1 and agreement with its teacher, and the teacher's top-1."""
+    pred, label = predictions(str(run_dir), test)
+    assert (label == teacher["label"]).all()
+    return {"test_top1": float((pred == label).mean()), "test_agree": float((pred == teacher["pred"]).mean()),
+            "teacher_top1": float((teacher["pred"] == teacher["label"]).mean())}
+
+
 def build(args, cache_flags: str) -> tuple[Path, dict]:
     digest = hashlib.sha256(f"{args.teacher}|{args.transfer}|{cache_flags}".encode()).hexdigest()[:10]
     store = Path(args.out) / "cache" / f"{digest}.zarr"
@@ -106,15 +114,12 @@ def run(args) -> None:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "agree" in m]
     config = json.loads((run_dir / "run.json").read_text()).get("config", {}) if (run_dir / "run.json").exists() else {}
-    pred, label = predictions(str(run_dir), args.test)
-    assert (label == teacher["label"]).all()
     record = {
         "name": args.name, "teacher": str(args.teacher), "cache": args.cache, "train": args.train,
         "samples": int(steps[-1]["step"]) * int(config.get("batch_size", 64)) if steps else None,
         "steps": int(steps[-1]["step"]) if steps else None,
         "train_agree_last": steps[-1]["agree"] if steps else None,
-        "test_top1": float((pred == label).mean()), "test_agree": float((pred == teacher["pred"]).mean()),
-        "teacher_top1": float((teacher["pred"] == teacher["label"]).mean()),
+        **scores(run_dir, args.test, teacher),
         "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1),
         "build_cpu_s": cache["cpu_s"], "cached_views": cache["views"],
         "load_after": round(__import__("os").getloadavg()[0], 2),
@@ -133,10 +138,7 @@ def rescore(args) -> None:
     teacher = teacher_predictions(out, args.teacher, args.test)
     for r in rows:
         if r["name"] == args.name:
-            pred, label = predictions(str(out / "runs" / args.name), args.test)
-            assert (label == teacher["label"]).all()
-            r.update(teacher=str(args.teacher), teacher_top1=float((teacher["pred"] == teacher["label"]).mean()),
-                     test_agree=float((pred == teacher["pred"]).mean()), test_top1=float((pred == label).mean()))
+            r.update(teacher=str(args.teacher), **scores(out / "runs" / args.name, args.test, teacher))
             print(json.dumps(r))
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
