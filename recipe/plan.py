@@ -2,8 +2,8 @@
 writes under the recipe's `out`, and the stages whose outputs it reads; and the report's rows, each the runs
 whose `eval.json` it averages.
 
-The grid, per budget: the teacher finetuned on the labels (per teacher seed) and its variants at the first
-budget; per student, labels only, and per objective and transfer set a distillation (`task`: from the budget's
+The grid, per budget: the teacher finetuned on the labels (per teacher seed; or one teacher on `teacher.pool`
+for every budget) and its variants at the first budget; per student, labels only, and per objective and transfer set a distillation (`task`: from the budget's
 teacher through a task cache; the others: from the pretrained teacher through one feature cache per transfer
 set, shared by every budget and student) then one finetune per seed from it; the IM-Pretrain baselines; the
 curve points and as-distilled evaluations a student asks for. Curated transfer sets add the embeddings of the
@@ -285,8 +285,10 @@ class Planner:
         return name
 
     def finetune(self, name: str, model: tuple[str, str], budget: int, seed: tuple[int, str], image_size: tuple[int, str],
-                 blocks: list[tuple[dict, str]], pretrained: tuple[str, str] = ("", ""), init: str = "") -> str:
-        """One finetune on `budget`'s labeled subset of `seed`; each (value, recipe field) pair keeps its origin."""
+                 blocks: list[tuple[dict, str]], pretrained: tuple[str, str] = ("", ""), init: str = "",
+                 pool: bool = False) -> str:
+        """One finetune on `budget`'s labeled subset of `seed` (`pool`: on the teacher's pool instead); each
+        (value, recipe field) pair keeps its origin."""
         r = self.r
         values, origin = {"model": model[0]}, {"model": model[1]}
         if pretrained[0]:
@@ -296,12 +298,14 @@ class Planner:
         if self.seg:
             values["task"], origin["task"] = "segmentation", "task"
         budget_flag = "labeled_images" if self.seg else "labels_per_class"
-        values.update({"data": r.data.labeled, "val_data": r.data.test, budget_flag: budget, "subset_seed": seed[0],
+        data, size = (r.teacher.pool, r.teacher.pool_size or None) if pool else (r.data.labeled, budget)
+        values.update({"data": data, "val_data": r.data.test, budget_flag: size, "subset_seed": seed[0],
                        "seed": seed[0], "image_size": image_size[0]})
-        origin.update({"data": "data.labeled", "val_data": "data.test", budget_flag: "budgets",
+        origin.update({"data": "teacher.pool" if pool else "data.labeled", "val_data": "data.test",
+                       budget_flag: "teacher.pool_size" if pool else "budgets",
                        "subset_seed": seed[1], "seed": seed[1], "image_size": image_size[1]})
         more, more_origin = self.settings("finetune", blocks, budget)
-        needs = self.data_needs(r.data.labeled) + self.data_needs(r.data.test) + ([init] if init else [])
+        needs = self.data_needs(data) + self.data_needs(r.data.test) + ([init] if init else [])
         return self.add("finetune", name, {**values, **more}, {**origin, **more_origin}, needs)
 
     # -- data ------------------------------------------------------------------------------------
@@ -324,6 +328,8 @@ class Planner:
         r = self.r
         specs = [("data.labeled", r.data.labeled), ("data.test", r.data.test)]
         specs += [(f"data.transfer.{n}", t.shards) for n, t in self.transfer.items() if t.shards]
+        if r.teacher and r.teacher.pool:
+            specs.append(("teacher.pool", r.teacher.pool))
         if r.retrieval:
             specs += [("retrieval.gallery", r.retrieval.gallery), ("retrieval.queries", r.retrieval.queries)]
         found = {}
@@ -428,13 +434,13 @@ class Planner:
             teachers = [self.teacher(budget, s) for s in r.teacher.seeds] if r.teacher and needs_teacher else []
             if k == 0 and r.teacher:
                 for j, v in enumerate(r.teacher.variants):
-                    run = self.finetune(f"teacher/{slug(v.label)}-n{budget}-s{r.teacher.seeds[0]}",
+                    run = self.finetune(f"teacher/{slug(v.label)}-{self.teacher_data(budget)}-s{r.teacher.seeds[0]}",
                                         (r.teacher.model, "teacher.model"), budget, (r.teacher.seeds[0], "teacher.seeds"),
                                         (v.image_size or r.teacher.image_size,
                                          f"teacher.variants[{j}].image_size" if v.image_size else "teacher.image_size"),
                                         [(r.teacher.finetune, "teacher.finetune"),
                                          (v.finetune, f"teacher.variants[{j}].finetune")],
-                                        (r.teacher.pretrained, "teacher.pretrained"))
+                                        (r.teacher.pretrained, "teacher.pretrained"), pool=bool(r.teacher.pool))
                     self.rows.append(Row("teacher variants", v.label, "teacher", budget, [run]))
             tables = [f"student {st.model}" for st in r.students] or ["baselines"]
             for i, st in enumerate(r.students):
@@ -445,15 +451,23 @@ class Planner:
                 self.teacher_row(tables[0], budget, teachers)
         return Plan(r, self.path, self.stages, self.rows)
 
+    def teacher_data(self, budget: int) -> str:
+        """The part of a teacher's stage name that says what it finetuned on."""
+        t = self.r.teacher
+        return (f"pool{t.pool_size or ''}" if t.pool else f"n{budget}")
+
     def teacher(self, budget: int, seed: int) -> str:
         t = self.r.teacher
-        return self.finetune(f"teacher/n{budget}-s{seed}", (t.model, "teacher.model"), budget, (seed, "teacher.seeds"),
-                             (t.image_size, "teacher.image_size"), [(t.finetune, "teacher.finetune")],
-                             (t.pretrained, "teacher.pretrained"))
+        return self.finetune(f"teacher/{self.teacher_data(budget)}-s{seed}", (t.model, "teacher.model"), budget,
+                             (seed, "teacher.seeds"), (t.image_size, "teacher.image_size"),
+                             [(t.finetune, "teacher.finetune")], (t.pretrained, "teacher.pretrained"),
+                             pool=bool(t.pool))
 
     def teacher_row(self, table: str, budget: int, teachers: list[str]) -> None:
         if teachers and self.r.report.teacher_row:
-            self.rows.append(Row(table, f"teacher ({self.r.teacher.model}, finetuned)", "teacher", budget, teachers))
+            on = " on its pool" if self.r.teacher.pool else ""
+            self.rows.append(Row(table, f"teacher ({self.r.teacher.model}, finetuned{on})", "teacher", budget,
+                                 teachers))
 
     def im_rows(self, budget: int, table: str, tables: list[str]) -> None:
         r = self.r
@@ -533,7 +547,7 @@ class Planner:
         data, made = self.shards(transfer)
         if objective == "task":
             store = self.task_cache(budget, cache, teachers[0])
-            name = f"distill/{slug(st.model)}-task-n{budget}-{slug(transfer)}"
+            name = f"distill/{slug(st.model)}-task-{self.teacher_data(budget)}-{slug(transfer)}"
         else:
             store = self.feature_cache(cache)
             name = f"distill/{slug(st.model)}-{objective}-{slug(transfer)}"
@@ -562,8 +576,8 @@ class Planner:
         origin = {"teacher": f"the stage {teacher}", "data": f"data.transfer.{transfer}", "targets": "task",
                   "image_size": "teacher.image_size"}
         more, more_origin = self.settings("cache", [(self.r.cache, "cache")])
-        return self.add("cache", f"cache/task-n{budget}-{slug(transfer)}", {**values, **more}, {**origin, **more_origin},
-                        [teacher, *made])
+        return self.add("cache", f"cache/task-{self.teacher_data(budget)}-{slug(transfer)}", {**values, **more},
+                        {**origin, **more_origin}, [teacher, *made])
 
     def feature_cache(self, transfer: str) -> str:
         """The pretrained teacher's features over `transfer`: what every task-agnostic objective over it reads."""

@@ -67,6 +67,11 @@ class Teacher:
     pretrained: str = field("", "its weights: none | package | hub | PATH ('' : the command's default)")
     image_size: int = field(0, "its input size, finetuned and cached at", required=True, min=8)
     seeds: list[int] = field([0], "one teacher per budget and seed; the caches use the first seed's", min=0)
+    pool: str = field("", "labeled shards the teacher finetunes on instead of each budget's subset of data.labeled: "
+                          "one teacher for every budget, stronger than the students' labels make it (labels standing "
+                          "in for what a foundation model knows); keep it disjoint from the transfer sets")
+    pool_size: int = field(0, "of the pool, the images per class (classification) or images (segmentation) the "
+                              "teacher takes, a seeded subset as a budget's (0: all)", min=0)
     finetune: dict = field({}, "kt-student finetune fields of the teacher's finetune (+ by_budget)")
     variants: list[TeacherVariant] = field([], "other finetuning recipes, compared at the first budget")
 

@@ -54,11 +54,12 @@ class FinetuneConfig(OptimConfig):
     init_head: str = field("auto", "with --init: keep the distilled task head, or start a new one; auto keeps it "
                                    "for runs distilled with the task objective when its classes match",
                            choices=INIT_HEADS)
-    train: str = field("auto", "all: every weight trains; head: only the classification layer (the rest frozen, "
-                               "BatchNorm statistics included), the paper's linear-probe results; auto: head when "
-                               "--init keeps a distilled classification head and the labels are no more than its "
-                               "teacher was finetuned on, all otherwise (docs/results.md: on the teacher's labels "
-                               "full finetuning lost 0.2-3.9 points of a distilled student; on 5x more it gained 3.2)",
+    train: str = field("auto", "all: every weight trains; head: only the task head (the classification layer or "
+                               "the DeepLabV3 head; the rest frozen, BatchNorm statistics included), the paper's "
+                               "linear-probe results; auto: head when --init keeps a distilled task head and the "
+                               "labels are no more than its teacher was finetuned on, all otherwise "
+                               "(docs/results.md: on the teacher's labels full finetuning lost 0.2-3.9 points of a "
+                               "distilled student, 1.2 mIoU in segmentation; on 5x more it gained 3.2)",
                        choices=TRAIN_MODES)
     data: str = field("", "labeled training shards (shard spec)")
     val_data: str = field("", "shards evaluated after training ('' skips evaluation)")
@@ -105,22 +106,22 @@ class HeadOnly(nn.Module):
         return self.model(x)
 
 
-def resolve_train(train: str, kept_head: bool, seg: bool, labeled: int, teacher_labeled: int | None) -> str:
-    """`--train auto`: only the head when the student comes from `--init` with its distilled classification head
-    kept and the finetune has no more labeled images than its teacher was finetuned on (the method's own workflow:
-    the same labels), every weight otherwise (more labels than the teacher saw, a new head, a pretrained or random
-    model, segmentation). A teacher whose labeled count is unknown (`teacher_labeled` None) counts as having seen
-    the labels.
+def resolve_train(train: str, kept_head: bool, labeled: int, teacher_labeled: int | None) -> str:
+    """`--train auto`: only the head when the student comes from `--init` with its distilled task head kept (a
+    classification layer or a DeepLabV3 head) and the finetune has no more labeled images than its teacher was
+    finetuned on (the method's own workflow: the same labels, or fewer), every weight otherwise (more labels than
+    the teacher saw, a new head, a pretrained or random model). A teacher whose labeled count is unknown
+    (`teacher_labeled` None) counts as having seen the labels.
 
-    Measured (docs/results.md, "A finetune that keeps it"): on the teacher's own 10 labels per class, finetuning
-    every weight lost up to 3.9 points of what distillation gave, gentler lrs 0.2-0.9, the head alone nothing
-    (within a seed's spread): the distilled features already encode the teacher those labels trained. With 50
-    labels per class under a teacher finetuned on 10, every weight trained gave +3.2 over the head alone: labels
-    the teacher never saw carry what the distilled student lacks. Segmentation keeps `all`: no measurement of
-    kt's says otherwise for a DeepLabV3 head."""
+    Measured (docs/results.md, "A finetune that keeps it" and "Segmentation with a strong teacher"): on the
+    teacher's own 10 labels per class, finetuning every weight lost up to 3.9 points of what distillation gave,
+    gentler lrs 0.2-0.9, the head alone nothing (within a seed's spread): the distilled features already encode the
+    teacher those labels trained. On 50 of the 4,000 masks a segmentation teacher saw, every weight lost 1.2 mIoU
+    of the distilled student, the head alone none. With 50 labels per class under a teacher finetuned on 10, every
+    weight trained gave +3.2 over the head alone: labels the teacher never saw carry what the student lacks."""
     if train != "auto":
         return train
-    if not kept_head or seg:
+    if not kept_head:
         return "all"
     return "all" if teacher_labeled is not None and labeled > teacher_labeled else "head"
 
@@ -145,7 +146,7 @@ def teacher_labeled_images(model) -> int | None:
     run = extra.get("run") or {}
     if run.get("labeled_images"):
         return int(run["labeled_images"])
-    if run.get("labels_per_class") and card.get("num_classes"):
+    if run.get("labels_per_class") and card.get("num_classes") and run.get("task") != "segmentation":
         return int(run["labels_per_class"]) * int(card["num_classes"])  # at most: a class may hold fewer
     return None
 
@@ -244,8 +245,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if cfg.init and val_urls and kept_head and accelerator.is_main_process:
         before = _metric(model.to(accelerator.device), val_urls, seg, cfg, classes)
         model.train()
-    teacher_labeled = teacher_labeled_images(model) if cfg.train == "auto" and kept_head and not seg else None
-    train = resolve_train(cfg.train, kept_head, seg, len(samples), teacher_labeled)
+    teacher_labeled = teacher_labeled_images(model) if cfg.train == "auto" and kept_head else None
+    train = resolve_train(cfg.train, kept_head, len(samples), teacher_labeled)
     trained = HeadOnly(model) if train == "head" else model
     loader = labeled_loader(dataset, 0, batch_size, cfg.workers, pin_memory=pin)  # one for all epochs: set_epoch
     result = fit(cfg, trained, lambda epoch: loader, None, loss_fn, out, accelerator=accelerator,

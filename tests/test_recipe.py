@@ -247,3 +247,27 @@ def test_stages_run_after_what_they_need_once_each_and_the_report_reads_what_fin
     assert "stage cache/task-n2-fm was made from an earlier run of teacher/n2-s0, which has run again since (or " \
            "will: its output is gone)" in capsys.readouterr().err
     assert started == []
+
+
+def test_a_teacher_pool_is_one_teacher_for_every_budget(fmnist, tmp_path):
+    """`teacher.pool`: the teacher finetunes on the pool (pool_size of it, seeded as a budget's subset), not on a
+    budget's labels: one teacher stage, one task cache and one distillation serve every budget."""
+    from kt.recipe.plan import load_plan
+
+    pool = str(fmnist["root"] / "train" / "train-000002.tar")
+    plan = load_plan(write(tmp_path / "r.yaml", tiny(fmnist, tmp_path / "out", budgets=[2, 3],
+                                                     teacher__pool=pool, teacher__pool_size=7)))
+    teachers = [s for s in plan.stages.values() if s.name.startswith("teacher/")]
+    assert [t.name for t in teachers] == ["teacher/pool7-s0"]
+    argv = teachers[0].argv()
+    assert argv[argv.index("--data") + 1] == pool and argv[argv.index("--labels-per-class") + 1] == "7"
+    assert len([s for s in plan.stages.values() if s.kind == "cache"]) == 1
+    distills = [s.name for s in plan.stages.values() if s.kind == "distill"]
+    assert len(distills) == 1 and plan.stages[distills[0]].needs == ["cache/task-pool7-fm"]
+    students = [s for s in plan.stages.values() if s.name.startswith("runs/") and "task" in s.name]
+    assert sorted(s.argv()[s.argv().index("--labels-per-class") + 1] for s in students) == ["2", "3"]
+    assert all(s.needs == distills for s in students)
+    # the whole pool when pool_size is 0
+    plan = load_plan(write(tmp_path / "r.yaml", tiny(fmnist, tmp_path / "out", teacher__pool=pool)))
+    argv = plan.stages["teacher/pool-s0"].argv()
+    assert argv[argv.index("--labels-per-class") + 1] == "none" and argv[argv.index("--data") + 1] == pool

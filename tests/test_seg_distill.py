@@ -303,5 +303,20 @@ def test_seg_finetune_cli_init_from_a_seg_distill_run_keeps_its_head(seg_run, tm
                          "--labeled-images", "8", "--image-size", "64", "--batch-size", "4", "--epochs", "1",
                          "--workers", "0", "--out", str(tmp_path / "ft")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["init_head"] == "kept"
-    assert load_checkpoint(str(tmp_path / "ft" / "checkpoint")).task == "segmentation"
+    # --train auto: the teacher (a checkpoint saved without its finetune's record) counts as having seen the
+    # labels, so only the DeepLabV3 head trains: every backbone weight and BatchNorm statistic stays as distilled
+    assert summary["init_head"] == "kept" and summary["train"] == "head"
+    tuned = load_checkpoint(str(tmp_path / "ft" / "checkpoint"))
+    assert tuned.task == "segmentation"
+    distilled = load_checkpoint(str(seg_run / "checkpoint")).state_dict()
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, distilled[k])}
+    assert changed and all(k.startswith("head.") for k in changed), sorted(changed)[:5]
+
+
+def test_train_auto_trains_the_head_on_the_teachers_labels_or_fewer_and_every_weight_on_more():
+    from kt.student.finetune import resolve_train
+
+    assert resolve_train("auto", True, 50, 4000) == resolve_train("auto", True, 50, None) == "head"
+    assert resolve_train("auto", True, 50, 50) == "head" and resolve_train("auto", True, 51, 50) == "all"
+    assert resolve_train("auto", False, 50, 4000) == "all"  # a new head (or no --init) trains every weight
+    assert resolve_train("all", True, 50, 4000) == "all" and resolve_train("head", False, 50, 10) == "head"
