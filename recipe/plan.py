@@ -3,11 +3,11 @@ writes under the recipe's `out`, and the stages whose outputs it reads; and the 
 whose `eval.json` it averages.
 
 The grid, per budget: the teacher finetuned on the labels (per teacher seed; or one teacher on `teacher.pool`
-for every budget) and its variants at the first budget; per student, labels only, and per objective and transfer set a distillation (`task`: from the budget's
-teacher through a task cache; the others: from the pretrained teacher through one feature cache per transfer
-set, shared by every budget and student) then one finetune per seed from it; the IM-Pretrain baselines; the
-curve points and as-distilled evaluations a student asks for. Curated transfer sets add the embeddings of the
-gallery and the queries and one curate each.
+for every budget) and its variants at the first budget; per student, labels only, and per objective and transfer
+set a distillation (`task`: from the budget's teacher through a task cache; the others: from the pretrained
+teacher through one feature cache per transfer set, shared by every budget and student) then one finetune per
+seed from it; the IM-Pretrain baselines; the curve points and as-distilled evaluations a student asks for.
+Curated transfer sets add the embeddings of the gallery and the queries and one curate each.
 
 Each stage's flags are the fields the recipe declares (its own and a command block's) and nothing else: the
 command's defaults hold for the rest, so a changed default reaches every recipe. Its config is built here with
@@ -434,8 +434,9 @@ class Planner:
             teachers = [self.teacher(budget, s) for s in r.teacher.seeds] if r.teacher and needs_teacher else []
             if k == 0 and r.teacher:
                 for j, v in enumerate(r.teacher.variants):
-                    run = self.finetune(f"teacher/{slug(v.label)}-{self.teacher_data(budget)}-s{r.teacher.seeds[0]}",
-                                        (r.teacher.model, "teacher.model"), budget, (r.teacher.seeds[0], "teacher.seeds"),
+                    name = f"teacher/{slug(v.label)}-{self.teacher_data(budget)}-s{r.teacher.seeds[0]}"
+                    run = self.finetune(name, (r.teacher.model, "teacher.model"), budget,
+                                        (r.teacher.seeds[0], "teacher.seeds"),
                                         (v.image_size or r.teacher.image_size,
                                          f"teacher.variants[{j}].image_size" if v.image_size else "teacher.image_size"),
                                         [(r.teacher.finetune, "teacher.finetune"),
@@ -454,7 +455,7 @@ class Planner:
     def teacher_data(self, budget: int) -> str:
         """The part of a teacher's stage name that says what it finetuned on."""
         t = self.r.teacher
-        return (f"pool{t.pool_size or ''}" if t.pool else f"n{budget}")
+        return f"pool{t.pool_size or ''}" if t.pool else f"n{budget}"
 
     def teacher(self, budget: int, seed: int) -> str:
         t = self.r.teacher
