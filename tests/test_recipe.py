@@ -160,6 +160,8 @@ def bad(fmnist, tmp_path, **changes) -> str:
     ({"finetune__by_budget": {5: {"epochs": 2}}}, "finetune.by_budget: 5 is not one of the budgets [2]"),
     ({"cache__by_budget": {2: {"views": 2}}}, "cache.by_budget: by_budget is for finetune blocks"),
     ({"data__labeled": "/nonexistent/shards"}, "data.labeled: shard not found: /nonexistent/shards (and no prepare"),
+    ({"teacher__pool": "/nonexistent/pool"}, "teacher.pool: shard not found: /nonexistent/pool (and no prepare"),
+    ({"teacher__pool_size": -1}, "teacher.pool_size"),
     ({"teacher": None}, "students[0].objectives: a distillation reads a teacher's cache, and the recipe has no teacher"),
     ({"students__0__objectives": ["embedding-contrastive"]}, "students[0].evaluate_distilled: no stage distills task"),
     ({"students__0__curve": {"points": [{"transfer": "web"}]}}, "students[0].curve.points[0].transfer: no transfer "
